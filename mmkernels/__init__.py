@@ -1,0 +1,16 @@
+"""mmkernels: fused GPU kernels for training vision-language models.
+
+    import mmkernels
+    loss = mmkernels.clip_loss(image_emb, text_emb, logit_scale)
+"""
+from mmkernels import nn
+from mmkernels.ops.contrastive import clip_loss, siglip_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "clip_loss",
+    "siglip_loss",
+    "nn",
+    "__version__",
+]

@@ -1,0 +1,111 @@
+"""What every op file shares: the Triton import, the backend choice and input checks.
+
+Triton is optional at import time (it installs on Linux only). Without it, `triton.jit` is a
+no-op decorator so the op files still import, and every op takes its reference path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+    class _NoTriton:
+        constexpr = int
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def cdiv(a, b):
+            return -(-a // b)
+
+        def __getattr__(self, name):
+            raise RuntimeError("triton is not installed; mmkernels uses its PyTorch reference path")
+
+    triton = tl = _NoTriton()
+
+__all__ = [
+    "HAS_TRITON",
+    "triton",
+    "tl",
+    "interpreting",
+    "triton_enabled",
+    "check_float_tensor",
+    "check_same_device",
+    "scalar_tensor",
+]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where the Triton kernels run on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors go to the Triton kernels (CUDA, or CPU under the interpreter).
+
+    float64 always takes the reference path: it is the oracle's dtype, not a training dtype.
+    """
+    if not HAS_TRITON:
+        return False
+    t = tensors[0]
+    if t.dtype not in KERNEL_DTYPES:
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def check_float_tensor(name: str, t, ndim: int | None = None, shape_doc: str = "") -> None:
+    """Raise TypeError/ValueError naming `name` unless `t` is a floating tensor of `ndim` dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"expected {name} to be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        doc = f" {shape_doc}" if shape_doc else ""
+        raise ValueError(f"expected {name} to be {ndim}-D{doc}, got shape {tuple(t.shape)}")
+
+
+def check_same_device(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise ValueError if the given tensors are not all on one device."""
+    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor)]
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        seen = ", ".join(f"{n} on {t.device}" for n, t in named)
+        raise ValueError(f"expected all inputs on one device, got {seen}")
+
+
+def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """A Python number or 0-dim (or 1-element) tensor as a 0-dim fp32 tensor on `like`'s device.
+
+    Gradients flow through the conversion when `value` is a tensor that requires grad.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"expected {name} to be a scalar (a Python float or a 0-dim tensor), "
+                f"got a tensor of shape {tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise TypeError(f"expected {name} to be a floating-point scalar, got dtype {value.dtype}")
+        if value.device != like.device:
+            raise ValueError(
+                f"expected {name} on the inputs' device {like.device}, got {value.device}"
+            )
+        return value.reshape(()).to(torch.float32 if like.dtype != torch.float64 else torch.float64)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected {name} to be a float or a 0-dim tensor, got {type(value).__name__}")
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor(float(value), dtype=dtype, device=like.device)
