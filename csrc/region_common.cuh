@@ -1,0 +1,118 @@
+// What the region kernels share: the counter-based RNG, element types, vectors and error checks.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+
+namespace mmkernels {
+
+// murmur3's fmix32 finalizer; region_random must equal mmkernels/ops/reference.py's bit for bit.
+__device__ __forceinline__ uint32_t mix_u32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x;
+}
+
+// A 31-bit random number for region r of sample b in the stream whose key is `key`.
+__device__ __forceinline__ int32_t region_random(uint32_t seed0, uint32_t key, uint32_t b,
+                                                 uint32_t r) {
+  uint32_t x = mix_u32(b ^ seed0);
+  x = mix_u32(x ^ r);
+  x = mix_u32(x ^ key);
+  return static_cast<int32_t>(x >> 1);
+}
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// N elements moved as one load/store: 16 bytes when N = 16 / sizeof(T), one element when N = 1.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> zero_vec() {
+  Vec<T, N> z;
+#pragma unroll
+  for (int i = 0; i < N; ++i) z.v[i] = from_float<T>(0.0f);
+  return z;
+}
+
+// Whether every pointer is 16-byte aligned and every stride keeps rows 16-byte aligned.
+inline bool aligned16(std::initializer_list<std::uintptr_t> ptrs,
+                      std::initializer_list<std::int64_t> strides, std::int64_t elem_size) {
+  for (auto p : ptrs)
+    if (p % 16 != 0) return false;
+  for (auto s : strides)
+    if ((s * elem_size) % 16 != 0) return false;
+  return true;
+}
+
+inline std::int64_t elem_size(int dtype) { return dtype == 0 ? 4 : 2; }
+
+// Make `device` current, or throw a clear error when no CUDA device (or driver) is usable.
+inline void use_device(int device) {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    std::string why = err != cudaSuccess ? cudaGetErrorString(err) : "no device found";
+    cudaGetLastError();
+    throw std::runtime_error("mmkernels._C: no usable CUDA device (cudaGetDeviceCount: " + why +
+                             "); the CUDA kernels need an NVIDIA GPU and its driver");
+  }
+  if (device < 0 || device >= count)
+    throw std::runtime_error("mmkernels._C: device " + std::to_string(device) + " out of range [0, " +
+                             std::to_string(count) + ")");
+  err = cudaSetDevice(device);
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("mmkernels._C: cudaSetDevice failed: ") +
+                             cudaGetErrorString(err));
+}
+
+inline void check_launch(const char* kernel) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("mmkernels._C: launching ") + kernel +
+                             " failed: " + cudaGetErrorString(err));
+}
+
+inline void check_dtype(int dtype) {
+  if (dtype < 0 || dtype > 2)
+    throw std::runtime_error("mmkernels._C: unsupported dtype code " + std::to_string(dtype));
+}
+
+// Calls f(T{}) with T the element type of `dtype`.
+template <typename F>
+void dispatch_dtype(int dtype, F&& f) {
+  check_dtype(dtype);
+  if (dtype == 0)
+    f(float{});
+  else if (dtype == 1)
+    f(__half{});
+  else
+    f(__nv_bfloat16{});
+}
+
+}  // namespace mmkernels
