@@ -54,6 +54,65 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize: bool = 
 # --------------------------------------------------------------------------- attention
 
 
+def cross_attention(
+    q,
+    k,
+    v,
+    kv_lens=None,
+    q_lens=None,
+    key_padding_mask=None,
+    attn_mask=None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale=None,
+    dropout_keep=None,
+    generator=None,
+    compute_dtype=None,
+) -> torch.Tensor:
+    """softmax(scale · q @ k.T + attn_mask) @ v over the keys each query may attend, (B, H, Lq, d).
+
+    q: (B, H, Lq, d); k, v: (B, H, Lk, d). A key is not attended when its position is ≥ kv_lens[b]
+    ((B,) int), when key_padding_mask[b, j] is True ((B, Lk) bool), when a bool attn_mask is False
+    there, when an additive attn_mask is -inf there (both broadcastable to (B, H, Lq, Lk)), or when
+    is_causal and j > i (top-left aligned, as SDPA). A query row with no key left returns zeros and
+    passes no gradient; rows at positions ≥ q_lens[b] are zeros. Dropout zeroes probabilities where
+    `dropout_keep` ((B, H, Lq, Lk) bool) is False, drawn from `generator` when not given, and
+    rescales the kept ones by 1 / (1 - dropout_p). Computes in `compute_dtype` (default float32,
+    float64 for float64 inputs; the tests pass the inputs' dtype to get the plain eager formula).
+    """
+    dtype = compute_dtype or _compute_dtype(q)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    batch, _, len_q, head_dim = q.shape
+    len_k = k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(dtype)
+    key_pos = torch.arange(len_k, device=q.device)
+    if kv_lens is not None:
+        allowed = allowed & (key_pos < kv_lens.to(q.device).view(batch, 1, 1, 1))
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask.view(batch, 1, 1, len_k)
+    if is_causal:
+        allowed = allowed & torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_has_key = (scores > float("-inf")).any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
+    if dropout_p > 0:
+        if dropout_keep is None:
+            uniform = torch.rand(probs.shape, generator=generator, device=q.device, dtype=dtype)
+            dropout_keep = uniform >= dropout_p
+        probs = probs * dropout_keep / (1.0 - dropout_p)
+    out = probs @ v
+    if q_lens is not None:
+        query_pos = torch.arange(len_q, device=q.device)
+        out = out * (query_pos < q_lens.to(q.device).view(batch, 1, 1)).unsqueeze(-1)
+    return out
+
+
 # --------------------------------------------------------------------------- region masking
 
 # The counter-based RNG of region_mask, computed bit for bit alike by the Triton kernels
