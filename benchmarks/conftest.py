@@ -1,0 +1,10 @@
+"""Collect the benchmark suites named bench_<op>.py, so that `pytest benchmarks/ --benchmark-only`
+runs every op's benchmark (pytest's default patterns only collect test_*.py)."""
+import pytest
+
+
+def pytest_collect_file(file_path, parent):
+    # A file named on the command line is collected by pytest itself; do not collect it twice.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
