@@ -219,8 +219,8 @@ def masked_region_loss(pred, target, mask, kind: str, reduction: str = "mean", b
     """Masked region modeling losses over the selected regions, in the compute dtype.
 
     pred, target: (B, R, K); mask: (B, R) bool. Per region: "mse" and "smooth_l1" (with `beta`)
-    average over K; "kl" is KL(target || softmax(pred)) summed over K. reduction "none" gives the
-    (B, R) per-region losses (0 where not selected), "sum" their sum, "mean" the sum divided by
+    average over K; "kl" is KL(target || softmax(pred)) summed over K (its target gradient is 0
+    where target is 0). reduction "none" gives the (B, R) per-region losses (0 where not selected), "sum" their sum, "mean" the sum divided by
     max(number selected, 1).
     """
     dtype = _compute_dtype(pred)
@@ -230,7 +230,10 @@ def masked_region_loss(pred, target, mask, kind: str, reduction: str = "mean", b
     elif kind == "smooth_l1":
         per_region = F.smooth_l1_loss(pred, target, reduction="none", beta=beta).mean(-1)
     else:
-        per_region = F.kl_div(F.log_softmax(pred, dim=-1), target, reduction="none").sum(-1)
+        # F.kl_div's value; written out so that where target is 0 its gradient is 0, not NaN
+        positive = target > 0
+        log_ratio = torch.log(torch.where(positive, target, 1.0)) - F.log_softmax(pred, dim=-1)
+        per_region = torch.where(positive, target * log_ratio, 0.0).sum(-1)
     per_region = torch.where(mask, per_region, 0.0)
     if reduction == "none":
         return per_region

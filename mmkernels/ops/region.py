@@ -331,15 +331,15 @@ def _masked_region_loss_fwd_kernel(
                 p_m = tl.where(ld, p, float("-inf"))
                 m_new = tl.maximum(m, tl.max(p_m, axis=1))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows not selected: nothing seen
-                shift = tl.where(m == float("-inf"), 0.0, m_new - m)
+                shift = m_ref - tl.where(m == float("-inf"), m_ref, m)
                 s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(p_m - m_ref[:, None]), axis=1)
                 # Σ t·(p - m) kept relative to the running max, so no large terms cancel
                 tp = tp - t_sum * shift + tl.sum(t * (p - m_ref[:, None]), axis=1)
                 t_sum += tl.sum(t, axis=1)
-                acc += tl.sum(tl.where(t > 0, t * tl.log(t), 0.0), axis=1)
+                acc += tl.sum(t * tl.log(tl.where(t > 0, t, 1.0)), axis=1)
                 m = m_new
     if KIND == 2:
-        log_s = tl.log(s)
+        log_s = tl.log(tl.where(selected, s, 1.0))
         # KL = Σ t log t - Σ t·p + (Σ t)·lse, with lse = m + log s
         loss = acc - tp + t_sum * log_s
         tl.store(stats_ptr + rows * 2, tl.where(selected, m + log_s, 0.0), mask=in_r)
@@ -387,7 +387,7 @@ def _masked_region_loss_bwd_kernel(
     if TARGET_GRAD:
         if KIND == 2:
             # d KL / d target = log t + 1 - log q, and 0 where t = 0 (as F.kl_div)
-            grad_t = tl.where(t > 0, (tl.log(t) + 1.0 - log_q) * g[:, None], 0.0)
+            grad_t = tl.where(t > 0, (tl.log(tl.where(t > 0, t, 1.0)) + 1.0 - log_q) * g[:, None], 0.0)
         else:
             grad_t = -grad_p
         tl.store(
