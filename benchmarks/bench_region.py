@@ -1,0 +1,166 @@
+"""Masked region modeling: region_mask (forward) and masked_region_loss (forward + backward).
+
+    pytest benchmarks/bench_region.py --benchmark-only
+
+Providers:
+- mmkernels-triton: the Triton kernels (CUDA only here: benchmarks do not run the interpreter).
+- mmkernels-cuda: the CUDA C++ extension mmkernels._C (CUDA only; skipped when it is not built).
+- mmkernels-torch: the PyTorch path mmkernels takes on the CPU.
+- eager: what UNITER / LXMERT run. region_mask: a Bernoulli draw, UNITER's at-least-one fix-up,
+  masked_fill (zero) or LXMERT's 80/10/10 split with a boolean-index copy of random rows (bert).
+  masked_region_loss: gather the selected rows with a boolean index, then the loss.
+
+On CUDA: bf16 at (B, R, D) = (256, 100, 2048) and (512, 36, 2048), with every sample holding
+between 10 and R regions. Without CUDA: fp32 on small CPU shapes. extra_info holds the effective
+GB/s (bytes the op must move: region_mask reads and writes the (B, R, D) features once; the loss
+reads the selected rows of pred and target in the forward and again in the backward and writes the
+full gradient of pred) and, on CUDA, the peak memory above the inputs.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmkernels.ops.region import cuda_extension_available, masked_region_loss, region_mask
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+PROB = 0.15
+
+# (name, B, R, D)
+SHAPES = (
+    [("uniter_256x100x2048", 256, 100, 2048), ("lxmert_512x36x2048", 512, 36, 2048)]
+    if CUDA
+    else [("cpu_16x36x256", 16, 36, 256)]
+)
+PROVIDERS = ["mmkernels-triton", "mmkernels-cuda", "mmkernels-torch", "eager"]
+
+
+def make_features(batch, regions, dim):
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(batch, regions, dim, generator=gen).to(DEVICE, DTYPE)
+    lens = torch.randint(min(10, regions), regions + 1, (batch,), generator=gen).to(DEVICE)
+    return feats, lens
+
+
+def eager_region_mask(feats, lens, prob, mode, mask_embedding):
+    """UNITER's _get_img_mask + _mask_img_feat, and LXMERT's random_feat split, batched on device."""
+    batch, regions, dim = feats.shape
+    valid = torch.arange(regions, device=feats.device)[None, :] < lens[:, None]
+    mask = (torch.rand(batch, regions, device=feats.device) < prob) & valid
+    # at least one masked region per sample: pick a random existing one where none was drawn
+    none = ~mask.any(1) & (lens > 0)
+    pick = (torch.rand(batch, device=feats.device) * lens).long()
+    mask = mask | (F.one_hot(pick, regions).bool() & none[:, None])
+    if mode == "zero":
+        return torch.where(mask[..., None], mask_embedding, feats), mask
+    action = torch.rand(batch, regions, device=feats.device)
+    masked = mask & (action < 0.8)
+    replaced = mask & (action >= 0.8) & (action < 0.9)
+    out = torch.where(masked[..., None], mask_embedding, feats)
+    existing = valid.flatten().nonzero().squeeze(1)
+    n_replaced = int(replaced.sum())
+    sources = existing[torch.randint(0, existing.numel(), (n_replaced,), device=feats.device)]
+    out[replaced] = feats.reshape(-1, dim)[sources]
+    return out, mask
+
+
+def mask_step(provider, feats, lens, mode, mask_embedding):
+    if provider == "eager":
+        return lambda: eager_region_mask(feats, lens, PROB, mode, mask_embedding)
+    backend = provider.split("-")[1]
+    if backend in ("triton", "cuda") and not CUDA:
+        pytest.skip(f"{provider} is benchmarked on CUDA only")
+    if backend == "cuda" and not cuda_extension_available():
+        pytest.skip("mmkernels._C is not built (pip install -e . with nvcc on PATH)")
+    return lambda: region_mask(feats, lens, prob=PROB, mode=mode, mask_embedding=mask_embedding, backend=backend)
+
+
+def _timed(benchmark, step, name):
+    """Warm up, measure the peak memory of one call (CUDA), then time `step`."""
+    def synced():
+        result = step()
+        if CUDA:
+            torch.cuda.synchronize()
+        return result
+
+    synced()
+    peak_mb = None
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        synced()
+        peak_mb = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    benchmark.group = name
+    benchmark.pedantic(synced, rounds=50 if CUDA else 3, warmup_rounds=5 if CUDA else 1, iterations=1)
+    return peak_mb
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["zero", "bert"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_region_mask(benchmark, shape, mode, provider):
+    name, batch, regions, dim = shape
+    feats, lens = make_features(batch, regions, dim)
+    mask_embedding = torch.randn(dim, device=DEVICE, dtype=DTYPE)
+    step = mask_step(provider, feats, lens, mode, mask_embedding)
+    peak_mb = _timed(benchmark, step, f"region_mask-{mode}-{name}")
+    moved = 2 * feats.numel() * feats.element_size() + batch * regions
+    benchmark.extra_info.update(
+        provider=provider, op="region_mask", mode=mode, shape=dict(B=batch, R=regions, D=dim),
+        dtype=str(DTYPE), bytes=moved, peak_memory_mb=peak_mb,
+    )
+    if benchmark.stats is not None:
+        benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.mean / 1e9
+
+
+def eager_region_loss(pred, target, mask, kind):
+    """UNITER's MRFR / MRC-kl and LXMERT's feature loss: gather the selected rows, then the loss."""
+    p, t = pred[mask], target[mask]
+    if kind == "mse":
+        return F.mse_loss(p.float(), t.float())
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(p.float(), t.float())
+    return F.kl_div(F.log_softmax(p.float(), dim=-1), t.float(), reduction="batchmean")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1", "kl"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_masked_region_loss_fwd_bwd(benchmark, shape, kind, provider):
+    name, batch, regions, dim = shape
+    gen = torch.Generator().manual_seed(1)
+    pred = torch.randn(batch, regions, dim, generator=gen).to(DEVICE, DTYPE).requires_grad_()
+    target = torch.randn(batch, regions, dim, generator=gen)
+    if kind == "kl":
+        target = torch.softmax(target, dim=-1)
+    target = target.to(DEVICE, DTYPE)
+    feats, lens = make_features(batch, regions, dim)
+    mask = region_mask(feats[..., :1].float().cpu(), lens.cpu(), prob=PROB, backend="torch").mask.to(DEVICE)
+
+    if provider == "eager":
+        def forward():
+            return eager_region_loss(pred, target, mask, kind)
+    else:
+        backend = provider.split("-")[1]
+        if backend in ("triton", "cuda") and not CUDA:
+            pytest.skip(f"{provider} is benchmarked on CUDA only")
+        if backend == "cuda" and not cuda_extension_available():
+            pytest.skip("mmkernels._C is not built (pip install -e . with nvcc on PATH)")
+
+        def forward():
+            return masked_region_loss(pred, target, mask, kind, backend=backend)
+
+    def step():
+        return torch.autograd.grad(forward(), pred)
+
+    peak_mb = _timed(benchmark, step, f"masked_region_loss-{kind}-{name}")
+    element = pred.element_size()
+    n_selected = int(mask.sum())
+    moved = 4 * n_selected * dim * element + pred.numel() * element + 2 * mask.numel()
+    benchmark.extra_info.update(
+        provider=provider, op="masked_region_loss", kind=kind, shape=dict(B=batch, R=regions, D=dim),
+        dtype=str(DTYPE), selected=n_selected, bytes=moved, peak_memory_mb=peak_mb,
+    )
+    if benchmark.stats is not None:
+        benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.mean / 1e9
