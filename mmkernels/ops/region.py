@@ -400,7 +400,7 @@ def _masked_region_loss_bwd_kernel(
 
 
 def _region_blocks(n_regions: int, dim: int, device: torch.device) -> dict:
-    """Tile sizes: small ones under the interpreter (so the tests cross every block edge)."""
+    """Tile sizes. Under the interpreter: small enough that the tests cross every block edge."""
     if device.type != "cuda":
         return dict(CHUNK=16, BLOCK_R=8, BLOCK_D=64, num_warps=4)
     block_d = min(512, triton.next_power_of_2(dim))
