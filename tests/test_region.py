@@ -506,6 +506,22 @@ def test_opcheck_masked_region_loss(kind, device):
     )
 
 
+@needs_triton
+def test_masking_and_loss_compile_with_fullgraph(device):
+    feats = torch.randn(3, 7, 16, device=device, requires_grad=True)
+    emb = torch.randn(16, device=device, requires_grad=True)
+    lens = torch.tensor([7, 2, 0], device=device)
+    target = torch.randn(3, 7, 16, device=device)
+
+    def step(feats, emb):
+        out = region_mask(feats, lens, prob=0.5, mode="bert", mask_embedding=emb)
+        return masked_region_loss(out.features, target, out.mask, "mse")
+
+    loss = torch.compile(step, fullgraph=True)(feats, emb)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(emb.grad).all()
+
+
 # --------------------------------------------------------------------------- modules
 
 

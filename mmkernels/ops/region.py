@@ -799,8 +799,9 @@ def _check_region_mask_inputs(feats, region_lens, valid_mask, prob, mode, mask_e
             raise ValueError(
                 f"expected region_lens of shape (B,) = ({n_samples},), got {tuple(region_lens.shape)}"
             )
-        if region_lens.device.type == "cpu":
-            # CPU lengths are checked; CUDA ones are clamped to [0, R] (a check would stall the host).
+        if region_lens.device.type == "cpu" and not torch.compiler.is_compiling():
+            # CPU lengths are checked; CUDA ones (and any under torch.compile) are clamped to [0, R]:
+            # a check would stall the host or break the graph.
             bad = (region_lens < 0) | (region_lens > n_regions)
             if bool(bad.any()):
                 raise ValueError(
@@ -863,7 +864,8 @@ def region_mask(
     Args:
         feats: (B, R, D) region features (float16, bfloat16, float32; float64 takes the torch path).
         region_lens: (B,) integer count of existing regions per sample (regions 0..n-1 exist), on
-            feats' device or on the CPU. CPU values outside [0, R] raise; CUDA ones are clamped.
+            feats' device or on the CPU. CPU values outside [0, R] raise; CUDA ones (and any under
+            torch.compile) are clamped to [0, R].
         valid_mask: (B, R) bool, True where a region exists. Give exactly one of the two.
         prob: the probability that each existing region is selected, in [0, 1].
         mode: "zero": selected regions become `mask_embedding` (or zeros). "bert": of the selected,
