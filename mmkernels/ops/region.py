@@ -549,6 +549,7 @@ def _loss_bwd_triton(grad_loss, pred, target, mask_u8, stats, kind, beta, grad_p
 
 def _loss_bwd_cuda(grad_loss, pred, target, mask_u8, stats, kind, beta, grad_pred, grad_target):
     n_samples, n_regions, dim = pred.shape
+    grad_loss = grad_loss.float()
     device, stream = _cuda_stream(pred)
     _C.masked_region_loss_backward(
         grad_loss.data_ptr(), grad_loss.stride(0), grad_loss.stride(1),
@@ -582,6 +583,8 @@ def region_mask_fwd(
     """
     feats = _last_dim_contiguous(feats)
     n_samples, n_regions, dim = feats.shape
+    if region_lens is not None:
+        region_lens = region_lens.long()
     valid_u8 = valid_mask.view(torch.uint8) if valid_mask is not None else None
     flat_cum = None
     if bert:
