@@ -5,12 +5,16 @@
 """
 from mmkernels import nn
 from mmkernels.ops.contrastive import clip_loss, siglip_loss
+from mmkernels.ops.region import RegionMaskOutput, masked_region_loss, region_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "clip_loss",
     "siglip_loss",
+    "region_mask",
+    "masked_region_loss",
+    "RegionMaskOutput",
     "nn",
     "__version__",
 ]

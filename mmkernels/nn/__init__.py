@@ -1,4 +1,5 @@
 """Drop-in nn.Modules that wrap mmkernels' ops."""
 from mmkernels.nn.losses import ClipLoss, SigLipLoss
+from mmkernels.nn.region import MaskedRegionLoss, RegionMasker
 
-__all__ = ["ClipLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "RegionMasker", "MaskedRegionLoss"]
