@@ -37,6 +37,7 @@ __all__ = ["cross_attention", "LAYOUTS", "MAX_HEAD_DIM"]
 LAYOUTS = ("bhld", "blhd")
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+# MASK_KIND of the kernels: no attn_mask, bool (True = attend), additive float.
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 
 
@@ -58,7 +59,7 @@ def _lengths(KvLens, QLens, b, Lq, Lk, HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl
 @triton.jit
 def _load_tile(ptrs, rows, row_limit, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
-    """Load a (rows, BLOCK_D) tile as fp32-able values, zero past row_limit and past HEAD_DIM."""
+    """Load a (rows, BLOCK_D) tile in the tensor's dtype, zero past row_limit and past HEAD_DIM."""
     if CHECK_ROWS:
         if BLOCK_D == HEAD_DIM:
             tile = tl.load(ptrs, mask=rows[:, None] < row_limit, other=0.0)
@@ -77,8 +78,9 @@ def _scores(qk, offs_q, offs_k, kv_len, Lq, Lk, qk_scale, kpm_row, stride_kpm_n,
             mask_base, stride_mask_m, stride_mask_n,
             HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CHECK_KV: tl.constexpr,
             CAUSAL_TILE: tl.constexpr):
-    """Scores of one tile in log2 units (scale · q·k + attn_mask, times log2 e), -inf where a key
-    is not attended. offs_q and offs_k broadcast to the tile's shape, in either orientation."""
+    """Scores of one tile in log2 units ((scale · q·k + attn_mask) · log2 e), -inf where a key is
+    not attended. offs_q and offs_k broadcast to the tile's shape, in either orientation.
+    MASK_KIND: 0 no attn_mask, 1 bool (True = attend), 2 additive."""
     s = qk * qk_scale
     if MASK_KIND == 1:
         in_bounds = (offs_q < Lq) & (offs_k < Lk)
@@ -102,10 +104,11 @@ def _scores(qk, offs_q, offs_k, kv_len, Lq, Lk, qk_scale, kpm_row, stride_kpm_n,
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_q, offs_k, Lq, Lk, dropout_p):
-    """Philox keep mask (uniform ≥ dropout_p) of the (query, key) pairs of head `bh`."""
-    offsets = (bh.to(tl.int64) * Lq + offs_q) * Lk + offs_k
-    return tl.rand(seed, offsets) >= dropout_p
+def _dropout_keep(seed, bh, offs_q, offs_k, Lk, dropout_p):
+    """Philox keep mask (uniform ≥ dropout_p) of the (query, key) pairs of head `bh`. The counter
+    is (query · Lk + key, bh, 0, 0): 32-bit lanes, so that the tile needs no 64-bit offsets."""
+    bits, _, _, _ = tl.philox(seed, offs_q * Lk + offs_k, bh, 0, 0)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
 # --------------------------------------------------------------------------- forward
@@ -132,7 +135,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
+        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
         p = tl.where(keep, p, 0.0)
     v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, kv_len,
                    offs_d, HEAD_DIM, BLOCK_D, CHECK_KV)
@@ -240,7 +243,7 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
+        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -342,7 +345,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, start_m, offs_n, o
     p_t = tl.math.exp2(s_t - lse2[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep_t = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Lq, Lk, dropout_p)
+        keep_t = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
         dv += tl.dot(tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0).to(do.dtype), do,
                      input_precision=DOT_PRECISION)
         dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
@@ -410,12 +413,13 @@ def _cross_attention_bwd_dkdv_kernel(
                    offs_n, kv_len, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(q_begin, diag_end, BLOCK_M):
-        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, start_m, offs_n, offs_m0,
-                                offs_d, q_len, Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                                kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, seed, bh,
-                                dropout_p, HEAD_DIM, BLOCK_D, HAS_KPM, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                                DOT_PRECISION)
+    if IS_CAUSAL:
+        for start_m in range(q_begin, diag_end, BLOCK_M):
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, start_m, offs_n, offs_m0,
+                                    offs_d, q_len, Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                                    kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, seed, bh,
+                                    dropout_p, HEAD_DIM, BLOCK_D, HAS_KPM, MASK_KIND, True, HAS_DROPOUT,
+                                    DOT_PRECISION)
     for start_m in range(tl.maximum(diag_end, q_begin), q_end, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, start_m, offs_n, offs_m0,
                                 offs_d, q_len, Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
@@ -438,7 +442,7 @@ def _dropout_keep_kernel(Keep, Seed, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, B
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(Seed), bh, offs_m[:, None], offs_n[None, :], Lq, Lk, dropout_p)
+    keep = _dropout_keep(tl.load(Seed), bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
     ptrs = Keep + (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
@@ -476,34 +480,34 @@ _BWD_DQ_CANDIDATES = {
     256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 64, 8, 2)],
 }
 _BWD_DKDV_CANDIDATES = {
-    "small": [(32, 128, 4, 4), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
-    128: [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 3)],
+    "small": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
+    128: [(32, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3), (16, 64, 4, 3)],
     256: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)],
 }
 _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HAS_KV_LENS", "HAS_Q_LENS", "HAS_KPM", "MASK_KIND",
              "IS_CAUSAL", "HAS_DROPOUT"]
 
 
-def _candidates_for(table):
-    def prune(configs, named_args, **kwargs):
-        kwargs = {**named_args, **kwargs}
-        group = kwargs["BLOCK_D"] if kwargs["BLOCK_D"] >= 128 else "small"
-        wanted = {(bm, bn, w, s) for bm, bn, w, s in table[group]}
-        lq, lk = max(kwargs["LQ_BUCKET"], 16), max(kwargs["LK_BUCKET"], 16)
-        kept = [
-            c for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
-            and c.kwargs["BLOCK_M"] <= 2 * lq and c.kwargs["BLOCK_N"] <= 2 * lk
-        ]
-        return kept or [min(
-            (c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted),
-            key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
-        )]
+def _shape_of(config) -> tuple:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in sorted({c for group in table.values() for c in group})
-    ]
+
+def _candidates_for(table):
+    """All the table's configs, and a pruner keeping those of the head dim's group whose blocks
+    do not exceed the (power-of-two) lengths, or else the smallest of the group."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        group = set(table[args["BLOCK_D"] if args["BLOCK_D"] >= 128 else "small"])
+        candidates = [c for c in configs if _shape_of(c) in group]
+        fitting = [
+            c for c in candidates
+            if c.kwargs["BLOCK_M"] <= max(args["LQ_BUCKET"], 16) and c.kwargs["BLOCK_N"] <= max(args["LK_BUCKET"], 16)
+        ]
+        return fitting or [min(candidates, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    shapes = sorted({shape for group in table.values() for shape in group})
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
     return configs, prune
 
 
@@ -546,9 +550,10 @@ def _grad_buffer(t: Tensor) -> Tensor:
     return _new_output((batch, heads, length, head_dim), t.dtype, t.device)
 
 
-def _dummy(like: Tensor) -> Tensor:
-    """A pointer argument for an absent optional tensor (never read: its flag is off)."""
-    return torch.empty(1, dtype=torch.int32, device=like.device)
+def _pointer(t: Optional[Tensor], stand_in: Tensor) -> Tensor:
+    """The kernel argument for an optional tensor: `stand_in` when it is absent (its flag is off,
+    so the kernel never reads it, and nothing is allocated for it)."""
+    return t if t is not None else stand_in
 
 
 def _mask_args(q: Tensor, k: Tensor, key_padding_mask, attn_mask):
@@ -557,12 +562,12 @@ def _mask_args(q: Tensor, k: Tensor, key_padding_mask, attn_mask):
     batch, heads, len_q, _ = q.shape
     len_k = k.shape[2]
     if key_padding_mask is None:
-        kpm, kpm_strides = _dummy(q), (0, 0)
+        kpm, kpm_strides = q, (0, 0)
     else:
         kpm = key_padding_mask.view(torch.uint8)
         kpm_strides = kpm.stride()
     if attn_mask is None:
-        mask, mask_strides, mask_kind = _dummy(q), (0, 0, 0, 0), _MASK_NONE
+        mask, mask_strides, mask_kind = q, (0, 0, 0, 0), _MASK_NONE
     else:
         mask = attn_mask.expand(batch, heads, len_q, len_k)
         if mask.dtype == torch.bool:
@@ -621,9 +626,7 @@ def cross_attention_fwd(
     kpm, kpm_strides, mask, mask_strides, mask_kind = _mask_args(q, k, key_padding_mask, attn_mask)
     args = [
         q, k, v, out, lse,
-        kv_lens if kv_lens is not None else _dummy(q),
-        q_lens if q_lens is not None else _dummy(q),
-        kpm, mask, seed if seed is not None else _dummy(q),
+        _pointer(kv_lens, q), _pointer(q_lens, q), kpm, mask, _pointer(seed, q),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kpm_strides, *mask_strides,
         heads, len_q, len_k, scale * _LOG2E, dropout_p, _length_bucket(len_q), _length_bucket(len_k),
     ]
@@ -670,9 +673,7 @@ def cross_attention_bwd(
     delta = _new_output((batch, heads, len_q), torch.float32, q.device)
     kpm, kpm_strides, mask, mask_strides, mask_kind = _mask_args(q, k, key_padding_mask, attn_mask)
     lens_and_masks = [
-        kv_lens if kv_lens is not None else _dummy(q),
-        q_lens if q_lens is not None else _dummy(q),
-        kpm, mask, seed if seed is not None else _dummy(q),
+        _pointer(kv_lens, q), _pointer(q_lens, q), kpm, mask, _pointer(seed, q),
     ]
     sizes = [heads, len_q, len_k, scale * _LOG2E, scale, dropout_p, _length_bucket(len_q), _length_bucket(len_k)]
     meta = _meta(q, kv_lens, q_lens, key_padding_mask, mask_kind, is_causal, dropout_p)
@@ -683,8 +684,6 @@ def cross_attention_bwd(
         _launch("dq", _cross_attention_bwd_dq_kernel,
                 lambda m: (triton.cdiv(len_q, m["BLOCK_M"]), batch * heads), dq_args, meta)
     if dk.numel() > 0:
-        if dq.numel() == 0:
-            delta.zero_()
         dkdv_args = [q, k, v, dout, lse, delta, dk, dv, *lens_and_masks,
                      *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
                      *kpm_strides, *mask_strides, *sizes]
@@ -720,7 +719,8 @@ cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def dropout_keep_mask(seed: Tensor, batch: int, heads: int, len_q: int, len_k: int, dropout_p: float) -> Tensor:
     """The (B, H, Lq, Lk) bool keep mask that the kernels draw for `seed` (a (1,) int64 tensor
-    from `draw_dropout_seed`). Materialises Lq × Lk per head: for tests on small shapes."""
+    from `draw_dropout_seed`). Materialises Lq × Lk per head: for tests on small shapes, where the
+    kernels run (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     keep = torch.empty(batch * heads, len_q, len_k, dtype=torch.int8, device=seed.device)
     if keep.numel() > 0:
         grid = (triton.cdiv(len_q, 32), triton.cdiv(len_k, 32), batch * heads)
