@@ -67,7 +67,8 @@ def test_parameters_and_initialisation_match_multihead_attention():
         assert list(ours.state_dict()) == list(mha.state_dict())
         for name, value in mha.state_dict().items():
             assert torch.equal(ours.state_dict()[name], value), name
-        for attr in ("embed_dim", "num_heads", "head_dim", "kdim", "vdim", "batch_first", "dropout", "_qkv_same_embed_dim"):
+        attrs = ("embed_dim", "num_heads", "head_dim", "kdim", "vdim", "batch_first", "dropout", "_qkv_same_embed_dim")
+        for attr in attrs:
             assert getattr(ours, attr) == getattr(mha, attr), attr
 
 

@@ -765,7 +765,8 @@ def _check_on_device(name: str, t: Tensor, device: torch.device) -> None:
 def _check_masks(key_padding_mask, attn_mask, batch: int, heads: int, len_q: int, len_k: int, device) -> None:
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            seen = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+            is_tensor = isinstance(key_padding_mask, torch.Tensor)
+            seen = key_padding_mask.dtype if is_tensor else type(key_padding_mask).__name__
             raise TypeError(f"expected key_padding_mask to be a bool tensor (True = padding), got {seen}")
         if tuple(key_padding_mask.shape) != (batch, len_k):
             raise ValueError(
@@ -776,7 +777,9 @@ def _check_masks(key_padding_mask, attn_mask, batch: int, heads: int, len_q: int
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"expected attn_mask to be a torch.Tensor, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"expected attn_mask to be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
+            raise TypeError(
+                f"expected attn_mask to be bool (True = attend) or floating (additive), got {attn_mask.dtype}"
+            )
         full = (batch, heads, len_q, len_k)
         try:
             broadcast = torch.broadcast_shapes(tuple(attn_mask.shape), full)
