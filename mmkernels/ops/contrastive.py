@@ -6,13 +6,14 @@ x_i = rx_i · image_emb_i and y_j = ry_j · text_emb_j, and rx, ry are 1 or the 
 recomputed from the embeddings and never written to memory:
 
 - `_contrastive_row_stat_kernel`: one fp32 number per row of S. CLIP: the row's log-sum-exp
-  (launched a second time on (text, image) for the columns). SigLIP: Σ_j softplus(-label_ij·S_ij).
+  (launched a second time with TRANSPOSED for the columns). SigLIP: Σ_j softplus(-label_ij·S_ij).
 - `_contrastive_grad_kernel`: G_i = Σ_j W(S_ij) · y_j, the part of dL/dx_i that needs all of row i.
-  CLIP: W = P^row_ij + P^col_ij (softmax of S over its row and over its column).
-  SigLIP: W = -label_ij · σ(-label_ij · S_ij). Launched on (text, image) it gives the columns' G.
+  CLIP: W = P^row_ij + P^col_ij - 2(1-eps)·δ_ij - 2·eps/N (P: softmax of S over its row and over its
+  column; eps: label smoothing), i.e. 2N·dL/dS.
+  SigLIP: W = -label_ij · σ(-label_ij · S_ij). Launched with TRANSPOSED it gives the columns' G.
 
-Everything else in the gradients (the diagonal, label smoothing, the normalisation, logit_scale and
-logit_bias) is O(N·D) and done in PyTorch around the kernels.
+Everything else in the gradients (the normalisation, logit_scale and logit_bias) is O(N·D) and done
+in PyTorch around the kernels.
 """
 from __future__ import annotations
 
@@ -40,142 +41,190 @@ _NORM_EPS = 1e-12  # F.normalize's eps: x / max(||x||, eps)
 
 @triton.jit
 def _logits_tile(
-    x_ptr, y_ptr, rx_ptr, ry_ptr, scale, bias, offs_m, offs_n, N, D,
-    stride_xn, stride_xd, stride_yn, stride_yd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    a_ptr, b_ptr, ra_ptr, rb_ptr, scale, bias, offs_i, offs_j, N, D,
+    stride_an, stride_ad, stride_bn, stride_bd,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """S[offs_m, offs_n] = scale · rx · ry · (x @ y.T) + bias, fp32 (BLOCK_M, BLOCK_N)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    mask_m = offs_m < N
-    mask_n = offs_n < N
+    """S[offs_i, offs_j] = scale · (ra_i · rb_j) · (a_i · b_j) + bias, fp32 (BLOCK, BLOCK).
+
+    Every kernel computes S in this one orientation (image rows, text columns) with one tile shape,
+    so a logit comes out bit for bit the same in the row pass, the column pass and the backward.
+    The softmax statistics and the probabilities built from them then agree to the last bit, as
+    they do in the eager formula, where S exists once.
+    """
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    mask_i = offs_i < N
+    mask_j = offs_j < N
     for k in range(0, D, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         mask_k = offs_k < D
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xn + offs_k[None, :] * stride_xd,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        a = tl.load(
+            a_ptr + offs_i[:, None] * stride_an + offs_k[None, :] * stride_ad,
+            mask=mask_i[:, None] & mask_k[None, :], other=0.0,
         )
-        y = tl.load(
-            y_ptr + offs_n[:, None] * stride_yn + offs_k[None, :] * stride_yd,
-            mask=mask_n[:, None] & mask_k[None, :], other=0.0,
+        b = tl.load(
+            b_ptr + offs_j[:, None] * stride_bn + offs_k[None, :] * stride_bd,
+            mask=mask_j[:, None] & mask_k[None, :], other=0.0,
         )
-        acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
-    rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0.0)
-    ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
-    return acc * (scale * rx)[:, None] * ry[None, :] + bias
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    ra = tl.load(ra_ptr + offs_i, mask=mask_i, other=0.0)
+    rb = tl.load(rb_ptr + offs_j, mask=mask_j, other=0.0)
+    return acc * (scale * (ra[:, None] * rb[None, :])) + bias
+
+
+@triton.jit
+def _own_tile(
+    a_ptr, b_ptr, ra_ptr, rb_ptr, scale, bias, offs_own, offs_other, N, D,
+    stride_an, stride_ad, stride_bn, stride_bd,
+    TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The tile of S (TRANSPOSED: of S.T) whose rows are this program's own rows."""
+    if TRANSPOSED:
+        s = tl.trans(_logits_tile(
+            a_ptr, b_ptr, ra_ptr, rb_ptr, scale, bias, offs_other, offs_own, N, D,
+            stride_an, stride_ad, stride_bn, stride_bd, BLOCK, BLOCK_K, DOT_PRECISION,
+        ))
+    else:
+        s = _logits_tile(
+            a_ptr, b_ptr, ra_ptr, rb_ptr, scale, bias, offs_own, offs_other, N, D,
+            stride_an, stride_ad, stride_bn, stride_bd, BLOCK, BLOCK_K, DOT_PRECISION,
+        )
+    return s
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u) accurate for small u >= 0: log(v)·u/(v - 1) with v = 1 + u rounded (Goldberg)."""
+    v = 1.0 + u
+    return tl.where(v == 1.0, u, tl.log(v) * (u / (v - 1.0)))
 
 
 @triton.jit
 def _contrastive_row_stat_kernel(
-    x_ptr, y_ptr, rx_ptr, ry_ptr, scale_ptr, bias_ptr, out_ptr, N, D,
-    stride_xn, stride_xd, stride_yn, stride_yd,
-    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, bias_ptr, out_ptr, N, D,
+    stride_an, stride_ad, stride_bn, stride_bd,
+    MODE: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """out (3, N): [0] the row statistic, [1] S_ii, [2] Σ_j S_ij (the last two for label smoothing)."""
+    """out (3, N): [0] the statistic of each row of S (TRANSPOSED: of each column), and for CLIP
+    [1] S_ii and [2] Σ_j S_ij (Σ_i S_ij when TRANSPOSED) for label smoothing."""
     pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid * BLOCK + tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     # CLIP: online log-sum-exp (running max m_i, running sum l_i). SigLIP: running sum in l_i.
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        s = _logits_tile(
-            x_ptr, y_ptr, rx_ptr, ry_ptr, scale, bias, offs_m, offs_n, N, D,
-            stride_xn, stride_xd, stride_yn, stride_yd,
-            BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+    m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+    diag = tl.zeros((BLOCK,), dtype=tl.float32)
+    line_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        offs_t = start + tl.arange(0, BLOCK)
+        s = _own_tile(
+            a_ptr, b_ptr, ra_ptr, rb_ptr, scale, bias, offs_o, offs_t, N, D,
+            stride_an, stride_ad, stride_bn, stride_bd, TRANSPOSED, BLOCK, BLOCK_K, DOT_PRECISION,
         )
-        valid_n = (offs_n < N)[None, :]
-        on_diag = offs_m[:, None] == offs_n[None, :]
+        valid_t = (offs_t < N)[None, :]
+        on_diag = offs_o[:, None] == offs_t[None, :]
         if MODE == 0:
             diag += tl.sum(tl.where(on_diag, s, 0.0), axis=1)
-            row_sum += tl.sum(tl.where(valid_n, s, 0.0), axis=1)
-            s = tl.where(valid_n, s, float("-inf"))
+            line_sum += tl.sum(tl.where(valid_t, s, 0.0), axis=1)
+            s = tl.where(valid_t, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # Column 0 lies in the first block, so m_new is finite unless the inputs hold Inf/NaN,
+            # Index 0 lies in the first block, so m_new is finite unless the inputs hold Inf/NaN,
             # in which case the NaN this produces is the answer we want.
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
             m_i = m_new
         else:
             z = tl.where(on_diag, s, -s)  # label_ij · S_ij
-            # softplus(-z) = -log σ(z), computed without overflow
-            nls = tl.maximum(-z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
-            l_i += tl.sum(tl.where(valid_n, nls, 0.0), axis=1)
-    mask_m = offs_m < N
+            # softplus(-z) = -log σ(z) = max(-z, 0) + log1p(exp(-|z|)), without overflow
+            nls = tl.maximum(-z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
+            l_i += tl.sum(tl.where(valid_t, nls, 0.0), axis=1)
+    mask_o = offs_o < N
     if MODE == 0:
-        tl.store(out_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
-        tl.store(out_ptr + N + offs_m, diag, mask=mask_m)
-        tl.store(out_ptr + 2 * N + offs_m, row_sum, mask=mask_m)
+        tl.store(out_ptr + offs_o, m_i + tl.log(l_i), mask=mask_o)
+        tl.store(out_ptr + N + offs_o, diag, mask=mask_o)
+        tl.store(out_ptr + 2 * N + offs_o, line_sum, mask=mask_o)
     else:
-        tl.store(out_ptr + offs_m, l_i, mask=mask_m)
+        tl.store(out_ptr + offs_o, l_i, mask=mask_o)
 
 
 @triton.jit
 def _contrastive_grad_kernel(
-    x_ptr, y_ptr, rx_ptr, ry_ptr, scale_ptr, bias_ptr, row_stat_ptr, col_stat_ptr,
-    g_ptr, wsum_ptr, N, D,
-    stride_xn, stride_xd, stride_yn, stride_yd, stride_gn, stride_gd,
-    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, bias_ptr, own_stat_ptr, other_stat_ptr,
+    g_ptr, wsum_ptr, N, D, label_smoothing,
+    stride_an, stride_ad, stride_bn, stride_bd, stride_gn, stride_gd,
+    MODE: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, W_FP32: tl.constexpr, W_DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    """G = W @ (rb·b) and wsum = W.sum(1); TRANSPOSED: G = W.T @ (ra·a) and wsum = W.sum(0)."""
+    pid_o = tl.program_id(0)
     pid_d = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_o * BLOCK + tl.arange(0, BLOCK)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N
+    mask_o = offs_o < N
     mask_d = offs_d < D
+    if TRANSPOSED:
+        other_ptr, r_other_ptr, stride_on, stride_od = a_ptr, ra_ptr, stride_an, stride_ad
+    else:
+        other_ptr, r_other_ptr, stride_on, stride_od = b_ptr, rb_ptr, stride_bn, stride_bd
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     if MODE == 0:
-        lse_row = tl.load(row_stat_ptr + offs_m, mask=mask_m, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    wsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        s = _logits_tile(
-            x_ptr, y_ptr, rx_ptr, ry_ptr, scale, bias, offs_m, offs_n, N, D,
-            stride_xn, stride_xd, stride_yn, stride_yd,
-            BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        lse_own = tl.load(own_stat_ptr + offs_o, mask=mask_o, other=0.0)
+    acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    wsum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        offs_t = start + tl.arange(0, BLOCK)
+        mask_t = offs_t < N
+        s = _own_tile(
+            a_ptr, b_ptr, ra_ptr, rb_ptr, scale, bias, offs_o, offs_t, N, D,
+            stride_an, stride_ad, stride_bn, stride_bd, TRANSPOSED, BLOCK, BLOCK_K, DOT_PRECISION,
         )
+        on_diag = offs_o[:, None] == offs_t[None, :]
         if MODE == 0:
-            lse_col = tl.load(col_stat_ptr + offs_n, mask=mask_n, other=0.0)
-            w = tl.exp(s - lse_row[:, None]) + tl.exp(s - lse_col[None, :])
+            lse_other = tl.load(other_stat_ptr + offs_t, mask=mask_t, other=0.0)
+            w = tl.exp(s - lse_own[:, None]) + tl.exp(s - lse_other[None, :])
+            # the targets, subtracted before the product as the eager backward does (no cancellation)
+            w = tl.where(on_diag, w - 2.0 * (1.0 - label_smoothing), w) - 2.0 * label_smoothing / N
         else:
-            label = tl.where(offs_m[:, None] == offs_n[None, :], 1.0, -1.0)
+            label = tl.where(on_diag, 1.0, -1.0)
             w = -label * tl.sigmoid(-label * s)
-        w = tl.where(mask_n[None, :], w, 0.0)
+        w = tl.where(mask_t[None, :], w, 0.0)
         wsum += tl.sum(w, axis=1)
-        ry = tl.load(ry_ptr + offs_n, mask=mask_n, other=0.0)
-        y = tl.load(
-            y_ptr + offs_n[:, None] * stride_yn + offs_d[None, :] * stride_yd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+        r_other = tl.load(r_other_ptr + offs_t, mask=mask_t, other=0.0)
+        other = tl.load(
+            other_ptr + offs_t[:, None] * stride_on + offs_d[None, :] * stride_od,
+            mask=mask_t[:, None] & mask_d[None, :], other=0.0,
         )
-        acc = tl.dot((w * ry[None, :]).to(y.dtype), y, acc, input_precision=DOT_PRECISION)
+        if W_FP32:
+            # fp16 inputs: W·r can be below fp16's normal range (confident SigLIP rows are ~1e-5),
+            # so this product runs on fp32 operands (tf32 units: fp16's precision, fp32's range).
+            acc = tl.dot(w * r_other[None, :], other.to(tl.float32), acc, input_precision=W_DOT_PRECISION)
+        else:
+            acc = tl.dot((w * r_other[None, :]).to(other.dtype), other, acc, input_precision=DOT_PRECISION)
     tl.store(
-        g_ptr + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd, acc,
-        mask=mask_m[:, None] & mask_d[None, :],
+        g_ptr + offs_o[:, None] * stride_gn + offs_d[None, :] * stride_gd, acc,
+        mask=mask_o[:, None] & mask_d[None, :],
     )
     if pid_d == 0:
-        tl.store(wsum_ptr + offs_m, wsum, mask=mask_m)
+        tl.store(wsum_ptr + offs_o, wsum, mask=mask_o)
 
 
 # --------------------------------------------------------------------------- launchers
 
 
 def _blocks(d: int, device: torch.device) -> dict:
-    """Tile sizes: tensor-core sized on the GPU; on the CPU (interpreter) large enough to keep the
-    number of interpreted block operations low, small enough that D=200 still takes several K steps
-    and several D chunks."""
+    """Tile sizes, one square BLOCK for every kernel so that all of them tile S alike.
+
+    GPU: tensor-core sized; the backward's (BLOCK, BLOCK_D) fp32 accumulator bounds BLOCK·BLOCK_D.
+    CPU (interpreter): large enough to keep the number of interpreted block operations low, small
+    enough that D=200 still takes several K steps and several D chunks.
+    """
     if device.type != "cuda":
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, num_warps=4)
+        return dict(BLOCK=64, BLOCK_K=64, BLOCK_D=128, num_warps=4)
     block_d = min(256, max(16, triton.next_power_of_2(d)))
-    return dict(BLOCK_M=64 if block_d > 128 else 128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=block_d,
+    block = 128 if block_d <= 128 else 64
+    return dict(BLOCK=block, BLOCK_K=min(64, max(16, triton.next_power_of_2(d))), BLOCK_D=block_d,
                 num_warps=8, num_stages=3)
 
 
@@ -184,32 +233,34 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_row_stat(x, y, rx, ry, scale, bias, mode: int) -> torch.Tensor:
-    """(3, N) fp32 for CLIP (log-sum-exp, S_ii, Σ_j S_ij of each row), (1, N) for SigLIP."""
-    n, d = x.shape
-    out = torch.full((3 if mode == MODE_CLIP else 1, n), float("nan"), dtype=torch.float32, device=x.device)
-    cfg = _blocks(d, x.device)
+def _launch_row_stat(a, b, ra, rb, scale, bias, mode: int, transposed: bool) -> torch.Tensor:
+    """Statistics of S's rows (of its columns when transposed): (3, N) fp32 for CLIP (log-sum-exp,
+    S_ii, line sum), (1, N) for SigLIP (Σ softplus(-label·S))."""
+    n, d = a.shape
+    out = torch.full((3 if mode == MODE_CLIP else 1, n), float("nan"), dtype=torch.float32, device=a.device)
+    cfg = _blocks(d, a.device)
     cfg.pop("BLOCK_D")
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-    _contrastive_row_stat_kernel[grid](
-        x, y, rx, ry, scale, bias, out, n, d,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        MODE=mode, DOT_PRECISION=_dot_precision(x.dtype), **cfg,
+    _contrastive_row_stat_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
+        a, b, ra, rb, scale, bias, out, n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        MODE=mode, TRANSPOSED=transposed, DOT_PRECISION=_dot_precision(a.dtype), **cfg,
     )
     return out
 
 
-def _launch_grad(x, y, rx, ry, scale, bias, row_stat, col_stat, mode: int):
-    """G (N, D) fp32 = Σ_j W_ij · ry_j · y_j and wsum (N,) = Σ_j W_ij."""
-    n, d = x.shape
-    g = torch.full((n, d), float("nan"), dtype=torch.float32, device=x.device)
-    wsum = torch.full((n,), float("nan"), dtype=torch.float32, device=x.device)
-    cfg = _blocks(d, x.device)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
+def _launch_grad(a, b, ra, rb, scale, bias, own_stat, other_stat, mode: int, transposed: bool,
+                 label_smoothing: float = 0.0):
+    """G (N, D) fp32 = W @ (rb·b), wsum (N,) = W.sum(1); when transposed W.T @ (ra·a) and W.sum(0)."""
+    n, d = a.shape
+    g = torch.full((n, d), float("nan"), dtype=torch.float32, device=a.device)
+    wsum = torch.full((n,), float("nan"), dtype=torch.float32, device=a.device)
+    cfg = _blocks(d, a.device)
+    grid = (triton.cdiv(n, cfg["BLOCK"]), triton.cdiv(d, cfg["BLOCK_D"]))
     _contrastive_grad_kernel[grid](
-        x, y, rx, ry, scale, bias, row_stat, col_stat, g, wsum, n, d,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), g.stride(0), g.stride(1),
-        MODE=mode, DOT_PRECISION=_dot_precision(x.dtype), **cfg,
+        a, b, ra, rb, scale, bias, own_stat, other_stat, g, wsum, n, d, label_smoothing,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), g.stride(0), g.stride(1),
+        MODE=mode, TRANSPOSED=transposed, DOT_PRECISION=_dot_precision(a.dtype),
+        W_FP32=a.dtype != torch.bfloat16, W_DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        **cfg,
     )
     return g, wsum
 
@@ -237,17 +288,14 @@ def _embedding_grad(emb, r, h, coef, normalize: bool):
     return dx.to(emb.dtype), x_dot_h.sum()
 
 
-def _subtract_targets(g, other, r_other, label_smoothing: float):
-    """H = G - 2(1-eps)·y - (2·eps/N)·Σ_j y_j in place on G, with y = r_other · other."""
-    n = g.shape[0]
-    g.addcmul_(other, r_other[:, None], value=-2 * (1 - label_smoothing))
-    if label_smoothing:
-        g.sub_(r_other @ other.float(), alpha=2 * label_smoothing / n)
-    return g
+def _operands(image_emb, text_emb, normalize: bool):
+    """(image, text, r_image, r_text): the embeddings with a contiguous last dim, their row scales."""
+    a, b = (e if e.stride(-1) == 1 else e.contiguous() for e in (image_emb, text_emb))
+    return a, b, _row_scales(a, normalize), _row_scales(b, normalize)
 
 
-def _prepare(emb: torch.Tensor) -> torch.Tensor:
-    return emb if emb.stride(-1) == 1 else emb.contiguous()
+def _zero_bias(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float32, device=like.device)
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -259,16 +307,16 @@ def clip_loss_fwd(
     normalize: bool, label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss: () fp32, lse_rows: (N,) fp32, lse_cols: (N,) fp32)."""
-    a, b = _prepare(image_emb), _prepare(text_emb)
+    a, b, ra, rb = _operands(image_emb, text_emb, normalize)
     n = a.shape[0]
-    ra, rb = _row_scales(a, normalize), _row_scales(b, normalize)
-    bias = torch.zeros((), dtype=torch.float32, device=a.device)
-    lse_r, diag, row_sum = _launch_row_stat(a, b, ra, rb, logit_scale, bias, MODE_CLIP)
-    lse_c = _launch_row_stat(b, a, rb, ra, logit_scale, bias, MODE_CLIP)[0]
+    bias = _zero_bias(a)
+    lse_r, diag, row_sum = _launch_row_stat(a, b, ra, rb, logit_scale, bias, MODE_CLIP, False)
+    lse_c = _launch_row_stat(a, b, ra, rb, logit_scale, bias, MODE_CLIP, True)[0]
     eps = label_smoothing
     # CE_i with smoothing = lse_i - (1-eps)·S_ii - (eps/N)·Σ_j S_ij; the columns' S_ii and Σ_ij S_ij
     # are the rows' own.
-    loss = (lse_r.sum() + lse_c.sum() - 2 * (1 - eps) * diag.sum() - 2 * eps / n * row_sum.sum()) / (2 * n)
+    targets = (1 - eps) * diag + eps / n * row_sum
+    loss = ((lse_r - targets).sum() + (lse_c - targets).sum()) / (2 * n)
     return loss, lse_r, lse_c
 
 
@@ -286,19 +334,17 @@ def clip_loss_bwd(
     normalize: bool, label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d image_emb, d text_emb, d logit_scale)."""
-    a, b = _prepare(image_emb), _prepare(text_emb)
+    a, b, ra, rb = _operands(image_emb, text_emb, normalize)
     n = a.shape[0]
-    ra, rb = _row_scales(a, normalize), _row_scales(b, normalize)
-    bias = torch.zeros((), dtype=torch.float32, device=a.device)
+    bias = _zero_bias(a)
     eps = label_smoothing
-    # dL/dS_ij = (P^row_ij + P^col_ij - 2(1-eps)·δ_ij - 2·eps/N) / (2N), so with
-    # H_i = G_i - 2(1-eps)·y_i - (2·eps/N)·Σ_j y_j:  dL/dx_i = s/(2N) · H_i, dL/ds = Σ_i x_i·H_i / (2N).
+    # dL/dS_ij = W_ij / (2N), so dL/dx_i = s/(2N) · G_i and dL/ds = Σ_i x_i·G_i / (2N).
     coef = grad_loss * logit_scale / (2 * n)
-    g_a, _ = _launch_grad(a, b, ra, rb, logit_scale, bias, lse_r, lse_c, MODE_CLIP)
-    d_image, xh = _embedding_grad(a, ra, _subtract_targets(g_a, b, rb, eps), coef, normalize)
+    g_a, _ = _launch_grad(a, b, ra, rb, logit_scale, bias, lse_r, lse_c, MODE_CLIP, False, eps)
+    d_image, xh = _embedding_grad(a, ra, g_a, coef, normalize)
     del g_a
-    g_b, _ = _launch_grad(b, a, rb, ra, logit_scale, bias, lse_c, lse_r, MODE_CLIP)
-    d_text, _ = _embedding_grad(b, rb, _subtract_targets(g_b, a, ra, eps), coef, normalize)
+    g_b, _ = _launch_grad(a, b, ra, rb, logit_scale, bias, lse_c, lse_r, MODE_CLIP, True, eps)
+    d_text, _ = _embedding_grad(b, rb, g_b, coef, normalize)
     d_scale = grad_loss * xh / (2 * n)
     return d_image, d_text, d_scale.to(logit_scale.dtype)
 
@@ -332,9 +378,8 @@ def siglip_loss_fwd(
     logit_bias: torch.Tensor, normalize: bool,
 ) -> torch.Tensor:
     """Returns the loss: () fp32."""
-    a, b = _prepare(image_emb), _prepare(text_emb)
-    ra, rb = _row_scales(a, normalize), _row_scales(b, normalize)
-    rows = _launch_row_stat(a, b, ra, rb, logit_scale, logit_bias, MODE_SIGLIP)
+    a, b, ra, rb = _operands(image_emb, text_emb, normalize)
+    rows = _launch_row_stat(a, b, ra, rb, logit_scale, logit_bias, MODE_SIGLIP, False)
     return rows.sum() / a.shape[0]
 
 
@@ -349,17 +394,16 @@ def siglip_loss_bwd(
     logit_scale: torch.Tensor, logit_bias: torch.Tensor, normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d image_emb, d text_emb, d logit_scale, d logit_bias)."""
-    a, b = _prepare(image_emb), _prepare(text_emb)
+    a, b, ra, rb = _operands(image_emb, text_emb, normalize)
     n = a.shape[0]
-    ra, rb = _row_scales(a, normalize), _row_scales(b, normalize)
     # dL/dS_ij = W_ij / N with W = -label·σ(-label·S); G_i = Σ_j W_ij·y_j, so dL/dx_i = s/N · G_i,
     # dL/ds = Σ_i x_i·G_i / N and dL/db = Σ_ij W_ij / N.
     unused = torch.empty(0, dtype=torch.float32, device=a.device)
-    g_a, wsum = _launch_grad(a, b, ra, rb, logit_scale, logit_bias, unused, unused, MODE_SIGLIP)
+    g_a, wsum = _launch_grad(a, b, ra, rb, logit_scale, logit_bias, unused, unused, MODE_SIGLIP, False)
     coef = grad_loss * logit_scale / n
     d_image, xg = _embedding_grad(a, ra, g_a, coef, normalize)
     del g_a
-    g_b, _ = _launch_grad(b, a, rb, ra, logit_scale, logit_bias, unused, unused, MODE_SIGLIP)
+    g_b, _ = _launch_grad(a, b, ra, rb, logit_scale, logit_bias, unused, unused, MODE_SIGLIP, True)
     d_text, _ = _embedding_grad(b, rb, g_b, coef, normalize)
     d_scale = grad_loss * xg / n
     d_bias = grad_loss * wsum.sum() / n
