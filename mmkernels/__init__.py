@@ -3,7 +3,8 @@
     import mmkernels
     loss = mmkernels.clip_loss(image_emb, text_emb, logit_scale)
 """
-from mmkernels import nn
+from mmkernels import integrations, nn
+from mmkernels.ops.attention import cross_attention
 from mmkernels.ops.contrastive import clip_loss, siglip_loss
 from mmkernels.ops.region import RegionMaskOutput, masked_region_loss, region_mask
 
@@ -12,9 +13,11 @@ __version__ = "0.1.0"
 __all__ = [
     "clip_loss",
     "siglip_loss",
+    "cross_attention",
     "region_mask",
     "masked_region_loss",
     "RegionMaskOutput",
     "nn",
+    "integrations",
     "__version__",
 ]

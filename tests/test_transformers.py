@@ -483,3 +483,15 @@ def test_gpu_half_precision_within_twice_the_eager_error(dtype):
         eager_error = max_kept_diff(features("eager", dtype), oracle, rows)
         ours_error = max_kept_diff(features(BACKEND_NAME, dtype), oracle, rows)
         assert ours_error <= 2 * eager_error + 1e-3, (type(model).__name__, ours_error, eager_error)
+
+
+def test_reachable_from_the_top_level_package_without_importing_transformers_first():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmkernels; assert 'transformers' not in sys.modules; "
+        "mmkernels.integrations.transformers.register(); "
+        "from transformers import AttentionInterface; assert 'mmkernels' in AttentionInterface()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,1 +1,11 @@
-"""Patches into other libraries. Nothing in mmkernels imports these; users import them by name."""
+"""Patches into other libraries, loaded on first use: `mmkernels.integrations.transformers.register()`
+imports transformers only then. Nothing inside mmkernels depends on these modules."""
+import importlib
+
+_INTEGRATIONS = ("transformers",)
+
+
+def __getattr__(name):
+    if name in _INTEGRATIONS:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
