@@ -365,3 +365,26 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_gpu_matches_reference(loss_name, n, d, dtype):
     _run_case(loss_name, n, d, n % 2 == 1, 0.0, dtype, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,d,budget_mib", [(32768, 768, 400), (65536, 512, 600)])
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_gpu_memory_above_inputs(loss_name, n, d, budget_mib):
+    """The issue's memory goal: forward + backward, gradients included, within the budget above the inputs."""
+    a = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    scale = torch.tensor(14.0, device="cuda", requires_grad=True)
+    bias = torch.tensor(-10.0, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    if loss_name == "clip":
+        loss = mmkernels.clip_loss(a, b, scale, normalize=True)
+    else:
+        loss = mmkernels.siglip_loss(a, b, scale, bias, normalize=True)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    assert torch.isfinite(loss) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    assert peak_mib <= budget_mib, f"peak {peak_mib:.0f} MiB above the inputs, budget {budget_mib} MiB"
