@@ -247,6 +247,21 @@ def test_triton_gradients_match_reference(with_embedding, device):
 
 
 @needs_triton
+@pytest.mark.parametrize("mode", ["zero", "bert"])
+def test_triton_reads_strided_lens_and_mask_embedding(mode, device):
+    """region_lens (B,) and mask_embedding (D,) given as views with a stride other than 1."""
+    torch.manual_seed(21)
+    feats = torch.randn(3, 6, 20, device=device)
+    lens = torch.tensor([[6, 0], [3, 0], [2, 0]], device=device)[:, 0]
+    emb = torch.randn(20, 2, device=device)[:, 0]
+    kw = dict(prob=0.5, mode=mode, mask_embedding=emb)
+    got = region_mask(feats, lens, generator=gen(1), backend="triton", **kw)
+    want = region_mask(feats, lens.contiguous(), generator=gen(1), backend="torch", **kw)
+    assert torch.equal(got.mask, want.mask)
+    assert torch.equal(got.features, want.features)
+
+
+@needs_triton
 def test_triton_auto_backend_under_the_interpreter(device):
     feats = torch.randn(2, 5, 16, device=device)
     lens = torch.tensor([5, 3], device=device)

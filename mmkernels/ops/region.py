@@ -583,8 +583,11 @@ def region_mask_fwd(
     """
     feats = _last_dim_contiguous(feats)
     n_samples, n_regions, dim = feats.shape
+    # the kernels index region_lens and mask_embedding with unit stride
     if region_lens is not None:
-        region_lens = region_lens.long()
+        region_lens = region_lens.long().contiguous()
+    if mask_embedding is not None:
+        mask_embedding = mask_embedding.contiguous()
     valid_u8 = valid_mask.view(torch.uint8) if valid_mask is not None else None
     flat_cum = None
     if bert:
