@@ -189,6 +189,17 @@ def test_invalid_construction(build, error, message):
         build()
 
 
+@pytest.mark.parametrize("mask_name", ["key_padding_mask", "attn_mask"])
+def test_integer_masks_raise_as_multihead_attention_does(mask_name):
+    """An int mask (say 1 = token, as a tokenizer gives) is neither bool nor additive: adding it to the
+    scores would silently compute something else. nn.MultiheadAttention refuses it too."""
+    ours = CrossModalAttention(EMBED, HEADS)
+    x = torch.randn(LEN_Q, BATCH, EMBED)
+    shape, meaning = ((BATCH, LEN_Q), "padding") if mask_name == "key_padding_mask" else ((LEN_Q, LEN_Q), "not allowed")
+    with pytest.raises(TypeError, match=rf"{mask_name} to be bool \(True = {meaning}\) .* got torch.int64"):
+        ours(x, x, x, **{mask_name: torch.ones(shape, dtype=torch.long)})
+
+
 def test_invalid_forward_inputs():
     ours = CrossModalAttention(EMBED, HEADS, kdim=24)
     x = torch.randn(LEN_Q, BATCH, EMBED)

@@ -13,6 +13,16 @@ from mmkernels.ops.attention import cross_attention
 __all__ = ["CrossModalAttention"]
 
 
+def _check_mask_type(name: str, mask, bool_meaning: str) -> None:
+    """nn.MultiheadAttention's rule: a mask is None, bool (`bool_meaning`) or floating (additive)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"expected {name} to be bool (True = {bool_meaning}) or floating (additive), got {mask.dtype}")
+
+
 class CrossModalAttention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's constructor, parameters and forward.
 
@@ -207,6 +217,8 @@ class CrossModalAttention(nn.Module):
                 "CrossModalAttention never materialises the (L, S) attention weights (its kernels keep "
                 "them on chip); call it with need_weights=False, or use nn.MultiheadAttention to inspect them"
             )
+        _check_mask_type("key_padding_mask", key_padding_mask, "padding")
+        _check_mask_type("attn_mask", attn_mask, "not allowed")
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(
                 "expected query, key and value all 3-D (batched) or all 2-D (unbatched), got shapes "
