@@ -86,10 +86,11 @@ __device__ __forceinline__ float elementwise_loss(const LossParams& p, float pre
 template <typename T, int N>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_fwd_kernel(LossParams p) {
   using V = Vec<T, N>;
-  const int row = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  // 64-bit: a block's rows may pass 2^31 - 1, and the (B, R, 2) stats index 2·row
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= p.n_rows) return;
-  const int b = row / p.regions, r = row % p.regions;
+  const int b = static_cast<int>(row / p.regions), r = static_cast<int>(row % p.regions);
   if (!row_selected(p, b, r)) {
     if (lane == 0) {
       p.loss[row] = 0.0f;
@@ -142,14 +143,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_fwd_ke
 template <typename T, int N>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_bwd_kernel(LossParams p) {
   using V = Vec<T, N>;
-  const int row = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  // 64-bit: a block's rows may pass 2^31 - 1, and the (B, R, 2) stats index 2·row
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= p.n_rows) return;
-  const int b = row / p.regions, r = row % p.regions;
-  V* grad_pred = reinterpret_cast<V*>(p.grad_pred + static_cast<int64_t>(row) * p.dim * sizeof(T));
+  const int b = static_cast<int>(row / p.regions), r = static_cast<int>(row % p.regions);
+  V* grad_pred = reinterpret_cast<V*>(p.grad_pred + row * p.dim * sizeof(T));
   V* grad_target = p.grad_target == nullptr
                        ? nullptr
-                       : reinterpret_cast<V*>(p.grad_target + static_cast<int64_t>(row) * p.dim * sizeof(T));
+                       : reinterpret_cast<V*>(p.grad_target + row * p.dim * sizeof(T));
   if (!row_selected(p, b, r)) {
     const V zero = zero_vec<T, N>();
     for (int i = lane; i < p.dim / N; i += 32) {

@@ -228,11 +228,11 @@ __global__ void __launch_bounds__(kThreads) region_mask_bwd_kernel(RegionBwdPara
 // grad_in[source[row]] += grad_out[row] for every randomly replaced row: one warp per row.
 template <typename T>
 __global__ void region_mask_scatter_kernel(RegionBwdParams p) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= p.n_rows) return;
   const int32_t src = p.source[row];
   if (src < 0 || src == row) return;
-  const int b = row / p.regions, r = row % p.regions;
+  const int b = static_cast<int>(row / p.regions), r = static_cast<int>(row % p.regions);
   const T* g = reinterpret_cast<const T*>(p.grad_out + (b * p.stride_gb + r * p.stride_gr) * sizeof(T));
   T* dst = reinterpret_cast<T*>(p.grad_in) + static_cast<int64_t>(src) * p.dim;
   for (int d = threadIdx.x % 32; d < p.dim; d += 32) atomicAdd(dst + d, g[d]);

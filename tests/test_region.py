@@ -485,6 +485,18 @@ def test_loss_errors(overrides, error, message):
         _loss_call(**overrides)
 
 
+def test_more_than_2_pow_31_regions_is_refused_before_any_work():
+    """The kernels index regions with int32: B·R >= 2^31 raises (expanded views: no memory)."""
+    n_samples, n_regions = 2**16, 2**15
+    feats = torch.zeros(1, 1, 1).expand(n_samples, n_regions, 1)
+    with pytest.raises(ValueError, match=r"B·R < 2\^31 regions, got 65536·32768"):
+        region_mask(feats, valid_mask=torch.ones(1, 1, dtype=torch.bool).expand(n_samples, n_regions))
+    mask = torch.ones(1, 1, dtype=torch.bool).expand(n_samples, n_regions)
+    # backend "cuda" on CPU tensors would raise a different error if the size went unchecked
+    with pytest.raises(ValueError, match=r"B·R < 2\^31 regions, got 65536·32768"):
+        masked_region_loss(feats, feats, mask, "mse", backend="cuda")
+
+
 # --------------------------------------------------------------------------- opcheck
 
 

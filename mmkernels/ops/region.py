@@ -277,14 +277,14 @@ def _region_mask_scatter_kernel(
     grad_out_ptr, source_ptr, grad_in_ptr, R, D, n_rows, stride_gb, stride_gr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     source = tl.load(source_ptr + rows, mask=rows < n_rows, other=-1)
     is_random = (source >= 0) & (source != rows)
     if tl.sum(is_random.to(tl.int32), axis=0) > 0:
-        b = (rows // R).to(tl.int64)
-        r = (rows % R).to(tl.int64)
+        b = rows // R
+        r = rows % R
         both = is_random[:, None] & mask_d[None, :]
         g = tl.load(
             grad_out_ptr + b[:, None] * stride_gb + r[:, None] * stride_gr + offs_d[None, :],
@@ -301,10 +301,10 @@ def _masked_region_loss_fwd_kernel(
     stride_pb, stride_pr, stride_tb, stride_tr, stride_mb, stride_mr, beta,
     KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_r = rows < n_rows
-    b = (rows // R).to(tl.int64)
-    r = (rows % R).to(tl.int64)
+    b = rows // R
+    r = rows % R
     selected = in_r & (tl.load(mask_ptr + b * stride_mb + r * stride_mr, mask=in_r, other=0) != 0)
     pred_row = pred_ptr + b * stride_pb + r * stride_pr
     target_row = target_ptr + b * stride_tb + r * stride_tr
@@ -356,12 +356,12 @@ def _masked_region_loss_bwd_kernel(
     stride_mb, stride_mr, beta,
     KIND: tl.constexpr, TARGET_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     in_r = rows < n_rows
     in_k = offs_k < K
-    b = (rows // R).to(tl.int64)
-    r = (rows % R).to(tl.int64)
+    b = rows // R
+    r = rows % R
     selected = in_r & (tl.load(mask_ptr + b * stride_mb + r * stride_mr, mask=in_r, other=0) != 0)
     g = tl.load(grad_loss_ptr + b * stride_gb + r * stride_gr, mask=selected, other=0.0).to(tl.float32)
     ld = selected[:, None] & in_k[None, :]
@@ -382,7 +382,7 @@ def _masked_region_loss_bwd_kernel(
         # d KL / d pred = (Σ t)·softmax(pred) - t
         grad_p = (t_sum[:, None] * tl.exp(log_q) - t) * g[:, None]
     out_mask = in_r[:, None] & in_k[None, :]
-    offs = rows.to(tl.int64)[:, None] * K + offs_k[None, :]
+    offs = rows[:, None] * K + offs_k[None, :]
     tl.store(grad_pred_ptr + offs, tl.where(ld, grad_p, 0.0).to(grad_pred_ptr.dtype.element_ty), mask=out_mask)
     if TARGET_GRAD:
         if KIND == 2:
@@ -787,6 +787,12 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"expected {name} to be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _check_region_count(n_samples: int, n_regions: int) -> None:
+    # the kernels index regions (b·R + r) with int32
+    if n_samples * n_regions >= 2**31:
+        raise ValueError(f"expected B·R < 2^31 regions, got {n_samples}·{n_regions}")
+
+
 def _check_region_mask_inputs(feats, region_lens, valid_mask, prob, mode, mask_embedding, min_masked,
                               generator, backend) -> None:
     check_float_tensor("feats", feats, 3, "(B, R, D)")
@@ -849,8 +855,7 @@ def _check_region_mask_inputs(feats, region_lens, valid_mask, prob, mode, mask_e
                 f"got one on {generator.device}"
             )
     _check_choice("backend", backend, BACKENDS)
-    if n_samples * n_regions >= 2**31:
-        raise ValueError(f"expected B·R < 2^31 regions, got {n_samples}·{n_regions}")
+    _check_region_count(n_samples, n_regions)
 
 
 def region_mask(
@@ -941,6 +946,7 @@ def _check_loss_inputs(pred, target, mask, kind, reduction, beta, backend) -> No
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
         raise ValueError(f"expected beta to be a float >= 0, got {beta!r}")
     _check_choice("backend", backend, BACKENDS)
+    _check_region_count(*pred.shape[:2])
 
 
 def masked_region_loss(
