@@ -205,9 +205,13 @@ def test_invalid_forward_inputs():
     x = torch.randn(LEN_Q, BATCH, EMBED)
     with pytest.raises(ValueError, match="features"):
         ours(x, x, x)
+    key, value = torch.randn(LEN_K, BATCH, 24), torch.randn(LEN_K, BATCH, EMBED)
     with pytest.raises(ValueError, match="attn_mask of shape"):
-        ours(x, torch.randn(LEN_K, BATCH, 24), torch.randn(LEN_K, BATCH, EMBED),
-             attn_mask=torch.zeros(1, 1, LEN_Q, LEN_K))
+        ours(x, key, value, attn_mask=torch.zeros(1, 1, LEN_Q, LEN_K))
+    # nn.MultiheadAttention's shapes exactly: (L, S), or (N * num_heads, L, S) with N = 3 here.
+    for shape in [(LEN_Q, LEN_K + 1), (1, LEN_K), (HEADS, LEN_Q, LEN_K)]:
+        with pytest.raises(ValueError, match=rf"attn_mask of shape .* got \({', '.join(map(str, shape))}\)"):
+            ours(x, key, value, attn_mask=torch.zeros(shape))
 
 
 @pytest.mark.gpu

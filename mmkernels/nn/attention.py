@@ -164,12 +164,14 @@ class CrossModalAttention(nn.Module):
         """nn.MultiheadAttention's masks in cross_attention's conventions: key_padding_mask bool
         (B, S) True = padding; attn_mask bool True = attend, or additive, (B or 1, H or 1, L, S)."""
         if attn_mask is not None:
+            shapes = {2: (len_q, len_k), 3: (batch * self.num_heads, len_q, len_k)}
+            if shapes.get(attn_mask.dim()) != tuple(attn_mask.shape):
+                raise ValueError(
+                    f"expected attn_mask of shape (L, S) = {shapes[2]} or (N * num_heads, L, S) = {shapes[3]}, "
+                    f"got {tuple(attn_mask.shape)}"
+                )
             if attn_mask.dim() == 3:
                 attn_mask = attn_mask.view(batch, self.num_heads, len_q, len_k)
-            elif attn_mask.dim() != 2:
-                raise ValueError(
-                    f"expected attn_mask of shape (L, S) or (N * num_heads, L, S), got {tuple(attn_mask.shape)}"
-                )
             attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             additive = key_padding_mask.to(like.dtype).view(batch, 1, 1, len_k)
