@@ -1,11 +1,20 @@
 """Test set-up: without CUDA the Triton kernels run under Triton's interpreter on the CPU.
 
 TRITON_INTERPRET must be set before triton is first imported, so this runs before mmkernels loads.
+torch.compile's on-disk caches go to a fresh folder: a cached graph that calls one of our ops with
+an older schema would otherwise be replayed (seen with torch 2.13 after an op gained arguments).
 """
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
+
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmkernels-test-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -262,6 +262,33 @@ def test_python_float_scale_and_no_grad_scale(device):
     assert scale.grad is None
 
 
+@needs_triton
+@pytest.mark.parametrize("frozen", ["image", "text", "both"])
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_frozen_tower_gradients(loss_name, frozen, device):
+    """A locked tower (LiT) gets no gradient and costs no backward pass; the rest stay exact."""
+    a, b = torch.randn(37, 24, device=device), torch.randn(37, 24, device=device)
+    s, bias = torch.tensor(3.0, device=device), torch.tensor(-2.0, device=device)
+    a.requires_grad_(frozen != "image" and frozen != "both")
+    b.requires_grad_(frozen != "text" and frozen != "both")
+    s.requires_grad_()
+    bias.requires_grad_()
+    leaves64 = [t.detach().double().requires_grad_() for t in (a, b, s, bias)]
+    if loss_name == "clip":
+        loss = mmkernels.clip_loss(a, b, s, normalize=True, label_smoothing=0.1)
+        ref = reference.clip_loss(*leaves64[:3], True, 0.1)
+    else:
+        loss = mmkernels.siglip_loss(a, b, s, bias, normalize=True)
+        ref = reference.siglip_loss(*leaves64, True)
+    loss.backward()
+    ref.backward()
+    for t, t64 in zip((a, b, s, bias), leaves64):
+        if not t.requires_grad:
+            assert t.grad is None
+        elif t64.grad is not None:
+            torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_modules_match_functions(device):
     a, b = torch.randn(11, 8, device=device), torch.randn(11, 8, device=device)
     scale, bias = torch.tensor(3.0, device=device), torch.tensor(-1.0, device=device)
@@ -332,8 +359,13 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.mmkernels.siglip_loss_fwd.default, (a, b, s, bias, normalize))
     loss, lse_r, lse_c = torch.ops.mmkernels.clip_loss_fwd(a, b, s, False, 0.0)
     g = torch.tensor(1.0, device=device)
-    torch.library.opcheck(torch.ops.mmkernels.clip_loss_bwd.default, (g, a, b, s, lse_r, lse_c, False, 0.0))
-    torch.library.opcheck(torch.ops.mmkernels.siglip_loss_bwd.default, (g, a, b, s, bias, True))
+    for image_grad, text_grad in [(True, True), (False, True), (True, False)]:
+        torch.library.opcheck(
+            torch.ops.mmkernels.clip_loss_bwd.default, (g, a, b, s, lse_r, lse_c, False, 0.0, image_grad, text_grad)
+        )
+        torch.library.opcheck(
+            torch.ops.mmkernels.siglip_loss_bwd.default, (g, a, b, s, bias, True, image_grad, text_grad)
+        )
 
 
 @needs_triton

@@ -331,27 +331,36 @@ def _(image_emb, text_emb, logit_scale, normalize, label_smoothing):
 def clip_loss_bwd(
     grad_loss: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor,
     logit_scale: torch.Tensor, lse_r: torch.Tensor, lse_c: torch.Tensor,
-    normalize: bool, label_smoothing: float,
+    normalize: bool, label_smoothing: float, image_grad: bool, text_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (d image_emb, d text_emb, d logit_scale)."""
+    """Returns (d image_emb, d text_emb, d logit_scale); a side not asked for is an empty tensor
+    and costs no kernel pass (a locked image tower, as in LiT, halves the backward)."""
     a, b, ra, rb = _operands(image_emb, text_emb, normalize)
     n = a.shape[0]
     bias = _zero_bias(a)
-    eps = label_smoothing
-    # dL/dS_ij = W_ij / (2N), so dL/dx_i = s/(2N) · G_i and dL/ds = Σ_i x_i·G_i / (2N).
+    # dL/dS_ij = W_ij / (2N), so dL/dx_i = s/(2N) · G_i and dL/ds = Σ_i x_i·G_i / (2N) = Σ_j y_j·G'_j / (2N).
     coef = grad_loss * logit_scale / (2 * n)
-    g_a, _ = _launch_grad(a, b, ra, rb, logit_scale, bias, lse_r, lse_c, MODE_CLIP, False, eps)
-    d_image, xh = _embedding_grad(a, ra, g_a, coef, normalize)
-    del g_a
-    g_b, _ = _launch_grad(a, b, ra, rb, logit_scale, bias, lse_c, lse_r, MODE_CLIP, True, eps)
-    d_text, _ = _embedding_grad(b, rb, g_b, coef, normalize)
-    d_scale = grad_loss * xh / (2 * n)
-    return d_image, d_text, d_scale.to(logit_scale.dtype)
+    d_image = d_text = a.new_empty(0)
+    if image_grad or not text_grad:
+        g_a, _ = _launch_grad(a, b, ra, rb, logit_scale, bias, lse_r, lse_c, MODE_CLIP, False, label_smoothing)
+        d_image, xg = _embedding_grad(a, ra, g_a, coef, normalize)
+        del g_a
+    if text_grad:
+        g_b, _ = _launch_grad(a, b, ra, rb, logit_scale, bias, lse_c, lse_r, MODE_CLIP, True, label_smoothing)
+        d_text, xg = _embedding_grad(b, rb, g_b, coef, normalize)
+    d_scale = grad_loss * xg / (2 * n)
+    return d_image if image_grad else a.new_empty(0), d_text, d_scale.to(logit_scale.dtype)
 
 
 @clip_loss_bwd.register_fake
-def _(grad_loss, image_emb, text_emb, logit_scale, lse_r, lse_c, normalize, label_smoothing):
-    return torch.empty_like(image_emb), torch.empty_like(text_emb), torch.empty_like(logit_scale)
+def _(grad_loss, image_emb, text_emb, logit_scale, lse_r, lse_c, normalize, label_smoothing, image_grad, text_grad):
+    return _fake_grads(image_emb, text_emb, image_grad, text_grad) + (logit_scale.new_empty(()),)
+
+
+def _fake_grads(image_emb, text_emb, image_grad: bool, text_grad: bool):
+    d_image = image_emb.new_empty(image_emb.shape if image_grad else (0,))
+    d_text = text_emb.new_empty(text_emb.shape if text_grad else (0,))
+    return d_image, d_text
 
 
 def _clip_setup_context(ctx, inputs, output):
@@ -363,10 +372,12 @@ def _clip_setup_context(ctx, inputs, output):
 
 def _clip_backward(ctx, grad_loss, _grad_lse_r, _grad_lse_c):
     image_emb, text_emb, logit_scale, lse_r, lse_c = ctx.saved_tensors
+    image_grad, text_grad = ctx.needs_input_grad[:2]
     d_image, d_text, d_scale = torch.ops.mmkernels.clip_loss_bwd(
-        grad_loss, image_emb, text_emb, logit_scale, lse_r, lse_c, ctx.normalize, ctx.label_smoothing
+        grad_loss, image_emb, text_emb, logit_scale, lse_r, lse_c, ctx.normalize, ctx.label_smoothing,
+        image_grad, text_grad,
     )
-    return d_image, d_text, d_scale, None, None
+    return d_image if image_grad else None, d_text if text_grad else None, d_scale, None, None
 
 
 clip_loss_fwd.register_autograd(_clip_backward, setup_context=_clip_setup_context)
@@ -391,29 +402,34 @@ def _(image_emb, text_emb, logit_scale, logit_bias, normalize):
 @torch.library.custom_op("mmkernels::siglip_loss_bwd", mutates_args=())
 def siglip_loss_bwd(
     grad_loss: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor,
-    logit_scale: torch.Tensor, logit_bias: torch.Tensor, normalize: bool,
+    logit_scale: torch.Tensor, logit_bias: torch.Tensor, normalize: bool, image_grad: bool, text_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (d image_emb, d text_emb, d logit_scale, d logit_bias)."""
+    """Returns (d image_emb, d text_emb, d logit_scale, d logit_bias); a side not asked for is an
+    empty tensor and costs no kernel pass."""
     a, b, ra, rb = _operands(image_emb, text_emb, normalize)
     n = a.shape[0]
     # dL/dS_ij = W_ij / N with W = -label·σ(-label·S); G_i = Σ_j W_ij·y_j, so dL/dx_i = s/N · G_i,
-    # dL/ds = Σ_i x_i·G_i / N and dL/db = Σ_ij W_ij / N.
+    # dL/ds = Σ_i x_i·G_i / N (= Σ_j y_j·G'_j / N) and dL/db = Σ_ij W_ij / N.
     unused = torch.empty(0, dtype=torch.float32, device=a.device)
-    g_a, wsum = _launch_grad(a, b, ra, rb, logit_scale, logit_bias, unused, unused, MODE_SIGLIP, False)
     coef = grad_loss * logit_scale / n
-    d_image, xg = _embedding_grad(a, ra, g_a, coef, normalize)
-    del g_a
-    g_b, _ = _launch_grad(a, b, ra, rb, logit_scale, logit_bias, unused, unused, MODE_SIGLIP, True)
-    d_text, _ = _embedding_grad(b, rb, g_b, coef, normalize)
+    d_image = d_text = a.new_empty(0)
+    if image_grad or not text_grad:
+        g_a, wsum = _launch_grad(a, b, ra, rb, logit_scale, logit_bias, unused, unused, MODE_SIGLIP, False)
+        d_image, xg = _embedding_grad(a, ra, g_a, coef, normalize)
+        del g_a
+    if text_grad:
+        g_b, wsum = _launch_grad(a, b, ra, rb, logit_scale, logit_bias, unused, unused, MODE_SIGLIP, True)
+        d_text, xg = _embedding_grad(b, rb, g_b, coef, normalize)
     d_scale = grad_loss * xg / n
     d_bias = grad_loss * wsum.sum() / n
+    d_image = d_image if image_grad else a.new_empty(0)
     return d_image, d_text, d_scale.to(logit_scale.dtype), d_bias.to(logit_bias.dtype)
 
 
 @siglip_loss_bwd.register_fake
-def _(grad_loss, image_emb, text_emb, logit_scale, logit_bias, normalize):
-    return (torch.empty_like(image_emb), torch.empty_like(text_emb),
-            torch.empty_like(logit_scale), torch.empty_like(logit_bias))
+def _(grad_loss, image_emb, text_emb, logit_scale, logit_bias, normalize, image_grad, text_grad):
+    return _fake_grads(image_emb, text_emb, image_grad, text_grad) + (
+        logit_scale.new_empty(()), logit_bias.new_empty(()))
 
 
 def _siglip_setup_context(ctx, inputs, output):
@@ -424,10 +440,11 @@ def _siglip_setup_context(ctx, inputs, output):
 
 def _siglip_backward(ctx, grad_loss):
     image_emb, text_emb, logit_scale, logit_bias = ctx.saved_tensors
-    grads = torch.ops.mmkernels.siglip_loss_bwd(
-        grad_loss, image_emb, text_emb, logit_scale, logit_bias, ctx.normalize
+    image_grad, text_grad = ctx.needs_input_grad[:2]
+    d_image, d_text, d_scale, d_bias = torch.ops.mmkernels.siglip_loss_bwd(
+        grad_loss, image_emb, text_emb, logit_scale, logit_bias, ctx.normalize, image_grad, text_grad
     )
-    return (*grads, None)
+    return d_image if image_grad else None, d_text if text_grad else None, d_scale, d_bias, None
 
 
 siglip_loss_fwd.register_autograd(_siglip_backward, setup_context=_siglip_setup_context)
