@@ -163,6 +163,18 @@ def test_min_masked_adds_the_smallest_draws_only():
     assert (counts >= 2).all() and (counts > 2).any()
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("min_masked", [7, 2**32, 2**64])
+def test_min_masked_beyond_int32_selects_every_existing_region(min_masked, backend, device):
+    """min_masked >= R selects every existing region, however large the int (no 32/64-bit wrap)."""
+    if backend == "torch":
+        device = "cpu"
+    lens, valid = lens_and_valid(4, 7, device)
+    out = region_mask(torch.randn(4, 7, 5, device=device), lens, prob=0.0, min_masked=min_masked,
+                      generator=gen(8), backend=backend)
+    assert torch.equal(out.mask, valid)
+
+
 def test_bert_split_is_80_10_10():
     n_samples, n_regions = 64, 50
     valid = torch.ones(n_samples, n_regions, dtype=torch.bool)

@@ -134,3 +134,12 @@ def test_gpu_cuda_loss_matches_triton_and_reference(kind, dtype):
         assert err < (1e-2 if dtype != torch.float32 else 1e-5)
     for got, other in zip(outs["cuda"], outs["triton"]):
         torch.testing.assert_close(got.float(), other.float(), rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_cuda_min_masked_beyond_int32():
+    lens = torch.tensor([0, 1, 7, 4], device="cuda")
+    feats = torch.randn(4, 7, 16, device="cuda")
+    got = region_mask(feats, lens, prob=0.0, min_masked=2**32, generator=gen(2), backend="cuda")
+    assert torch.equal(got.mask, torch.arange(7, device="cuda")[None, :] < lens[:, None])

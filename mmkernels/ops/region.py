@@ -903,6 +903,8 @@ def region_mask(
         impl = "torch"
     seed = torch.randint(0, 2**31, (2,), generator=generator, dtype=torch.int64, device="cpu")
     select_below = round(prob * 2**31)
+    # no sample has more than R regions, so this changes no mask and keeps the int in 32 bits
+    min_masked = min(min_masked, feats.shape[1])
     bert = mode == "bert"
     if region_lens is not None:
         region_lens = region_lens.to(device=feats.device, dtype=torch.int64)
