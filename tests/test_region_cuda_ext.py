@@ -143,3 +143,28 @@ def test_gpu_cuda_min_masked_beyond_int32():
     feats = torch.randn(4, 7, 16, device="cuda")
     got = region_mask(feats, lens, prob=0.0, min_masked=2**32, generator=gen(2), backend="cuda")
     assert torch.equal(got.mask, torch.arange(7, device="cuda")[None, :] < lens[:, None])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=needs_extension)])
+@pytest.mark.parametrize("lens_device", ["cuda", "cpu"])
+def test_gpu_forward_and_backward_never_sync_the_host(lens_device, backend):
+    feats = torch.randn(8, 20, 64, device="cuda", requires_grad=True)
+    emb = torch.randn(64, device="cuda", requires_grad=True)
+    lens = torch.tensor([0, 1, 20, 5, 7, 20, 2, 9], device=lens_device)
+    target = torch.randn(8, 20, 64, device="cuda")
+
+    def step():
+        out = region_mask(feats, lens, prob=0.3, mode="bert", mask_embedding=emb, generator=gen(4),
+                          backend=backend)
+        for kind in ("mse", "kl"):
+            masked_region_loss(out.features, target.softmax(-1), out.mask, kind, backend=backend).backward(
+                retain_graph=True)
+
+    step()  # compile the Triton kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -907,7 +907,8 @@ def region_mask(
     min_masked = min(min_masked, feats.shape[1])
     bert = mode == "bert"
     if region_lens is not None:
-        region_lens = region_lens.to(device=feats.device, dtype=torch.int64)
+        # non_blocking: a blocking host-to-device copy would wait for the GPU to catch up
+        region_lens = region_lens.to(device=feats.device, dtype=torch.int64, non_blocking=True)
     if mask_embedding is not None:
         mask_embedding = mask_embedding.to(feats.dtype)
     if impl == "torch":
