@@ -119,13 +119,21 @@ def test_kv_lens_equals_suffix_padding_mask():
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_is_causal_matches_the_causal_mask():
-    mha, ours = make_pair(dict(batch_first=True))
+@pytest.mark.parametrize("config_name", ["batch_first", "bias_kv_zero_attn"])
+def test_is_causal_matches_the_causal_mask(config_name):
+    """With the appended bias_kv / zero-attention keys, nn.MultiheadAttention runs is_causal over the
+    extended keys when there is no padding mask, and the given attn_mask (appended keys attended)
+    when there is one: both must be matched, kv_lens standing for a suffix padding mask."""
+    mha, ours = make_pair(CONFIGS[config_name])
     x = torch.randn(BATCH, LEN_Q, EMBED, generator=torch.Generator().manual_seed(4))
-    causal = nn.Transformer.generate_square_subsequent_mask(LEN_Q)
-    expected, _ = mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
-    actual, _ = ours(x, x, x, attn_mask=causal, is_causal=True)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    causal = torch.ones(LEN_Q, LEN_Q, dtype=torch.bool).triu(1)  # True = not allowed, as the padding mask
+    kv_lens = torch.tensor([LEN_Q, 3, 5])
+    pad = torch.arange(LEN_Q) >= kv_lens[:, None]
+    for mha_masks, our_masks in [({}, {}), (dict(key_padding_mask=pad), dict(key_padding_mask=pad)),
+                                 (dict(key_padding_mask=pad), dict(kv_lens=kv_lens))]:
+        expected, _ = mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False, **mha_masks)
+        actual, _ = ours(x, x, x, attn_mask=causal, is_causal=True, **our_masks)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{our_masks}: {m}")
 
 
 def test_unbatched_inputs():

@@ -39,7 +39,9 @@ class CrossModalAttention(nn.Module):
     - `kv_lens=` ((B,) int): each sample's number of keys (keys are a prefix); the kernels skip
       the padded keys' blocks instead of masking them. Combine freely with key_padding_mask.
     - `is_causal=True` applies the causal mask itself; `attn_mask` (which nn.MultiheadAttention
-      requires with that hint) is then not read.
+      requires with that hint) is then not read, except where nn.MultiheadAttention itself applies
+      it: with add_bias_kv or add_zero_attn and a key padding mask (or kv_lens), where every query
+      attends the appended keys.
     - A query with every key masked returns the out-projection of a zero vector (its bias), where
       nn.MultiheadAttention returns NaN.
     """
@@ -253,6 +255,11 @@ class CrossModalAttention(nn.Module):
         if self.add_zero_attn:
             k = F.pad(k, (0, 0, 0, 1))
             v = F.pad(v, (0, 0, 0, 1))
+        extra_keys = self.bias_k is not None or self.add_zero_attn
+        if is_causal and extra_keys and attn_mask is not None and (key_padding_mask is not None or kv_lens is not None):
+            # nn.MultiheadAttention takes is_causal as a hint only without a padding mask; with one it
+            # applies attn_mask, whose appended columns let every query attend bias_k and the zero key.
+            is_causal = False
         key_padding_mask, attn_mask, kv_lens = self._masks(
             key_padding_mask, None if is_causal else attn_mask, kv_lens, batch, len_q, len_k, q
         )
