@@ -108,6 +108,24 @@ def test_self_attention_gradients_match():
         assert err <= 2 * eager_err + 2e-6 * exact.abs().max().item(), name
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_self_attention_projects_once(batch_first, batched, monkeypatch):
+    """query is key is value: one packed in-projection (plus out_proj), whatever the input layout;
+    key is value: one for q and one packed for k and v."""
+    ours = CrossModalAttention(EMBED, HEADS, batch_first=batch_first)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or linear(*args))
+    x = torch.randn((BATCH, LEN_Q, EMBED) if batch_first else (LEN_Q, BATCH, EMBED))
+    x = x if batched else x[0]
+    ours(x, x, x)
+    assert len(calls) == 2
+    memory = torch.randn_like(x)
+    ours(x, memory, memory)
+    assert len(calls) == 2 + 3
+
+
 def test_kv_lens_equals_suffix_padding_mask():
     for config in (CONFIGS["batch_first"], CONFIGS["bias_kv_zero_attn"]):
         mha, ours = make_pair(config)

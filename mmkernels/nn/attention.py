@@ -234,12 +234,16 @@ class CrossModalAttention(nn.Module):
                 f"got {query.shape[-1]}, {key.shape[-1]} and {value.shape[-1]}"
             )
         batched = query.dim() == 3
+        key_is_query, value_is_key = key is query, value is key
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # Views of one input stay one object, so that _project runs one packed in-projection.
+        key = query if key_is_query else key
+        value = key if value_is_key else value
         if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
             raise ValueError(
                 "expected query, key and value with one batch size and key and value with one length, got "
