@@ -72,24 +72,37 @@ inline bool aligned16(std::initializer_list<std::uintptr_t> ptrs,
 
 inline std::int64_t elem_size(int dtype) { return dtype == 0 ? 4 : 2; }
 
-// Make `device` current, or throw a clear error when no CUDA device (or driver) is usable.
-inline void use_device(int device) {
-  int count = 0;
-  cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    std::string why = err != cudaSuccess ? cudaGetErrorString(err) : "no device found";
-    cudaGetLastError();
-    throw std::runtime_error("mmkernels._C: no usable CUDA device (cudaGetDeviceCount: " + why +
-                             "); the CUDA kernels need an NVIDIA GPU and its driver");
+// Makes `device` current for the guard's lifetime and restores the caller's device after it, or
+// throws a clear error when no CUDA device (or driver) is usable.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+      std::string why = err != cudaSuccess ? cudaGetErrorString(err) : "no device found";
+      cudaGetLastError();
+      throw std::runtime_error("mmkernels._C: no usable CUDA device (cudaGetDeviceCount: " + why +
+                               "); the CUDA kernels need an NVIDIA GPU and its driver");
+    }
+    if (device < 0 || device >= count)
+      throw std::runtime_error("mmkernels._C: device " + std::to_string(device) +
+                               " out of range [0, " + std::to_string(count) + ")");
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (device != previous_) check(cudaSetDevice(device), "cudaSetDevice");
   }
-  if (device < 0 || device >= count)
-    throw std::runtime_error("mmkernels._C: device " + std::to_string(device) + " out of range [0, " +
-                             std::to_string(count) + ")");
-  err = cudaSetDevice(device);
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("mmkernels._C: cudaSetDevice failed: ") +
-                             cudaGetErrorString(err));
-}
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  static void check(cudaError_t err, const char* what) {
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("mmkernels._C: ") + what + " failed: " +
+                               cudaGetErrorString(err));
+  }
+  int previous_ = 0;
+};
 
 inline void check_launch(const char* kernel) {
   cudaError_t err = cudaGetLastError();

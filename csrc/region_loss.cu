@@ -254,7 +254,7 @@ void masked_region_loss_forward(std::uintptr_t pred, std::int64_t stride_pb, std
                                 std::uintptr_t loss, std::uintptr_t stats, std::int64_t batch,
                                 std::int64_t regions, std::int64_t dim, int dtype, int kind,
                                 double beta, int device, std::uintptr_t stream) {
-  use_device(device);
+  const DeviceGuard device_guard(device);
   check_dtype(dtype);
   LossParams p = make_params(pred, stride_pb, stride_pr, target, stride_tb, stride_tr, mask,
                              stride_mb, stride_mr, batch, regions, dim, kind, beta);
@@ -278,7 +278,7 @@ void masked_region_loss_backward(std::uintptr_t grad_loss, std::int64_t stride_g
                                  std::uintptr_t grad_pred, std::uintptr_t grad_target,
                                  std::int64_t batch, std::int64_t regions, std::int64_t dim,
                                  int dtype, int kind, double beta, int device, std::uintptr_t stream) {
-  use_device(device);
+  const DeviceGuard device_guard(device);
   check_dtype(dtype);
   LossParams p = make_params(pred, stride_pb, stride_pr, target, stride_tb, stride_tr, mask,
                              stride_mb, stride_mr, batch, regions, dim, kind, beta);

@@ -249,7 +249,7 @@ void region_mask_forward(std::uintptr_t feats, std::int64_t stride_fb, std::int6
                          std::int64_t key_source, std::int64_t select_below, std::int64_t min_masked,
                          std::int64_t mask_below, std::int64_t random_below, bool bert, int device,
                          std::uintptr_t stream) {
-  use_device(device);
+  const DeviceGuard device_guard(device);
   check_dtype(dtype);
   if ((lens == 0) == (valid == 0))
     throw std::runtime_error("mmkernels._C.region_mask_forward: pass exactly one of lens and valid");
@@ -303,7 +303,7 @@ void region_mask_backward(std::uintptr_t grad_out, std::int64_t stride_gb, std::
                           std::uintptr_t source, std::uintptr_t grad_in, std::uintptr_t emb_partial,
                           std::int64_t batch, std::int64_t regions, std::int64_t dim, int dtype,
                           bool bert, int device, std::uintptr_t stream) {
-  use_device(device);
+  const DeviceGuard device_guard(device);
   check_dtype(dtype);
   if (batch == 0 || regions == 0 || dim == 0) return;
   RegionBwdParams p;

@@ -168,3 +168,20 @@ def test_gpu_forward_and_backward_never_sync_the_host(lens_device, backend):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=needs_extension)])
+def test_gpu_kernels_run_on_the_inputs_device_and_keep_the_current_one(backend):
+    torch.cuda.set_device(0)
+    feats = torch.randn(4, 9, 32, device="cuda:1", requires_grad=True)
+    lens = torch.tensor([0, 3, 9, 5], device="cuda:1")
+    kw = dict(prob=0.5, mode="bert", generator=gen(6))
+    got = region_mask(feats, lens, backend=backend, **kw)
+    assert torch.cuda.current_device() == 0
+    want = region_mask(feats, lens, backend="torch", **kw)
+    assert torch.equal(got.mask, want.mask) and torch.equal(got.features, want.features)
+    target = torch.randn(4, 9, 32, device="cuda:1")
+    masked_region_loss(got.features, target, got.mask, "mse", backend=backend).backward()
+    assert torch.cuda.current_device() == 0 and torch.isfinite(feats.grad).all()

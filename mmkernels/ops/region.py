@@ -20,6 +20,7 @@ Kernels, per op and pass:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -436,6 +437,11 @@ def _cuda_stream(t: torch.Tensor) -> tuple[int, int]:
     return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _on_device_of(t: torch.Tensor):
+    """Make t's GPU current while launching: Triton launches on the current device and stream."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _region_mask_fwd_triton(feats, lens, valid_u8, flat_cum, emb, seed, select_below, min_masked,
                             bert, out, mask, source):
     n_samples, n_regions, dim = feats.shape
@@ -596,10 +602,11 @@ def region_mask_fwd(
     out = torch.empty_like(feats, memory_format=torch.contiguous_format)
     mask = torch.empty((n_samples, n_regions), dtype=torch.bool, device=feats.device)
     source = torch.empty((n_samples, n_regions), dtype=torch.int32, device=feats.device)
-    _REGION_FWD[backend](
-        feats, region_lens, valid_u8, flat_cum, mask_embedding, seed, select_below, min_masked, bert,
-        out, mask.view(torch.uint8), source,
-    )
+    with _on_device_of(feats):
+        _REGION_FWD[backend](
+            feats, region_lens, valid_u8, flat_cum, mask_embedding, seed, select_below, min_masked,
+            bert, out, mask.view(torch.uint8), source,
+        )
     return out, mask, source
 
 
@@ -624,7 +631,8 @@ def region_mask_bwd(
     emb_partial = None
     if embedding_grad:
         emb_partial = torch.empty((n_samples, dim), dtype=torch.float32, device=grad_out.device)
-    _REGION_BWD[backend](grad_out, source, grad_in, emb_partial, bert)
+    with _on_device_of(grad_out):
+        _REGION_BWD[backend](grad_out, source, grad_in, emb_partial, bert)
     if emb_partial is None:
         return grad_in, grad_out.new_empty((0,), dtype=torch.float32)
     return grad_in, emb_partial.sum(0)
@@ -672,7 +680,8 @@ def masked_region_loss_fwd(
     loss = torch.empty((n_samples, n_regions), dtype=torch.float32, device=pred.device)
     stats_shape = (n_samples, n_regions, 2) if kind == "kl" else (0,)
     stats = torch.empty(stats_shape, dtype=torch.float32, device=pred.device)
-    _LOSS_FWD[backend](pred, target, mask.view(torch.uint8), kind, beta, loss, stats)
+    with _on_device_of(pred):
+        _LOSS_FWD[backend](pred, target, mask.view(torch.uint8), kind, beta, loss, stats)
     return loss, stats
 
 
@@ -698,9 +707,10 @@ def masked_region_loss_bwd(
     pred, target = _last_dim_contiguous(pred), _last_dim_contiguous(target)
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     grad_target = torch.empty(target.shape, dtype=target.dtype, device=target.device) if target_grad else None
-    _LOSS_BWD[backend](
-        grad_loss, pred, target, mask.view(torch.uint8), stats, kind, beta, grad_pred, grad_target
-    )
+    with _on_device_of(pred):
+        _LOSS_BWD[backend](
+            grad_loss, pred, target, mask.view(torch.uint8), stats, kind, beta, grad_pred, grad_target
+        )
     if grad_target is None:
         grad_target = pred.new_empty((0,))
     return grad_pred, grad_target
