@@ -234,7 +234,12 @@ def masked_region_loss(pred, target, mask, kind: str, reduction: str = "mean", b
         positive = target > 0
         log_ratio = torch.log(torch.where(positive, target, 1.0)) - F.log_softmax(pred, dim=-1)
         per_region = torch.where(positive, target * log_ratio, 0.0).sum(-1)
-    per_region = torch.where(mask, per_region, 0.0)
+    return reduce_region_losses(torch.where(mask, per_region, 0.0), mask, reduction)
+
+
+def reduce_region_losses(per_region, mask, reduction: str):
+    """(B, R) per-region losses, 0 where mask is False: "none" returns them, "sum" their sum, "mean"
+    the sum over max(number selected, 1), so 0 with zero gradient when nothing is selected."""
     if reduction == "none":
         return per_region
     total = per_region.sum()

@@ -999,9 +999,4 @@ def masked_region_loss(
     if impl == "torch":
         return reference.masked_region_loss(pred, target, mask, kind, reduction, float(beta))
     per_region, _ = torch.ops.mmkernels.masked_region_loss_fwd(pred, target, mask, kind, float(beta), impl)
-    if reduction == "none":
-        return per_region
-    total = per_region.sum()
-    if reduction == "sum":
-        return total
-    return total / mask.sum().clamp(min=1)
+    return reference.reduce_region_losses(per_region, mask, reduction)
