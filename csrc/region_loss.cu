@@ -72,6 +72,12 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// This warp's region b·R + r, in 64 bits: a block's rows may pass 2^31 - 1, and the (B, R, 2)
+// stats are indexed by 2·row.
+__device__ __forceinline__ int64_t warp_row() {
+  return static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+}
+
 __device__ __forceinline__ bool row_selected(const LossParams& p, int b, int r) {
   return p.mask[b * p.stride_mb + r * p.stride_mr] != 0;
 }
@@ -86,8 +92,7 @@ __device__ __forceinline__ float elementwise_loss(const LossParams& p, float pre
 template <typename T, int N>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_fwd_kernel(LossParams p) {
   using V = Vec<T, N>;
-  // 64-bit: a block's rows may pass 2^31 - 1, and the (B, R, 2) stats index 2·row
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t row = warp_row();
   const int lane = threadIdx.x % 32;
   if (row >= p.n_rows) return;
   const int b = static_cast<int>(row / p.regions), r = static_cast<int>(row % p.regions);
@@ -143,8 +148,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_fwd_ke
 template <typename T, int N>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_bwd_kernel(LossParams p) {
   using V = Vec<T, N>;
-  // 64-bit: a block's rows may pass 2^31 - 1, and the (B, R, 2) stats index 2·row
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t row = warp_row();
   const int lane = threadIdx.x % 32;
   if (row >= p.n_rows) return;
   const int b = static_cast<int>(row / p.regions), r = static_cast<int>(row % p.regions);
