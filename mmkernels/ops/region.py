@@ -55,7 +55,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as csrc
 
 # What backend="auto" runs for CUDA tensors in the three kernel dtypes. NOT MEASURED YET: no GPU
 # was available when this was written. Set each entry to the faster of "triton" and "cuda" as
-# `pytest benchmarks/test_bench_region.py --benchmark-only` measures them on an H100. "cuda" falls
+# `pytest benchmarks/bench_region.py --benchmark-only` measures them on an H100. "cuda" falls
 # back to "triton" when the extension is not built.
 AUTO_CUDA_BACKEND = {"region_mask": "triton", "masked_region_loss": "triton"}
 
