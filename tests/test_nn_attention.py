@@ -138,6 +138,24 @@ def test_kv_lens_equals_suffix_padding_mask():
 
 
 @pytest.mark.parametrize("config_name", ["batch_first", "bias_kv_zero_attn"])
+@pytest.mark.parametrize(
+    "kv_lens, error, message",
+    [
+        (torch.tensor([LEN_K + 1, 1, 5]), ValueError, rf"kv_lens in \[0, Lk={LEN_K}\], got values from 1 to {LEN_K + 1}"),
+        (torch.tensor([-1, 1, 5]), ValueError, "kv_lens in"),
+        (torch.tensor([9.0, 1.0, 5.0]), TypeError, "kv_lens to have dtype int32 or int64"),
+        (torch.tensor([9, 1]), ValueError, r"kv_lens to have shape \(3,\)"),
+    ],
+)
+def test_invalid_kv_lens(config_name, kv_lens, error, message):
+    """Checked alike whether kv_lens goes to the op or becomes a padding mask (appended keys)."""
+    config = CONFIGS[config_name]
+    query, key, value = make_inputs(config, torch.Generator().manual_seed(3))
+    with pytest.raises(error, match=message):
+        CrossModalAttention(EMBED, HEADS, **config)(query, key, value, kv_lens=kv_lens)
+
+
+@pytest.mark.parametrize("config_name", ["batch_first", "bias_kv_zero_attn"])
 def test_is_causal_matches_the_causal_mask(config_name):
     """With the appended bias_kv / zero-attention keys, nn.MultiheadAttention runs is_causal over the
     extended keys when there is no padding mask, and the given attn_mask (appended keys attended)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from mmkernels.ops.attention import cross_attention
+from mmkernels.ops.attention import check_lengths, cross_attention
 
 __all__ = ["CrossModalAttention"]
 
@@ -188,7 +188,8 @@ class CrossModalAttention(nn.Module):
             # The appended keys sit past every sample's length: say "padding" with a mask instead.
             padding = torch.zeros(batch, len_k, dtype=torch.bool, device=like.device)
             if kv_lens is not None:
-                padding = torch.arange(len_k, device=like.device) >= kv_lens.to(like.device).view(batch, 1)
+                kv_lens = kv_lens.to(like.device, non_blocking=True)
+                padding = torch.arange(len_k, device=like.device) >= kv_lens.view(batch, 1)
             if key_padding_mask is not None:
                 padding = padding | key_padding_mask
             key_padding_mask, kv_lens = F.pad(padding, (0, extra_keys), value=False), None
@@ -252,6 +253,7 @@ class CrossModalAttention(nn.Module):
         # Now (N, L, E), views of the caller's tensors.
         batch, len_q = query.shape[:2]
         len_k = key.shape[1]
+        check_lengths("kv_lens", kv_lens, batch, len_k, "Lk", query.device)
         q, k, v = (t.transpose(1, 2) for t in self._project(query, key, value))
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.view(1, self.num_heads, 1, self.head_dim).expand(batch, -1, -1, -1)], 2)

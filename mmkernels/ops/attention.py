@@ -739,7 +739,9 @@ def draw_dropout_seed(generator: Optional[torch.Generator], device: torch.device
 # --------------------------------------------------------------------------- public function
 
 
-def _check_lengths(name: str, lens, batch: int, limit: int, limit_name: str, device: torch.device) -> None:
+def check_lengths(name: str, lens, batch: int, limit: int, limit_name: str, device: torch.device) -> None:
+    """Raise unless `lens` is None or a (batch,) int32/int64 tensor on `device` or the CPU, with
+    values in [0, limit] (checked only where that needs no GPU sync: on the CPU, outside torch.compile)."""
     if lens is None:
         return
     if not isinstance(lens, torch.Tensor):
@@ -819,8 +821,8 @@ def _check_inputs(q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, is_caus
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"expected a head dim in [1, {MAX_HEAD_DIM}], got {head_dim}")
     len_k = k_bhld.shape[2]
-    _check_lengths("kv_lens", kv_lens, batch, len_k, "Lk", q.device)
-    _check_lengths("q_lens", q_lens, batch, len_q, "Lq", q.device)
+    check_lengths("kv_lens", kv_lens, batch, len_k, "Lk", q.device)
+    check_lengths("q_lens", q_lens, batch, len_q, "Lq", q.device)
     _check_masks(key_padding_mask, attn_mask, batch, heads, len_q, len_k, q.device)
     if not isinstance(is_causal, bool):
         raise TypeError(f"expected is_causal to be a bool, got {type(is_causal).__name__}")
