@@ -156,6 +156,18 @@ def test_invalid_kv_lens(config_name, kv_lens, error, message):
 
 
 @pytest.mark.parametrize("config_name", ["batch_first", "bias_kv_zero_attn"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_key_padding_mask_of_the_wrong_shape(config_name, dtype):
+    """(N, S) exactly, as nn.MultiheadAttention asks: a (1, S) mask is not broadcast over the batch."""
+    config = CONFIGS[config_name]
+    query, key, value = make_inputs(config, torch.Generator().manual_seed(3))
+    ours = CrossModalAttention(EMBED, HEADS, **config)
+    for shape in [(1, LEN_K), (BATCH, LEN_K + 1), (LEN_K,)]:
+        with pytest.raises(ValueError, match=rf"key_padding_mask of shape \(N, S\) = \({BATCH}, {LEN_K}\)"):
+            ours(query, key, value, key_padding_mask=torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("config_name", ["batch_first", "bias_kv_zero_attn"])
 def test_is_causal_matches_the_causal_mask(config_name):
     """With the appended bias_kv / zero-attention keys, nn.MultiheadAttention runs is_causal over the
     extended keys when there is no padding mask, and the given attn_mask (appended keys attended)

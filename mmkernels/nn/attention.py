@@ -236,6 +236,7 @@ class CrossModalAttention(nn.Module):
             )
         batched = query.dim() == 3
         key_is_query, value_is_key = key is query, value is key
+        padding_shape = None if key_padding_mask is None else tuple(key_padding_mask.shape)
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
@@ -254,6 +255,9 @@ class CrossModalAttention(nn.Module):
         batch, len_q = query.shape[:2]
         len_k = key.shape[1]
         check_lengths("kv_lens", kv_lens, batch, len_k, "Lk", query.device)
+        if key_padding_mask is not None and key_padding_mask.shape != (batch, len_k):
+            expected = f"(N, S) = ({batch}, {len_k})" if batched else f"(S,) = ({len_k},)"
+            raise ValueError(f"expected key_padding_mask of shape {expected}, got {padding_shape}")
         q, k, v = (t.transpose(1, 2) for t in self._project(query, key, value))
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.view(1, self.num_heads, 1, self.head_dim).expand(batch, -1, -1, -1)], 2)
