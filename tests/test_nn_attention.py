@@ -270,6 +270,19 @@ def test_invalid_forward_inputs():
             ours(x, key, value, attn_mask=torch.zeros(shape))
 
 
+def test_invalid_masks_raise_before_any_projection(monkeypatch):
+    ours = CrossModalAttention(EMBED, HEADS, add_bias_kv=True)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or linear(*args))
+    x = torch.randn(LEN_Q, BATCH, EMBED)
+    for masks in [dict(attn_mask=torch.zeros(LEN_Q, LEN_Q + 1)), dict(key_padding_mask=torch.zeros(1, LEN_Q)),
+                  dict(kv_lens=torch.tensor([LEN_Q + 1, 1, 1])), dict(attn_mask=torch.ones(LEN_Q, LEN_Q).long())]:
+        with pytest.raises((TypeError, ValueError)):
+            ours(x, x, x, **masks)
+    assert calls == []
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_swap_in_half_precision(dtype):

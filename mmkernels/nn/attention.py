@@ -166,12 +166,6 @@ class CrossModalAttention(nn.Module):
         """nn.MultiheadAttention's masks in cross_attention's conventions: key_padding_mask bool
         (B, S) True = padding; attn_mask bool True = attend, or additive, (B or 1, H or 1, L, S)."""
         if attn_mask is not None:
-            shapes = {2: (len_q, len_k), 3: (batch * self.num_heads, len_q, len_k)}
-            if shapes.get(attn_mask.dim()) != tuple(attn_mask.shape):
-                raise ValueError(
-                    f"expected attn_mask of shape (L, S) = {shapes[2]} or (N * num_heads, L, S) = {shapes[3]}, "
-                    f"got {tuple(attn_mask.shape)}"
-                )
             if attn_mask.dim() == 3:
                 attn_mask = attn_mask.view(batch, self.num_heads, len_q, len_k)
             attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
@@ -258,6 +252,19 @@ class CrossModalAttention(nn.Module):
         if key_padding_mask is not None and key_padding_mask.shape != (batch, len_k):
             expected = f"(N, S) = ({batch}, {len_k})" if batched else f"(S,) = ({len_k},)"
             raise ValueError(f"expected key_padding_mask of shape {expected}, got {padding_shape}")
+        extra_keys = self.bias_k is not None or self.add_zero_attn
+        if is_causal and extra_keys and attn_mask is not None and (key_padding_mask is not None or kv_lens is not None):
+            # nn.MultiheadAttention takes is_causal as a hint only without a padding mask; with one it
+            # applies attn_mask, whose appended columns let every query attend bias_k and the zero key.
+            is_causal = False
+        attn_mask = None if is_causal else attn_mask
+        attn_mask_shapes = {2: (len_q, len_k), 3: (batch * self.num_heads, len_q, len_k)}
+        if attn_mask is not None and attn_mask_shapes.get(attn_mask.dim()) != attn_mask.shape:
+            raise ValueError(
+                f"expected attn_mask of shape (L, S) = {attn_mask_shapes[2]} or (N * num_heads, L, S) = "
+                f"{attn_mask_shapes[3]}, got {tuple(attn_mask.shape)}"
+            )
+
         q, k, v = (t.transpose(1, 2) for t in self._project(query, key, value))
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.view(1, self.num_heads, 1, self.head_dim).expand(batch, -1, -1, -1)], 2)
@@ -265,14 +272,7 @@ class CrossModalAttention(nn.Module):
         if self.add_zero_attn:
             k = F.pad(k, (0, 0, 0, 1))
             v = F.pad(v, (0, 0, 0, 1))
-        extra_keys = self.bias_k is not None or self.add_zero_attn
-        if is_causal and extra_keys and attn_mask is not None and (key_padding_mask is not None or kv_lens is not None):
-            # nn.MultiheadAttention takes is_causal as a hint only without a padding mask; with one it
-            # applies attn_mask, whose appended columns let every query attend bias_k and the zero key.
-            is_causal = False
-        key_padding_mask, attn_mask, kv_lens = self._masks(
-            key_padding_mask, None if is_causal else attn_mask, kv_lens, batch, len_q, len_k, q
-        )
+        key_padding_mask, attn_mask, kv_lens = self._masks(key_padding_mask, attn_mask, kv_lens, batch, len_q, len_k, q)
         out = cross_attention(
             q, k, v,
             kv_lens=kv_lens,
