@@ -17,7 +17,9 @@ Providers, each timed on one training step's attention (forward, then the gradie
 On CUDA: bf16, the issue's shapes, key lengths drawn uniformly from 25–100% of Lk, plus unpadded
 self-attention (CLIP's vision tower). Without CUDA: fp32 on small CPU shapes, with the providers
 that run there. extra_info holds the TFLOP/s (FLOPs of the valid (query, key) pairs only: 4·d per
-pair forward, 2.5× that backward) and, on CUDA, the peak memory above the inputs.
+pair forward, for q·kᵀ and p·v, and 8·d backward, for dv, dp, dq and dk; the q·kᵀ that
+FlashAttention-style kernels recompute in the backward is not work the step needs, so it is not
+counted) and, on CUDA, the peak memory above the inputs.
 """
 import math
 
@@ -163,7 +165,7 @@ def test_attention_fwd_bwd(benchmark, shape, provider):
     benchmark.pedantic(step, rounds=20 if CUDA else 3, warmup_rounds=3 if CUDA else 1, iterations=1)
 
     valid_pairs = heads * len_q * int(kv_lens.sum())
-    flops = 3.5 * 4 * head_dim * valid_pairs
+    flops = (4 + 8) * head_dim * valid_pairs
     benchmark.extra_info.update(
         provider=provider,
         shape=dict(B=batch, H=heads, Lq=len_q, Lk=len_k, d=head_dim),
