@@ -1,6 +1,11 @@
 """region_mask and masked_region_loss: the reference against UNITER/LXMERT-style eager formulas, the
 Triton kernels (interpreter on CPU) against the reference with the same seed, statistics of the
 mask, losses and gradients against float64, error paths, opcheck, and the nn modules."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,6 +262,41 @@ def test_triton_gradients_match_reference(with_embedding, grad_from, device):
     torch.testing.assert_close(gf_t, gf_r, rtol=1e-6, atol=1e-6)
     if with_embedding:
         torch.testing.assert_close(ge_t, ge_r, rtol=1e-5, atol=1e-5)
+
+
+HASH_KERNEL = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mmkernels.ops.region import _region_random
+
+
+@triton.jit
+def region_random_kernel(out_ptr, seed0, key, b):
+    rows = tl.arange(0, 16)
+    tl.store(out_ptr + rows, _region_random(seed0, key, b, rows))
+
+
+source = ASTSource(region_random_kernel, dict(out_ptr="*i32", seed0="i32", key="i32", b="i32"))
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1, debug=True))
+print("overflow detected" in compiled.asm["ttir"])
+"""
+
+
+@needs_triton
+def test_triton_hash_has_no_overflow_for_debug_mode_to_trip_on(tmp_path):
+    """The hash wraps uint32 products on purpose; compiled with debug=True (TRITON_DEBUG=1), Triton
+    asserts that no 32-bit product overflows, so the kernels would abort on the GPU. Compiled for
+    sm_90 (no GPU needed) in a process without the interpreter."""
+    script = tmp_path / "compile_hash.py"
+    script.write_text(HASH_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False", "the hash has overflow checks"
 
 
 @needs_triton

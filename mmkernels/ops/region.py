@@ -82,11 +82,12 @@ def cuda_extension_available() -> bool:
 
 @triton.jit
 def _mix_u32(x):
-    # murmur3's fmix32 finalizer (as reference._mix_u32): uint32 in, uint32 out.
+    # murmur3's fmix32 finalizer (as reference._mix_u32): uint32 in, uint32 out. The products are
+    # taken mod 2^32 in 64 bits: a wrapping 32-bit product trips Triton's debug-mode overflow check.
     x = x ^ (x >> 16)
-    x = x * 0x85EBCA6B
+    x = ((x.to(tl.uint64) * 0x85EBCA6B) & 0xFFFFFFFF).to(tl.uint32)
     x = x ^ (x >> 13)
-    x = x * 0xC2B2AE35
+    x = ((x.to(tl.uint64) * 0xC2B2AE35) & 0xFFFFFFFF).to(tl.uint32)
     return x ^ (x >> 16)
 
 
