@@ -57,6 +57,21 @@ def _lengths(KvLens, QLens, b, Lq, Lk, HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl
 
 
 @triton.jit
+def _key_range(m_start, kv_len, q_len, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys that the query block starting at m_start visits, as (full_end, kv_end): the key blocks in
+    [0, full_end) need no bound or causal check, those in [full_end, kv_end) do. A query block
+    entirely past q_len visits none."""
+    kv_end = kv_len
+    full_end = kv_len
+    if IS_CAUSAL:
+        kv_end = tl.minimum(kv_len, m_start + BLOCK_M)
+        full_end = tl.minimum(kv_len, m_start + 1)
+    kv_end = tl.where(m_start < q_len, kv_end, 0)
+    full_end = tl.where(m_start < q_len, (full_end // BLOCK_N) * BLOCK_N, 0)
+    return full_end, kv_end
+
+
+@triton.jit
 def _load_tile(ptrs, rows, row_limit, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
     """Load a (rows, BLOCK_D) tile in the tensor's dtype, zero past row_limit and past HEAD_DIM."""
@@ -169,15 +184,7 @@ def _cross_attention_fwd_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    # Key blocks [0, full_end) need no bound or causal check; [full_end, kv_end) do.
-    kv_end = kv_len
-    full_end = kv_len
-    if IS_CAUSAL:
-        kv_end = tl.minimum(kv_len, m_start + BLOCK_M)
-        full_end = tl.minimum(kv_len, m_start + 1)
-    # A query block entirely past q_len does no work.
-    kv_end = tl.where(m_start < q_len, kv_end, 0)
-    full_end = tl.where(m_start < q_len, (full_end // BLOCK_N) * BLOCK_N, 0)
+    full_end, kv_end = _key_range(m_start, kv_len, q_len, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -277,14 +284,7 @@ def _cross_attention_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    kv_end = kv_len
-    full_end = kv_len
-    if IS_CAUSAL:
-        kv_end = tl.minimum(kv_len, m_start + BLOCK_M)
-        full_end = tl.minimum(kv_len, m_start + 1)
-    # A query block entirely past q_len does no work.
-    kv_end = tl.where(m_start < q_len, kv_end, 0)
-    full_end = tl.where(m_start < q_len, (full_end // BLOCK_N) * BLOCK_N, 0)
+    full_end, kv_end = _key_range(m_start, kv_len, q_len, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
