@@ -77,15 +77,16 @@ def assert_rule(name: str, actual, eager, oracle, dtype) -> None:
     assert err <= 2 * eager_err + floor, f"{name}: error {err:.3g} > 2 × eager error {eager_err:.3g} + {floor:.3g}"
 
 
-def check_against_reference(q, k, v, args, out, upstream=None, dropout_keep=None, dropout_p=0.0):
+def check_against_reference(q, k, v, args, out, upstream=None, dropout_keep=None, dropout_p=0.0, reference_inputs=None):
     """Compare out = cross_attention(q, k, v, **args) and its q, k, v gradients with the float64
-    reference under the rule; eager = the same formula in q's dtype."""
+    reference under the rule; eager = the same formula in q's dtype. Both run on q, k, v, or on
+    `reference_inputs` where given."""
     dtype = q.dtype
     upstream = torch.randn_like(out) if upstream is None else upstream
     grads = torch.autograd.grad(out, (q, k, v), upstream)
     results = {}
     for label, compute_dtype in (("oracle", torch.float64), ("eager", dtype)):
-        inputs = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+        inputs = [t.detach().to(compute_dtype).requires_grad_() for t in reference_inputs or (q, k, v)]
         ref = reference.cross_attention(
             *inputs, dropout_p=dropout_p, dropout_keep=dropout_keep, compute_dtype=compute_dtype, **args
         )
@@ -132,6 +133,34 @@ def test_blhd_layout_reads_strides_and_returns_blhd(device, poisoned_outputs):
     assert out_bhld.transpose(1, 2).is_contiguous(), "bhld output is laid out as (B, Lq, H, d)"
     check_against_reference(q, k, v, args, out_bhld, upstream=upstream.transpose(1, 2))
     torch.testing.assert_close(out, out_bhld.transpose(1, 2), rtol=0, atol=0)
+
+
+def test_strided_views(device, poisoned_outputs):
+    """q sliced out of a wider (B, H, Lq, 2d) tensor; k and v one head expanded with stride 0 over H
+    (multi-query attention's repeat as a view); their gradients sum over the expanded heads."""
+    gen = torch.Generator().manual_seed(1)
+    wide_q = torch.randn(3, 2, 7, 32, generator=gen).to(device).requires_grad_()
+    one_head = [torch.randn(3, 1, 33, 16, generator=gen).to(device).requires_grad_() for _ in range(2)]
+    q, (k, v) = wide_q[..., 16:], (t.expand(3, 2, 33, 16) for t in one_head)
+    args = dict(kv_lens=torch.tensor([0, 33, 20]), is_causal=True)
+    check_against_reference(q, k, v, args, cross_attention(q, k, v, **args))
+    out = cross_attention(q, k, v, **args)
+    grads = torch.autograd.grad(out, [wide_q, *one_head], torch.ones_like(out))
+    exact = [t.detach().double().requires_grad_() for t in (wide_q, *one_head)]
+    ref = reference.cross_attention(exact[0][..., 16:], *(t.expand(3, 2, 33, 16) for t in exact[1:]), **args)
+    for name, actual, expected in zip(("q", "k", "v"), grads, torch.autograd.grad(ref, exact, torch.ones_like(ref))):
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_keys_past_kv_lens_are_never_read(device):
+    """Keys and values past kv_lens[b] hold NaN: a kernel that loaded them (even to mask them) would
+    return NaN, since NaN · 0 is NaN. Compared with the reference on the same inputs with zeros there."""
+    (q, k, v), args = make_inputs(dict(B=4, Lq=7, Lk=40, d=16), torch.float32, device)
+    args["kv_lens"] = torch.tensor([0, 40, 13, 35])  # none, all, inside the first block, past it
+    padded = torch.arange(40, device=device)[None, None, :, None] >= args["kv_lens"].to(device)[:, None, None, None]
+    k_nan, v_nan = (t.detach().masked_fill(padded, float("nan")).requires_grad_() for t in (k, v))
+    zeroed = [q, *(t.detach().masked_fill(padded, 0.0) for t in (k, v))]
+    check_against_reference(q, k_nan, v_nan, args, cross_attention(q, k_nan, v_nan, **args), reference_inputs=zeroed)
 
 
 def test_broadcast_upstream_gradient(device, poisoned_outputs):
