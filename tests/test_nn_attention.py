@@ -53,7 +53,9 @@ def mask_variants(gen):
         "bool_padding": dict(key_padding_mask=pad),
         "float_padding": dict(key_padding_mask=pad.float() * -1e9),
         "bool_attn_mask": dict(attn_mask=blocked),
+        "float_attn_mask_2d": dict(attn_mask=torch.randn(LEN_Q, LEN_K, generator=gen)),
         "float_attn_mask_3d": dict(attn_mask=torch.randn(BATCH * HEADS, LEN_Q, LEN_K, generator=gen)),
+        "bool_attn_mask_3d": dict(attn_mask=blocked.repeat(BATCH * HEADS, 1, 1)),
         "both": dict(key_padding_mask=pad, attn_mask=blocked),
     }
 
@@ -196,17 +198,25 @@ def test_unbatched_inputs():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_loads_a_multihead_attention_checkpoint():
-    config = CONFIGS["kdim_vdim"]
-    mha, _ = make_pair(config, seed=10)
-    buffer = io.BytesIO()
-    torch.save(mha.state_dict(), buffer)
-    buffer.seek(0)
-    ours = CrossModalAttention(EMBED, HEADS, **config).eval()
-    ours.load_state_dict(torch.load(buffer))
+@pytest.mark.parametrize("config_name", ["kdim_vdim", "bias_kv_zero_attn"])
+def test_checkpoints_load_both_ways(config_name):
+    """An nn.MultiheadAttention checkpoint into CrossModalAttention, and back, through torch.save."""
+    config = CONFIGS[config_name]
     query, key, value = make_inputs(config, torch.Generator().manual_seed(6))
-    torch.testing.assert_close(ours(query, key, value)[0], mha(query, key, value, need_weights=False)[0],
-                               rtol=1e-5, atol=1e-5)
+    for source in (nn.MultiheadAttention(EMBED, HEADS, **config), CrossModalAttention(EMBED, HEADS, **config)):
+        gen = torch.Generator().manual_seed(10)
+        with torch.no_grad():
+            for p in source.parameters():
+                p.normal_(0, 0.3, generator=gen)
+        buffer = io.BytesIO()
+        torch.save(source.state_dict(), buffer)
+        buffer.seek(0)
+        target_type = CrossModalAttention if isinstance(source, nn.MultiheadAttention) else nn.MultiheadAttention
+        target = target_type(EMBED, HEADS, **config).eval()
+        target.load_state_dict(torch.load(buffer))
+        mha, ours = (source.eval(), target) if target_type is CrossModalAttention else (target, source.eval())
+        torch.testing.assert_close(ours(query, key, value)[0], mha(query, key, value, need_weights=False)[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_only_in_training_and_seeded():
