@@ -387,6 +387,13 @@ def test_gpu_masks_and_lengths(case, dtype, poisoned_outputs):
 
 
 @pytest.mark.gpu
+def test_gpu_more_than_65535_batch_heads():
+    """CUDA caps the grid's y and z sizes at 65535: B · H = 80000 must launch all the same."""
+    (q, k, v), args = make_inputs(dict(B=5000, H=16, Lq=3, Lk=5, d=16, kv_lens=True), torch.float16, "cuda")
+    check_against_reference(q, k, v, args, cross_attention(q, k, v, **args))
+
+
+@pytest.mark.gpu
 def test_gpu_dropout_gradient_uses_the_forward_mask():
     p = 0.2
     (q, k, v), args = make_inputs(dict(B=4, H=4, Lq=77, Lk=100, d=64, kv_lens=True), torch.bfloat16, "cuda")

@@ -173,11 +173,11 @@ def _cross_attention_fwd_kernel(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (query block, batch·head): Out[b, h, rows] and Lse[b, h, rows] (natural log)."""
+    """Program (query block, head, batch): Out[b, h, rows] and Lse[b, h, rows] (natural log)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
     kv_len, q_len = _lengths(KvLens, QLens, b, Lq, Lk, HAS_KV_LENS, HAS_Q_LENS)
     m_start = pid_m * BLOCK_M
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -273,11 +273,11 @@ def _cross_attention_bwd_dq_kernel(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (query block, batch·head): Delta[rows] = rowsum(dO · O) and DQ[b, h, rows]."""
+    """Program (query block, head, batch): Delta[rows] = rowsum(dO · O) and DQ[b, h, rows]."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
     kv_len, q_len = _lengths(KvLens, QLens, b, Lq, Lk, HAS_KV_LENS, HAS_Q_LENS)
     m_start = pid_m * BLOCK_M
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -373,11 +373,11 @@ def _cross_attention_bwd_dkdv_kernel(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (key block, batch·head): DK[b, h, keys] and DV[b, h, keys]."""
+    """Program (key block, head, batch): DK[b, h, keys] and DV[b, h, keys]."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
     kv_len, q_len = _lengths(KvLens, QLens, b, Lq, Lk, HAS_KV_LENS, HAS_Q_LENS)
     n_start = pid_n * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -632,7 +632,7 @@ def cross_attention_fwd(
     ]
     meta = _meta(q, kv_lens, q_lens, key_padding_mask, mask_kind, is_causal, dropout_p)
     _launch("fwd", _cross_attention_fwd_kernel,
-            lambda m: (triton.cdiv(len_q, m["BLOCK_M"]), batch * heads), args, meta)
+            lambda m: (triton.cdiv(len_q, m["BLOCK_M"]), heads, batch), args, meta)
     return out, lse
 
 
@@ -682,13 +682,13 @@ def cross_attention_bwd(
                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
                    *kpm_strides, *mask_strides, *sizes]
         _launch("dq", _cross_attention_bwd_dq_kernel,
-                lambda m: (triton.cdiv(len_q, m["BLOCK_M"]), batch * heads), dq_args, meta)
+                lambda m: (triton.cdiv(len_q, m["BLOCK_M"]), heads, batch), dq_args, meta)
     if dk.numel() > 0:
         dkdv_args = [q, k, v, dout, lse, delta, dk, dv, *lens_and_masks,
                      *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
                      *kpm_strides, *mask_strides, *sizes]
         _launch("dkdv", _cross_attention_bwd_dkdv_kernel,
-                lambda m: (triton.cdiv(len_k, m["BLOCK_N"]), batch * heads), dkdv_args, meta)
+                lambda m: (triton.cdiv(len_k, m["BLOCK_N"]), heads, batch), dkdv_args, meta)
     return dq, dk, dv
 
 
