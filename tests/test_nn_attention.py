@@ -60,6 +60,14 @@ def mask_variants(gen):
     }
 
 
+@pytest.fixture
+def linear_calls(monkeypatch):
+    """One entry per F.linear call (the in-projections and out_proj)."""
+    calls, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or linear(*args))
+    return calls
+
+
 def test_parameters_and_initialisation_match_multihead_attention():
     for config in CONFIGS.values():
         torch.manual_seed(0)
@@ -112,20 +120,17 @@ def test_self_attention_gradients_match():
 
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-def test_self_attention_projects_once(batch_first, batched, monkeypatch):
+def test_self_attention_projects_once(batch_first, batched, linear_calls):
     """query is key is value: one packed in-projection (plus out_proj), whatever the input layout;
     key is value: one for q and one packed for k and v."""
     ours = CrossModalAttention(EMBED, HEADS, batch_first=batch_first)
-    calls = []
-    linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or linear(*args))
     x = torch.randn((BATCH, LEN_Q, EMBED) if batch_first else (LEN_Q, BATCH, EMBED))
     x = x if batched else x[0]
     ours(x, x, x)
-    assert len(calls) == 2
+    assert len(linear_calls) == 2
     memory = torch.randn_like(x)
     ours(x, memory, memory)
-    assert len(calls) == 2 + 3
+    assert len(linear_calls) == 2 + 3
 
 
 def test_kv_lens_equals_suffix_padding_mask():
@@ -280,17 +285,14 @@ def test_invalid_forward_inputs():
             ours(x, key, value, attn_mask=torch.zeros(shape))
 
 
-def test_invalid_masks_raise_before_any_projection(monkeypatch):
+def test_invalid_masks_raise_before_any_projection(linear_calls):
     ours = CrossModalAttention(EMBED, HEADS, add_bias_kv=True)
-    calls = []
-    linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or linear(*args))
     x = torch.randn(LEN_Q, BATCH, EMBED)
     for masks in [dict(attn_mask=torch.zeros(LEN_Q, LEN_Q + 1)), dict(key_padding_mask=torch.zeros(1, LEN_Q)),
                   dict(kv_lens=torch.tensor([LEN_Q + 1, 1, 1])), dict(attn_mask=torch.ones(LEN_Q, LEN_Q).long())]:
         with pytest.raises((TypeError, ValueError)):
             ours(x, x, x, **masks)
-    assert calls == []
+    assert linear_calls == []
 
 
 @pytest.mark.gpu
