@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from mmkernels.ops.attention import cross_attention
+from timing import CUDA, time_step
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
@@ -138,10 +138,7 @@ def step_for(provider, q, k, v, kv_lens, padded):
 
     def step():
         out = forward()
-        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
-        if CUDA:
-            torch.cuda.synchronize()
-        return grads
+        return torch.autograd.grad(out, leaves, torch.ones_like(out))
 
     return step
 
@@ -152,17 +149,7 @@ def test_attention_fwd_bwd(benchmark, shape, provider):
     name, batch, heads, len_q, len_k, head_dim, padded = shape
     q, k, v, kv_lens = make_problem(batch, heads, len_q, len_k, head_dim, padded)
     step = step_for(provider, q, k, v, kv_lens, padded)
-    step()  # compile / autotune outside the timing
-    peak_mb = None
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        step()
-        peak_mb = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-
-    benchmark.group = name
-    benchmark.pedantic(step, rounds=20 if CUDA else 3, warmup_rounds=3 if CUDA else 1, iterations=1)
+    seconds = time_step(benchmark, step, name)
 
     valid_pairs = heads * len_q * int(kv_lens.sum())
     flops = (4 + 8) * head_dim * valid_pairs
@@ -171,7 +158,5 @@ def test_attention_fwd_bwd(benchmark, shape, provider):
         shape=dict(B=batch, H=heads, Lq=len_q, Lk=len_k, d=head_dim),
         dtype=str(DTYPE),
         key_fraction=round(int(kv_lens.sum()) / (batch * len_k), 3),
-        peak_memory_mb=peak_mb,
+        tflops=flops / seconds / 1e12,
     )
-    if benchmark.stats is not None:
-        benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.mean / 1e12

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
+from timing import CUDA, time_step
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SIZES = [(n, d) for n in (4096, 16384, 32768, 65536) for d in (512, 768)] if CUDA else [(256, 64), (1024, 128)]
@@ -48,13 +48,8 @@ LOSSES = {
 def _step(loss_fn, leaves):
     def run():
         loss = loss_fn(*leaves)
-        torch.autograd.grad(loss, leaves)
+        return torch.autograd.grad(loss, leaves)
     return run
-
-
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("n,d", SIZES, ids=[f"N{n}-D{d}" for n, d in SIZES])
@@ -73,20 +68,8 @@ def test_contrastive_loss_fwd_bwd(benchmark, loss_name, provider, n, d):
     if loss_name == "siglip":
         leaves.append(torch.tensor(-10.0, device=DEVICE, requires_grad=True))
     step = _step(fn, leaves)
-
     try:
-        step()  # warm-up: compilation and autotuning stay out of the timing and the memory peak
-        _sync()
-        if CUDA:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            _sync()
-            benchmark.extra_info["peak_mib_above_inputs"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        benchmark.pedantic(lambda: (step(), _sync()), rounds=10 if CUDA else 3, warmup_rounds=1)
+        seconds = time_step(benchmark, step, f"{loss_name}-N{n}-D{d}", rounds=10)
     except torch.OutOfMemoryError:
         pytest.skip(f"{provider} ran out of GPU memory at N={n}, D={d}")
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info["tflops"] = 6 * n * n * d / seconds / 1e12
-    benchmark.extra_info["dtype"] = str(DTYPE)
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
+    benchmark.extra_info.update(provider=provider, dtype=str(DTYPE), tflops=6 * n * n * d / seconds / 1e12)

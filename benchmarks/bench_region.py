@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from mmkernels.ops.region import cuda_extension_available, masked_region_loss, region_mask
+from timing import CUDA, time_step
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 PROB = 0.15
@@ -76,26 +76,6 @@ def mask_step(provider, feats, lens, mode, mask_embedding):
     return lambda: region_mask(feats, lens, prob=PROB, mode=mode, mask_embedding=mask_embedding, backend=backend)
 
 
-def _timed(benchmark, step, name):
-    """Warm up, measure the peak memory of one call (CUDA), then time `step`."""
-    def synced():
-        result = step()
-        if CUDA:
-            torch.cuda.synchronize()
-        return result
-
-    synced()
-    peak_mb = None
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        synced()
-        peak_mb = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    benchmark.group = name
-    benchmark.pedantic(synced, rounds=50 if CUDA else 3, warmup_rounds=5 if CUDA else 1, iterations=1)
-    return peak_mb
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", ["zero", "bert"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
@@ -104,14 +84,12 @@ def test_region_mask(benchmark, shape, mode, provider):
     feats, lens = make_features(batch, regions, dim)
     mask_embedding = torch.randn(dim, device=DEVICE, dtype=DTYPE)
     step = mask_step(provider, feats, lens, mode, mask_embedding)
-    peak_mb = _timed(benchmark, step, f"region_mask-{mode}-{name}")
+    seconds = time_step(benchmark, step, f"region_mask-{mode}-{name}", rounds=50)
     moved = 2 * feats.numel() * feats.element_size() + batch * regions
     benchmark.extra_info.update(
         provider=provider, op="region_mask", mode=mode, shape=dict(B=batch, R=regions, D=dim),
-        dtype=str(DTYPE), bytes=moved, peak_memory_mb=peak_mb,
+        dtype=str(DTYPE), bytes=moved, gbps=moved / seconds / 1e9,
     )
-    if benchmark.stats is not None:
-        benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.mean / 1e9
 
 
 def eager_region_loss(pred, target, mask, kind):
@@ -154,13 +132,11 @@ def test_masked_region_loss_fwd_bwd(benchmark, shape, kind, provider):
     def step():
         return torch.autograd.grad(forward(), pred)
 
-    peak_mb = _timed(benchmark, step, f"masked_region_loss-{kind}-{name}")
+    seconds = time_step(benchmark, step, f"masked_region_loss-{kind}-{name}", rounds=50)
     element = pred.element_size()
     n_selected = int(mask.sum())
     moved = 4 * n_selected * dim * element + pred.numel() * element + 2 * mask.numel()
     benchmark.extra_info.update(
         provider=provider, op="masked_region_loss", kind=kind, shape=dict(B=batch, R=regions, D=dim),
-        dtype=str(DTYPE), selected=n_selected, bytes=moved, peak_memory_mb=peak_mb,
+        dtype=str(DTYPE), selected=n_selected, bytes=moved, gbps=moved / seconds / 1e9,
     )
-    if benchmark.stats is not None:
-        benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.mean / 1e9
