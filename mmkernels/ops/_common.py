@@ -43,6 +43,7 @@ __all__ = [
     "check_float_tensor",
     "check_same_device",
     "scalar_tensor",
+    "last_dim_contiguous",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -109,3 +110,9 @@ def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"expected {name} to be a float or a 0-dim tensor, got {type(value).__name__}")
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     return torch.tensor(float(value), dtype=dtype, device=like.device)
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dimension is contiguous (the kernels take the other strides), else a
+    contiguous copy. A last dimension of size 1 counts as contiguous whatever its stride."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()

@@ -27,6 +27,7 @@ from mmkernels.ops._common import (
     check_float_tensor,
     check_same_device,
     interpreting,
+    last_dim_contiguous,
     tl,
     triton,
     triton_enabled,
@@ -593,10 +594,6 @@ def _meta(q, kv_lens, q_lens, key_padding_mask, mask_kind, is_causal, dropout_p)
     )
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @torch.library.custom_op("mmkernels::cross_attention_fwd", mutates_args=())
 def cross_attention_fwd(
     q: Tensor,
@@ -616,7 +613,7 @@ def cross_attention_fwd(
     Returns out (B, H, Lq, d), allocated in (B, Lq, H, d) memory order, and the fp32 log-sum-exp
     (B, H, Lq) of each row's scaled, masked scores (+inf for rows with no key or past q_lens).
     """
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
     out = _new_output((batch, len_q, heads, head_dim), q.dtype, q.device).transpose(1, 2)
@@ -666,8 +663,8 @@ def cross_attention_bwd(
     strided like q, k, v.
     """
     dq, dk, dv = _grad_buffer(q), _grad_buffer(k), _grad_buffer(v)
-    dout = _last_dim_contiguous(dout)
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    dout = last_dim_contiguous(dout)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
     delta = _new_output((batch, heads, len_q), torch.float32, q.device)

@@ -23,6 +23,7 @@ from mmkernels.ops import reference
 from mmkernels.ops._common import (
     check_float_tensor,
     check_same_device,
+    last_dim_contiguous,
     scalar_tensor,
     tl,
     triton,
@@ -291,7 +292,7 @@ def _embedding_grad(emb, r, h, coef, normalize: bool):
 
 def _operands(image_emb, text_emb, normalize: bool):
     """(image, text, r_image, r_text): the embeddings with a contiguous last dim, their row scales."""
-    a, b = (e if e.stride(-1) == 1 else e.contiguous() for e in (image_emb, text_emb))
+    a, b = last_dim_contiguous(image_emb), last_dim_contiguous(text_emb)
     return a, b, _row_scales(a, normalize), _row_scales(b, normalize)
 
 

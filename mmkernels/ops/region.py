@@ -32,6 +32,7 @@ from mmkernels.ops._common import (
     check_float_tensor,
     check_same_device,
     interpreting,
+    last_dim_contiguous,
     tl,
     triton,
 )
@@ -417,10 +418,6 @@ def _loss_blocks(dim: int, device: torch.device) -> dict:
     return dict(BLOCK_R=4, BLOCK_K=min(1024, triton.next_power_of_2(dim)), num_warps=4)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 def _existing_mask(region_lens, valid_mask, n_regions: int) -> torch.Tensor:
     """(B, R) bool from region_lens (clamped to [0, R]) or valid_mask."""
     if valid_mask is not None:
@@ -590,7 +587,7 @@ def region_mask_fwd(
     region_lens: (B,) int64, or valid_mask: (B, R) bool, on feats' device; mask_embedding: (D,)
     in feats' dtype; seed: (2,) int64 on the CPU; backend: "triton" or "cuda".
     """
-    feats = _last_dim_contiguous(feats)
+    feats = last_dim_contiguous(feats)
     n_samples, n_regions, dim = feats.shape
     # the kernels index region_lens and mask_embedding with unit stride
     if region_lens is not None:
@@ -628,7 +625,7 @@ def region_mask_bwd(
     grad_out: torch.Tensor, source: torch.Tensor, embedding_grad: bool, bert: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (d feats (B, R, D), d mask_embedding (D,) fp32, empty (0,) unless embedding_grad)."""
-    grad_out = _last_dim_contiguous(grad_out)
+    grad_out = last_dim_contiguous(grad_out)
     n_samples, _, dim = grad_out.shape
     grad_in = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
     emb_partial = None
@@ -678,7 +675,7 @@ def masked_region_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (per-region loss (B, R) fp32, 0 where not selected; stats (B, R, 2) fp32 for "kl"
     holding log-sum-exp(pred) and Σ target per region, else empty (0,))."""
-    pred, target = _last_dim_contiguous(pred), _last_dim_contiguous(target)
+    pred, target = last_dim_contiguous(pred), last_dim_contiguous(target)
     n_samples, n_regions, _ = pred.shape
     loss = torch.empty((n_samples, n_regions), dtype=torch.float32, device=pred.device)
     stats_shape = (n_samples, n_regions, 2) if kind == "kl" else (0,)
@@ -707,7 +704,7 @@ def masked_region_loss_bwd(
 
     grad_loss: (B, R), the gradient of the per-region losses (any strides, 0 included).
     """
-    pred, target = _last_dim_contiguous(pred), _last_dim_contiguous(target)
+    pred, target = last_dim_contiguous(pred), last_dim_contiguous(target)
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     grad_target = torch.empty(target.shape, dtype=target.dtype, device=target.device) if target_grad else None
     with _on_device_of(pred):
