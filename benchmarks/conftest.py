@@ -1,6 +1,17 @@
 """Collect the benchmark suites named bench_<op>.py, so that `pytest benchmarks/ --benchmark-only`
-runs every op's benchmark (pytest's default patterns only collect test_*.py)."""
+runs every op's benchmark (pytest's default patterns only collect test_*.py).
+
+This folder (timing.py) and tests/ (toolkit.py: the eager baselines the tests check against) go on
+sys.path here, so the suites import them from any working directory."""
+import sys
+from pathlib import Path
+
 import pytest
+
+_HERE = Path(__file__).resolve().parent
+for _folder in (_HERE, _HERE.parent / "tests"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 def pytest_collect_file(file_path, parent):

@@ -1,6 +1,9 @@
 """Test set-up: without CUDA the Triton kernels run under Triton's interpreter on the CPU.
 
-TRITON_INTERPRET must be set before triton is first imported, so this runs before mmkernels loads.
+TRITON_INTERPRET must be set before triton is first imported, so this runs before mmkernels loads;
+so must MMKERNELS_POISON_OUTPUTS, which makes the kernels' output buffers start as NaN (an element a
+kernel never writes then fails the test). Every seed a test draws with `toolkit.fresh_seed()` is
+printed in its failure report.
 torch.compile's on-disk caches go to a fresh folder: a cached graph that calls one of our ops with
 an older schema would otherwise be replayed (seen with torch 2.13 after an op gained arguments).
 """
@@ -18,8 +21,27 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MMKERNELS_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
+
+import toolkit  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative import)
+
+
+def pytest_runtest_setup(item):
+    toolkit.reset_seeds()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seeds = toolkit.drawn_seeds()
+    if report.failed and seeds:
+        report.sections.append(
+            ("seeds", "seeds drawn by this test (replay with MMKERNELS_TEST_SEED=<seed>): "
+             + ", ".join(map(str, seeds)))
+        )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -44,6 +44,8 @@ __all__ = [
     "check_same_device",
     "scalar_tensor",
     "last_dim_contiguous",
+    "new_output",
+    "poisoning_outputs",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -59,13 +61,17 @@ def triton_enabled(*tensors: torch.Tensor) -> bool:
     """Whether these tensors go to the Triton kernels (CUDA, or CPU under the interpreter).
 
     float64 always takes the reference path: it is the oracle's dtype, not a training dtype.
+    bfloat16 on the CPU takes it too: Triton's interpreter reads bf16 as raw 16-bit integers and
+    has no bf16 dot (upstream: not supported), so the kernels would return garbage there.
     """
     if not HAS_TRITON:
         return False
     t = tensors[0]
     if t.dtype not in KERNEL_DTYPES:
         return False
-    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and interpreting() and t.dtype != torch.bfloat16
 
 
 def check_float_tensor(name: str, t, ndim: int | None = None, shape_doc: str = "") -> None:
@@ -116,3 +122,23 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dimension is contiguous (the kernels take the other strides), else a
     contiguous copy. A last dimension of size 1 counts as contiguous whatever its stride."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+# Set by the test suite (tests/conftest.py sets MMKERNELS_POISON_OUTPUTS=1 before importing
+# mmkernels): buffers that kernels must write in full start as NaN, so an element a kernel skips
+# fails the test. Production allocations stay uninitialised and cost no fill.
+_POISON_OUTPUTS = os.environ.get("MMKERNELS_POISON_OUTPUTS", "0") == "1"
+
+
+def poisoning_outputs() -> bool:
+    """True when `new_output` fills its buffers with NaN (under test only)."""
+    return _POISON_OUTPUTS
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer that a kernel writes in full: `torch.empty`, or NaN-filled under test
+    (integer buffers: -1) so that an unwritten element cannot pass for a result."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON_OUTPUTS:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out

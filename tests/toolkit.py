@@ -1,0 +1,306 @@
+"""What every test file shares: fresh seeds, the numerics rule, the eager baselines, the work and
+allocation counters. Benchmarks import the eager baselines from here too (benchmarks/conftest.py
+puts this folder on sys.path).
+
+    from toolkit import FLOOR, assert_within_rule, fresh_seed, needs_triton, OpTrace
+
+- `fresh_seed()`: a new random seed per call, seeded into torch; every seed drawn during a test is
+  printed in that test's failure report (tests/conftest.py), so a failure can be replayed with
+  `MMKERNELS_TEST_SEED=<seed>`.
+- `assert_within_rule(...)`: DESIGN.md's rule, error(ours) <= 2 · error(eager) + floor, both
+  measured against the float64 oracle.
+- Output poisoning: tests/conftest.py sets MMKERNELS_POISON_OUTPUTS=1 before mmkernels is
+  imported, so `mmkernels.ops._common.new_output` NaN-fills every buffer a kernel must write.
+- `OpTrace`: a dispatch mode that opens up mmkernels' custom ops and records the matrix FLOPs that
+  really execute (every aten matmul, every interpreted `tl.dot`) and every tensor allocated.
+"""
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmkernels.ops._common import HAS_TRITON
+
+# --------------------------------------------------------------------------- markers
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+CUDA = torch.cuda.is_available()
+
+# --------------------------------------------------------------------------- seeds
+
+_SEEDS: list[int] = []  # the seeds drawn by the running test; reset by conftest before each test
+
+
+def fresh_seed() -> int:
+    """A fresh seed (from os.urandom, or MMKERNELS_TEST_SEED to replay one), seeded into torch's
+    CPU and CUDA generators and recorded for the failure report. Returns the seed; use it for
+    explicit `torch.Generator`s too."""
+    replay = os.environ.get("MMKERNELS_TEST_SEED")
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    _SEEDS.append(seed)
+    return seed
+
+
+def seeded_generator(device="cpu") -> torch.Generator:
+    """A torch.Generator on `device` seeded with a fresh (recorded) seed."""
+    return torch.Generator(device=device).manual_seed(fresh_seed())
+
+
+def drawn_seeds() -> list[int]:
+    return list(_SEEDS)
+
+
+def reset_seeds() -> None:
+    _SEEDS.clear()
+
+
+# --------------------------------------------------------------------------- the numerics rule
+
+# The absolute floor of the rule, relative to the size of the output (or of the terms that cancel in
+# it): a few units of rounding of the dtype's working precision.
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float64: 1e-12}
+
+
+def rule_error(got: torch.Tensor, oracle: torch.Tensor, metric: str) -> float:
+    diff = got.detach().double() - oracle.detach().double()
+    if metric == "max":
+        return diff.abs().max().item() if diff.numel() else 0.0
+    return diff.norm().item()
+
+
+def assert_within_rule(name: str, got, eager, oracle, dtype: torch.dtype, *, size: float | None = None,
+                       metric: str = "norm", allow_nonfinite: bool = False) -> None:
+    """DESIGN.md's rule: error(got) <= 2 · error(eager) + FLOOR[dtype] · size, errors against the
+    float64 `oracle` (metric "norm": Frobenius norm of the difference; "max": largest element).
+
+    `size` is the magnitude the floor scales with: by default the oracle's own (its norm, or its
+    largest element, at least 1 for "max"); pass the size of the summands where a result is a sum
+    that cancels (a scalar's gradient, dS = P·(dP - Δ)). Non-finite values fail unless
+    `allow_nonfinite`, where they must sit exactly where the oracle has them (NaN for NaN, ±Inf
+    for the same Inf).
+    """
+    got, eager, oracle = got.detach(), eager.detach(), oracle.detach().double()
+    assert got.shape == oracle.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(oracle.shape)}"
+    finite = torch.isfinite(oracle)
+    if allow_nonfinite:
+        g = got.double()
+        same_nan = torch.isnan(g) == torch.isnan(oracle)
+        same_inf = torch.where(torch.isinf(oracle), g == oracle, ~torch.isinf(g))
+        assert bool((same_nan & same_inf).all()), f"{name}: NaN/Inf where the oracle has none, or the reverse"
+        got, eager, oracle = got[finite], eager[finite], oracle[finite]
+    else:
+        assert bool(torch.isfinite(got).all()), f"{name}: non-finite values"
+    err = rule_error(got, oracle, metric)
+    eager_err = rule_error(eager, oracle, metric)
+    if size is None:
+        if metric == "max":
+            size = max(oracle.abs().max().item() if oracle.numel() else 0.0, 1.0)
+        else:
+            size = oracle.norm().item()
+    bound = 2 * eager_err + FLOOR[dtype] * size + 1e-12
+    assert err <= bound, (
+        f"{name}: error {err:.3e} > 2 × eager error {eager_err:.3e} + floor {FLOOR[dtype] * size:.3e} "
+        f"({metric}; oracle size {size:.3e}; {dtype})"
+    )
+
+
+def value_and_grads(fn, leaves, upstream=None):
+    """(fn(*leaves), *d fn / d leaves) on detached copies of `leaves`; non-float leaves pass as they are
+    and get no gradient. `upstream` is the output's gradient (default ones for a scalar)."""
+    copies = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for t in leaves]
+    out = fn(*copies)
+    wrt = [t for t in copies if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(out, wrt, upstream, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+# --------------------------------------------------------------------------- eager baselines
+# What a user would run instead of mmkernels, in the inputs' dtype: the formulas as Hugging Face
+# and open_clip write them. The benchmarks time these same functions.
+
+
+def eager_clip_loss(image_emb, text_emb, logit_scale, normalize=False, label_smoothing=0.0):
+    """open_clip's ClipLoss / HF's clip_loss: (CE(S) + CE(S.T)) / 2, S = scale · a @ b.T."""
+    a, b = image_emb, text_emb
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = logit_scale.to(a.dtype) * a @ b.T
+    labels = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
+
+
+def eager_siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize=False):
+    """HF's SiglipModel loss: -Σ log σ(label · S) / N, S = scale · a @ b.T + bias."""
+    a, b = image_emb, text_emb
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = logit_scale.to(a.dtype) * a @ b.T + logit_bias.to(a.dtype)
+    labels = 2 * torch.eye(a.shape[0], dtype=a.dtype, device=a.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / a.shape[0]
+
+
+def eager_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """Hugging Face's eager attention: softmax(q·kᵀ·scale + mask) @ v in the inputs' dtype, with an
+    additive (B, 1, Lq, Lk) mask as transformers builds it."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = q @ k.transpose(-1, -2) * scale
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    if attn_mask is not None:
+        scores = scores + attn_mask if attn_mask.dtype != torch.bool else scores.masked_fill(
+            ~attn_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    return probs @ v
+
+
+def eager_masked_region_loss(pred, target, mask, kind, beta=1.0):
+    """UNITER / LXMERT: gather the selected regions, then the loss, averaged over them."""
+    p, t = pred[mask], target[mask]
+    if kind == "mse":
+        return F.mse_loss(p, t, reduction="none").mean(-1).mean()
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(p, t, reduction="none", beta=beta).mean(-1).mean()
+    return F.kl_div(F.log_softmax(p, dim=-1), t, reduction="none").sum(-1).mean()
+
+
+# --------------------------------------------------------------------------- work and allocations
+
+
+def _matmul_flops(func, args, kwargs, out) -> int:
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry.get(func._overloadpacket)
+    if formula is None:
+        return 0
+    return int(formula(*args, out_val=out, **(kwargs or {})))  # the registry's wrapper takes shapes itself
+
+
+@dataclass
+class Allocation:
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    nbytes: int
+
+
+@dataclass
+class OpTrace:
+    """What ran inside a block of code, mmkernels' custom ops opened up.
+
+        with OpTrace() as trace:
+            loss = mmkernels.clip_loss(a, b, s); loss.backward()
+        trace.matmul_flops      # aten matmuls + interpreted tl.dot, 2·M·N·K each
+        trace.largest_allocation, trace.peak_bytes, trace.allocations
+
+    The matrix work counts every aten matmul (torch.utils.flop_counter's formulas) and every
+    `tl.dot` that Triton's interpreter executes (2·M·N·K; run under TRITON_INTERPRET=1). Each op's
+    output storage that is new (not a view of an input) counts as an allocation; `peak_bytes` is the
+    most bytes of those alive at once (freed when the storage dies).
+    """
+
+    aten_flops: int = 0
+    dot_flops: int = 0
+    dot_calls: int = 0
+    ops: list = field(default_factory=list)
+    allocations: list = field(default_factory=list)
+    live_bytes: int = 0
+    peak_bytes: int = 0
+
+    @property
+    def matmul_flops(self) -> int:
+        return self.aten_flops + self.dot_flops
+
+    @property
+    def largest_allocation(self) -> int:
+        return max((a.nbytes for a in self.allocations), default=0)
+
+    def _free(self, nbytes: int) -> None:
+        self.live_bytes -= nbytes
+
+    def _record_outputs(self, name, inputs, out) -> None:
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(inputs)
+                if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in seen or storage.nbytes() == 0:
+                continue
+            seen.add(ptr)
+            nbytes = storage.nbytes()
+            self.allocations.append(Allocation(name, tuple(t.shape), t.dtype, nbytes))
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            weakref.finalize(storage, self._free, nbytes)
+
+    def __enter__(self):
+        self._mode = _TraceMode(self)
+        self._mode.__enter__()
+        self._dot_patch = _patch_interpreter_dot(self)
+        self._dot_patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._dot_patch.__exit__(*exc)
+        return self._mode.__exit__(*exc)
+
+
+class _TraceMode(TorchDispatchMode):
+    def __init__(self, trace: OpTrace):
+        super().__init__()
+        self.trace = trace
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        self.trace.ops.append(name)
+        if func.namespace == "mmkernels":
+            # Run the op's own implementation with this mode active, so that what it does inside
+            # (allocations, matmuls, kernel launches) is seen.
+            from torch._library.custom_ops import OPDEFS
+
+            opdef = OPDEFS[func._schema.name]
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.trace.aten_flops += _matmul_flops(func, args, kwargs, out)
+        self.trace._record_outputs(name, (args, kwargs), out)
+        return out
+
+
+@contextmanager
+def _patch_interpreter_dot(trace: OpTrace):
+    if not HAS_TRITON:
+        yield
+        return
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    original = InterpreterBuilder.create_dot
+
+    def counting_dot(self, a, b, d, *rest, **kw):
+        a_shape, b_shape = a.data.shape, b.data.shape
+        batch = math.prod(a_shape[:-2]) if len(a_shape) > 2 else 1
+        trace.dot_flops += 2 * batch * a_shape[-2] * a_shape[-1] * b_shape[-1]
+        trace.dot_calls += 1
+        return original(self, a, b, d, *rest, **kw)
+
+    InterpreterBuilder.create_dot = counting_dot
+    try:
+        yield
+    finally:
+        InterpreterBuilder.create_dot = original
