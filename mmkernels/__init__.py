@@ -4,6 +4,7 @@
     loss = mmkernels.clip_loss(image_emb, text_emb, logit_scale)
 """
 from mmkernels import integrations, nn
+from mmkernels.integrations.patching import PatchHandle, patch, unpatch
 from mmkernels.ops.attention import cross_attention
 from mmkernels.ops.contrastive import clip_loss, siglip_loss
 from mmkernels.ops.region import RegionMaskOutput, masked_region_loss, region_mask
@@ -17,6 +18,9 @@ __all__ = [
     "region_mask",
     "masked_region_loss",
     "RegionMaskOutput",
+    "patch",
+    "unpatch",
+    "PatchHandle",
     "nn",
     "integrations",
     "__version__",

@@ -16,6 +16,7 @@ puts this folder on sys.path).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import weakref
@@ -304,3 +305,71 @@ def _patch_interpreter_dot(trace: OpTrace):
         yield
     finally:
         InterpreterBuilder.create_dot = original
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def model_outputs_and_grads(model: torch.nn.Module, run) -> tuple[dict, dict]:
+    """Run `run(model) -> (scalar loss, {name: output tensor})`, backpropagate the loss, and return
+    ({"loss": loss, **outputs}, {parameter name: gradient}) detached; a parameter the loss does not
+    reach gets a zero gradient."""
+    model.zero_grad(set_to_none=True)
+    loss, outputs = run(model)
+    loss.backward()
+    values = {"loss": loss.detach(), **{name: t.detach() for name, t in outputs.items()}}
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+             for name, p in model.named_parameters()}
+    return values, grads
+
+
+def assert_models_within_rule(got: tuple, eager: tuple, oracle: tuple, dtype: torch.dtype, what: str = "",
+                              sizes: dict | None = None) -> None:
+    """DESIGN.md's rule for every output and every parameter gradient of three runs of one model
+    (`model_outputs_and_grads` results): ours, the eager model in `dtype`, and its float64 copy.
+    `sizes` gives the floor's size by name ("loss", "grad logit_scale", ...) where a value is a sum
+    that cancels (see `assert_within_rule`)."""
+    sizes = sizes or {}
+    for index, kind in ((0, ""), (1, "grad ")):
+        assert got[index].keys() == oracle[index].keys(), f"{what}: different {kind or 'output '}names"
+        for name, reference in oracle[index].items():
+            assert_within_rule(f"{what} {kind}{name}", got[index][name], eager[index][name], reference, dtype,
+                               size=sizes.get(kind + name))
+
+
+def use_path(monkeypatch, name: str) -> list:
+    """Send CPU fp32 tensors down one path of mmkernels' ops: "reference" (TRITON_INTERPRET=0) or
+    "kernels" (the Triton kernels under the interpreter). Returns the list that records a name for
+    each call of reference.cross_attention / clip_loss / siglip_loss from then on."""
+    from mmkernels.ops import reference
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if name == "kernels" else "0")
+    calls = []
+    for op in ("cross_attention", "clip_loss", "siglip_loss"):
+        original = getattr(reference, op)
+        monkeypatch.setattr(reference, op, lambda *a, _op=op, _original=original, **k: calls.append(_op) or _original(*a, **k))
+    return calls
+
+
+def compare_patched(make_model, run, patch, path: str, reference_calls: list, *, got_run=None, sizes=None):
+    """Build a model, patch a copy with `patch(model)`, and hold the patched fp32 model to DESIGN.md's
+    rule against the unpatched fp32 model (eager) and its float64 copy (the oracle): every output of
+    `run(model) -> (loss, {name: tensor})` and every parameter gradient. `got_run` replaces `run` for
+    the patched model (negative controls); `sizes(model) -> dict` gives floor sizes by name (see
+    `assert_models_within_rule`). Checks that the patched run took `path` ("reference": some
+    reference op ran; "kernels": none did and interpreted tl.dot ran). Returns patch's result."""
+    eager = make_model()
+    sizes = sizes(eager) if sizes is not None else None
+    oracle = copy.deepcopy(eager).double()
+    patched = copy.deepcopy(eager)
+    handle = patch(patched)
+    reference_calls.clear()
+    with OpTrace() as trace:
+        got = model_outputs_and_grads(patched, got_run or run)
+    if path == "reference":
+        assert reference_calls, "the patched model ran no mmkernels reference op"
+    else:
+        assert not reference_calls and trace.dot_calls > 0, "the patched model ran no Triton kernel"
+    results = [got, model_outputs_and_grads(eager, run), model_outputs_and_grads(oracle, run)]
+    assert_models_within_rule(*results, torch.float32, what=type(eager).__name__, sizes=sizes)
+    return handle

@@ -1,8 +1,10 @@
 """Patches into other libraries, loaded on first use: `mmkernels.integrations.transformers.register()`
-imports transformers only then. Nothing inside mmkernels depends on these modules."""
+imports transformers only then. Nothing inside mmkernels depends on these modules, except that
+`mmkernels.patch` / `unpatch` / `PatchHandle` come from `patching` (which imports torch only, and the
+family patchers on first use)."""
 import importlib
 
-_INTEGRATIONS = ("transformers",)
+_INTEGRATIONS = ("transformers", "patching", "torch_mha")
 
 
 def __getattr__(name):

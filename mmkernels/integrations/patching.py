@@ -1,0 +1,496 @@
+"""Instance patching: `mmkernels.patch(model)` puts mmkernels into a model that already exists.
+
+    handle = mmkernels.patch(model)   # any nn.Module; returns a PatchHandle
+    print(handle)                     # module path -> mmkernels piece; what was left as it was, and why
+    handle.undo()                     # or `with mmkernels.patch(model): ...`, or mmkernels.unpatch(model)
+
+What a patch may change: instance attributes only (a module's `forward`, a transformers model's
+`config` object, a private marker), each written into that module's `__dict__` and logged with what
+was there before. Never a class, a module-level name, `torch.nn.functional` or a transformers global,
+never a parameter or buffer: `state_dict()` keys and tensors stay the same, parameters keep their
+identity (an optimizer built before the patch keeps training the model), and two models in one
+process stay independent. The one process-wide effect any patcher has is adding the name "mmkernels"
+to transformers' `AttentionInterface`/`AttentionMaskInterface` (see integrations/transformers.py); no
+existing name changes.
+
+How `patch()` works
+-------------------
+It walks `model.named_modules()` (parents before children) and offers each module to the registered
+family patchers of each enabled kind ("attention" if `attention=True`, "loss" if `losses=True`), in
+registration order, until one returns True. A module already patched for that kind (by this call, or
+by an earlier `patch()` of a model it belongs to) is not offered again. Then every *attention-like*
+module (an `nn.MultiheadAttention`, or a class whose name ends in "Attention") and every
+*loss-like* module (one that owns a `logit_scale`, or a class named like a contrastive loss) that is
+not covered is listed in `handle.skipped`, with the reason a patcher gave or "no mmkernels patch for
+<class>". An attention-like module is covered when it, one of its descendants or one of its
+attention-like ancestors is patched for attention (BertAttention is covered by a patched
+BertSelfAttention and the reverse); a loss-like module when it or an ancestor is patched for the loss.
+With `strict=True` a non-empty skipped list undoes everything and raises `StrictPatchError` naming each.
+Patching a model that is already patched returns its handle (a no-op); with other options it raises.
+
+The extension point: writing and registering a family patcher
+-------------------------------------------------------------
+A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one kind:
+
+    from mmkernels.integrations.patching import call_original, patch_state, register_patcher
+
+    @register_patcher("attention")
+    def _patch_lxmert_attention(module, path, ctx):
+        if type(module) is not LxmertAttention:             # exact classes: a subclass may change forward
+            return False
+        ctx.replace_forward(module, path, "attention", "mmkernels.cross_attention (kv_lens from the visual mask)",
+                            _lxmert_attention_forward, falls_back="head_mask, output_attentions=True")
+        return True
+
+    def _lxmert_attention_forward(self, hidden_states, context, attention_mask=None, output_attentions=False):
+        if output_attentions:                                # something the kernels cannot give:
+            return call_original(self, "output_attentions=True", hidden_states, context,
+                                 attention_mask=attention_mask, output_attentions=output_attentions)
+        ...                                                  # the same math through mmkernels.cross_attention
+
+- Return True only when the module was handled (patched, or deliberately skipped with `ctx.skip`); return
+  False to let the next patcher try. Never change anything before deciding.
+- Change the module only through `ctx`: `ctx.replace_forward(...)` (a new `forward(self, ...)` bound to
+  the instance), `ctx.set_attribute(module, name, value)` (any other instance attribute, e.g. a private
+  config copy), `ctx.mark_patched(module, path, kind, piece)` (a module patched through something
+  else, such as the attention modules that read a swapped config). All of it is logged and undone
+  exactly. `ctx.skip(path, kind, reason)` records an item the patcher recognises and leaves as it is.
+  `ctx.keep_logits`, `ctx.strict`, `ctx.is_patched(module, kind)` are there to read.
+- The patched forward is a plain function `forward(self, *args, **kwargs)`; it finds everything through
+  `self` (so `copy.deepcopy` of a patched model gives a patched copy computing with its own weights),
+  and `patch_state(self)` gives its `PatchState` (path, handle, handle options such as keep_logits).
+- Per-call fallback: whatever the kernels cannot compute for a call (weights requested, a head mask,
+  an unsupported option) goes to `call_original(self, reason, *args, **kwargs)`, which runs the
+  forward the module had before the patch (its class's, or an instance `forward` that was already
+  there) and counts the call in `handle.fallbacks[(path, reason)]`; under `strict=True` it raises
+  `StrictPatchError` instead. Never approximate silently.
+- Registration: put the patchers in a module under mmkernels/integrations/ and add the module's name
+  to `PATCHER_MODULES` below. `patch()` imports those modules on first use; one whose import fails
+  because a library is missing (transformers) is left out, so each module may import its library at
+  the top.
+
+Undo
+----
+Every change is a `(object, attribute, previous value or absent)` entry in the handle's log.
+`undo()` first checks that every patched attribute still holds what the patch put there (else it
+raises and changes nothing: something else wrapped the model after the patch, e.g. a hook library,
+and restoring would drop that), then restores the log in reverse order: a previous instance
+attribute is put back, one that did not exist is deleted. Outputs are then bit-identical to before
+the patch. `undo()` twice is a no-op. While patched, `copy.deepcopy(model)` gives an independently
+patched copy with its own handle (`mmkernels.unpatch(copy)`); pickling the whole module object needs
+`undo()` first (state_dict checkpoints load in either state).
+"""
+from __future__ import annotations
+
+import importlib
+import types
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PATCHER_MODULES",
+    "PatchContext",
+    "PatchHandle",
+    "PatchRecord",
+    "PatchState",
+    "SkippedItem",
+    "StrictPatchError",
+    "call_original",
+    "is_attention_like",
+    "is_loss_like",
+    "patch",
+    "patch_state",
+    "register_patcher",
+    "unpatch",
+]
+
+# The modules whose import registers the family patchers, in the order their patchers are tried.
+PATCHER_MODULES = (
+    "mmkernels.integrations.torch_mha",
+)
+KINDS = ("attention", "loss")
+
+_HANDLE_ATTR = "_mmkernels_handle"  # on the model passed to patch()
+_STATE_ATTR = "_mmkernels_patch"  # on every module a handle patched
+
+
+class _Absent:
+    """The marker for "no instance attribute was there"; one object, also after copy or pickle."""
+
+    def __reduce__(self):
+        return "_ABSENT"
+
+    def __repr__(self):
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+class StrictPatchError(RuntimeError):
+    """Raised under `strict=True`: something attention- or loss-like was left unpatched, or a patched
+    forward would have fallen back to the model's own code for a call."""
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    """One patched module: `path` (as in named_modules, "" for the model itself), `kind` ("attention"
+    or "loss"), `piece` (the mmkernels code it now runs) and `falls_back` (what still runs the model's
+    own code for a call)."""
+
+    path: str
+    kind: str
+    piece: str
+    falls_back: str = ""
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    """An attention- or loss-like module left as it was, and why."""
+
+    path: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class PatchState:
+    """What a patched module carries (in its `__dict__`, not a parameter, buffer or submodule)."""
+
+    handle: "PatchHandle"
+    path: str
+    kinds: set
+    previous_forward: object = _ABSENT  # the instance `forward` that existed before the patch, if any
+    forward_replaced: bool = False
+
+    @property
+    def keep_logits(self) -> bool:
+        return self.handle.keep_logits
+
+
+@dataclass(frozen=True)
+class _Patcher:
+    kind: str
+    fn: Callable
+
+
+_PATCHERS: list[_Patcher] = []
+_loaded = False
+
+
+def register_patcher(kind: str):
+    """Decorator: register `fn(module, path, ctx) -> bool` as a family patcher of `kind`
+    ("attention" or "loss"). Registering the same function again (a module reload) replaces it."""
+    if kind not in KINDS:
+        raise ValueError(f"expected kind to be one of {KINDS}, got {kind!r}")
+
+    def decorator(fn):
+        key = (fn.__module__, fn.__qualname__)
+        _PATCHERS[:] = [p for p in _PATCHERS if (p.fn.__module__, p.fn.__qualname__) != key]
+        _PATCHERS.append(_Patcher(kind, fn))
+        return fn
+
+    return decorator
+
+
+def _load_patchers() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for name in PATCHER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is None or error.name.startswith("mmkernels"):
+                raise  # a missing third-party library leaves its patchers out; our own bugs surface
+    _loaded = True
+
+
+def patch_state(module: nn.Module) -> PatchState | None:
+    """The `PatchState` of a module that a handle patched, or None."""
+    state = module.__dict__.get(_STATE_ATTR)
+    return state if isinstance(state, PatchState) and state.handle.active else None
+
+
+def call_original(module: nn.Module, reason: str, *args, **kwargs):
+    """Run the forward `module` had before the patch for this call, counting it under `reason` in
+    its handle's `fallbacks`; under strict=True raise StrictPatchError instead."""
+    state = patch_state(module)
+    if state is None:
+        raise RuntimeError(f"call_original: {type(module).__name__} is not patched by mmkernels")
+    if state.handle.strict:
+        raise StrictPatchError(
+            f"mmkernels.patch(strict=True): {state.path or type(module).__name__} "
+            f"({type(module).__name__}) would fall back to its own code for this call: {reason}"
+        )
+    state.handle.fallbacks[(state.path, reason)] += 1
+    if state.previous_forward is not _ABSENT:
+        return state.previous_forward(*args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
+
+
+def is_attention_like(module: nn.Module) -> bool:
+    """nn.MultiheadAttention, or a module whose class name ends in "Attention"."""
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+
+
+_LOSS_NAME_WORDS = ("clip", "siglip", "contrastive")
+
+
+def is_loss_like(module: nn.Module) -> bool:
+    """A module that owns a `logit_scale` (parameter, buffer or attribute), or a class named like a
+    contrastive loss ("...Loss" with clip, siglip or contrastive in the name)."""
+    own = "logit_scale" in module._parameters or "logit_scale" in module._buffers or "logit_scale" in module.__dict__
+    name = type(module).__name__
+    named = name.endswith("Loss") and any(word in name.lower() for word in _LOSS_NAME_WORDS)
+    return own or named
+
+
+class PatchHandle:
+    """What one `mmkernels.patch(model)` did, and how to undo it.
+
+    records: tuple of PatchRecord (module path -> mmkernels piece); skipped: tuple of SkippedItem
+    (attention- or loss-like modules left as they are, and why); fallbacks: Counter of calls that
+    ran the model's own code, keyed by (module path, reason). `print(handle)` shows all three.
+    `undo()` restores the model exactly; the handle is also a context manager.
+    """
+
+    def __init__(self, model: nn.Module, *, attention: bool, losses: bool, keep_logits: bool, strict: bool):
+        self.model = model
+        self.attention = attention
+        self.losses = losses
+        self.keep_logits = keep_logits
+        self.strict = strict
+        self.fallbacks: Counter = Counter()
+        self._records: list[PatchRecord] = []
+        self._skipped: dict[tuple[str, str], SkippedItem] = {}
+        self._log: list[tuple[object, str, object, object]] = []  # (target, name, previous, new)
+        self._active = True
+
+    @property
+    def records(self) -> tuple[PatchRecord, ...]:
+        return tuple(self._records)
+
+    @property
+    def skipped(self) -> tuple[SkippedItem, ...]:
+        return tuple(self._skipped.values())
+
+    @property
+    def active(self) -> bool:
+        """True until undo()."""
+        return self._active
+
+    @property
+    def options(self) -> dict:
+        return dict(attention=self.attention, losses=self.losses, keep_logits=self.keep_logits, strict=self.strict)
+
+    def undo(self) -> None:
+        """Restore every attribute the patch changed (see the module docstring). Idempotent."""
+        if not self._active:
+            return
+        for target, name, _previous, new in self._log:
+            if target.__dict__.get(name, _ABSENT) is not new:
+                raise RuntimeError(
+                    f"mmkernels: cannot undo the patch of {type(target).__name__}.{name}: it was changed after "
+                    "mmkernels.patch (another library wrapped it?); remove that change first, nothing was undone"
+                )
+        for target, name, previous, _new in reversed(self._log):
+            if previous is _ABSENT:
+                del target.__dict__[name]
+            else:
+                target.__dict__[name] = previous
+        self._log.clear()
+        self._active = False
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+    def __str__(self) -> str:
+        title = type(self.model).__name__
+        state = "active" if self._active else "undone"
+        lines = [f"mmkernels.patch({title}): {len(self._records)} patched, {len(self._skipped)} left as they are ({state})"]
+        if self._records:
+            width = max(len(r.path or "(model)") for r in self._records)
+            for r in self._records:
+                line = f"  {r.path or '(model)':<{width}}  {r.kind:<9}  {r.piece}"
+                lines.append(line + (f"  [falls back: {r.falls_back}]" if r.falls_back else ""))
+        if self._skipped:
+            lines.append("left as they are:")
+            lines += [f"  {s.path or '(model)'}  {s.kind}: {s.reason}" for s in self._skipped.values()]
+        if self.fallbacks:
+            lines.append("calls that ran the model's own code:")
+            lines += [f"  {path or '(model)'}: {reason}: {n} call(s)" for (path, reason), n in self.fallbacks.items()]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    # -- used by PatchContext -------------------------------------------------------------------
+
+    def _set(self, target: object, name: str, value: object) -> None:
+        previous = target.__dict__.get(name, _ABSENT)
+        target.__dict__[name] = value
+        self._log.append((target, name, previous, value))
+
+
+class PatchContext:
+    """What a family patcher uses to change a module (every change is logged for undo)."""
+
+    def __init__(self, handle: PatchHandle):
+        self.handle = handle
+
+    @property
+    def keep_logits(self) -> bool:
+        return self.handle.keep_logits
+
+    @property
+    def strict(self) -> bool:
+        return self.handle.strict
+
+    def is_patched(self, module: nn.Module, kind: str | None = None) -> bool:
+        """Whether a (live) handle patched `module`, for `kind` or for any kind."""
+        state = patch_state(module)
+        return state is not None and (kind is None or kind in state.kinds)
+
+    def set_attribute(self, module: nn.Module, name: str, value: object) -> None:
+        """Set an instance attribute (never a parameter, buffer or submodule), logged for undo."""
+        if name in module._parameters or name in module._buffers or name in module._modules:
+            raise ValueError(f"a patch must not replace the parameter, buffer or submodule {name!r}")
+        if isinstance(value, (nn.Module, torch.Tensor)):
+            raise TypeError(f"a patch must not add a module or tensor attribute, got {type(value).__name__} for {name!r}")
+        self.handle._set(module, name, value)
+
+    def mark_patched(self, module: nn.Module, path: str, kind: str, piece: str, falls_back: str = "") -> PatchState:
+        """Record `module` as patched for `kind` (running `piece`) and mark it, so that no other
+        patcher is offered it for that kind."""
+        if kind not in KINDS:
+            raise ValueError(f"expected kind to be one of {KINDS}, got {kind!r}")
+        state = patch_state(module)
+        if state is not None and state.handle is not self.handle:
+            raise RuntimeError(f"{path or type(module).__name__} is already patched by another mmkernels.patch")
+        if state is None:
+            state = PatchState(self.handle, path, set())
+            self.handle._set(module, _STATE_ATTR, state)
+        if kind in state.kinds:
+            raise RuntimeError(f"{path or type(module).__name__} is already patched for {kind}")
+        state.kinds.add(kind)
+        self.handle._records.append(PatchRecord(path, kind, piece, falls_back))
+        return state
+
+    def replace_forward(self, module: nn.Module, path: str, kind: str, piece: str, forward: Callable,
+                        falls_back: str = "") -> None:
+        """Make `forward(module, *args, **kwargs)` the instance's forward (a method bound to it), and
+        record it. `call_original(module, ...)` then runs what was there before."""
+        previous = module.__dict__.get("forward", _ABSENT)
+        state = self.mark_patched(module, path, kind, piece, falls_back)
+        if state.forward_replaced:
+            raise RuntimeError(f"{path or type(module).__name__}: its forward is already replaced by this patch")
+        state.forward_replaced = True
+        state.previous_forward = previous
+        self.handle._set(module, "forward", types.MethodType(forward, module))
+
+    def skip(self, path: str, kind: str, reason: str) -> None:
+        """Record an attention- or loss-like item left as it is, and why."""
+        self.handle._skipped.setdefault((path, kind), SkippedItem(path, kind, reason))
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected {name} to be a bool, got {type(value).__name__}")
+
+
+def _covered(kind: str, path: str, marked: dict, attention_like: set) -> bool:
+    """Whether the module at `path` is covered for `kind`; `marked` maps the paths of the patched
+    modules of the whole model to their kinds."""
+    if kind in marked.get(path, ()):
+        return True
+    ancestors = [p for p in marked if p != path and (p == "" or path.startswith(p + "."))]
+    if kind == "loss":
+        return any("loss" in marked[p] for p in ancestors)
+    prefix = path + "." if path else ""
+    if any(p != path and p.startswith(prefix) and kind in kinds for p, kinds in marked.items()):
+        return True
+    return any(kind in marked[p] and p in attention_like for p in ancestors)
+
+
+def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, keep_logits: bool = True,
+          strict: bool = False) -> PatchHandle:
+    """Patch `model` in place (this instance only) to run mmkernels; returns its PatchHandle.
+
+    attention: swap the attention of the supported families (nn.MultiheadAttention, transformers'
+        CLIP/SigLIP/SigLIP2/BridgeTower, and any family a registered patcher handles).
+    losses: compute the supported models' contrastive losses with mmkernels.clip_loss/siglip_loss.
+    keep_logits: patched losses still return the logits, computed without autograd; False returns
+        None there and never builds the N x N matrix.
+    strict: raise StrictPatchError if anything attention- or loss-like is left unpatched, or when a
+        patched forward would fall back to the model's own code for a call.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
+    for name, value in (("attention", attention), ("losses", losses), ("keep_logits", keep_logits), ("strict", strict)):
+        _check_flag(name, value)
+    options = dict(attention=attention, losses=losses, keep_logits=keep_logits, strict=strict)
+    existing = model.__dict__.get(_HANDLE_ATTR)
+    if isinstance(existing, PatchHandle) and existing.active:
+        if existing.options != options:
+            raise ValueError(
+                f"model is already patched with {existing.options}; call mmkernels.unpatch(model) before "
+                f"patching it with {options}"
+            )
+        return existing
+    _load_patchers()
+    handle = PatchHandle(model, **options)
+    ctx = PatchContext(handle)
+    kinds = [k for k, on in (("attention", attention), ("loss", losses)) if on]
+    try:
+        modules = list(model.named_modules())
+        for path, module in modules:
+            for kind in kinds:
+                if ctx.is_patched(module, kind):
+                    continue
+                for patcher in _PATCHERS:
+                    if patcher.kind == kind and patcher.fn(module, path, ctx):
+                        break
+        _list_uncovered(handle, modules, kinds)
+        handle._set(model, _HANDLE_ATTR, handle)
+    except BaseException:
+        handle.undo()
+        raise
+    if strict and handle.skipped:
+        handle.undo()
+        listing = "; ".join(f"{s.path or '(model)'} ({s.kind}): {s.reason}" for s in handle.skipped)
+        raise StrictPatchError(f"mmkernels.patch(strict=True) left these unpatched, nothing was changed: {listing}")
+    return handle
+
+
+def _list_uncovered(handle: PatchHandle, modules: list, kinds: list) -> None:
+    marked, attention_like = {}, set()
+    for path, module in modules:
+        state = patch_state(module)
+        if state is not None:
+            marked[path] = state.kinds
+        if is_attention_like(module):
+            attention_like.add(path)
+    for path, module in modules:
+        for kind, like in (("attention", is_attention_like), ("loss", is_loss_like)):
+            if kind in kinds and like(module) and not _covered(kind, path, marked, attention_like):
+                handle._skipped.setdefault(
+                    (path, kind), SkippedItem(path, kind, f"no mmkernels patch for {type(module).__name__}")
+                )
+
+
+def unpatch(model: nn.Module) -> bool:
+    """Undo `mmkernels.patch(model)`. Returns True if a patch was undone, False if there was none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    if not isinstance(handle, PatchHandle) or not handle.active:
+        return False
+    handle.undo()
+    return True
