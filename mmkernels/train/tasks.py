@@ -135,10 +135,20 @@ class FusionTask:
         device = batch["input_ids"].device
         return source.to(device), (~swap).to(device)
 
-    def _eager_mask(self, feats, valid, step):
-        """UNITER-style masking in plain PyTorch: each existing region with probability mask_prob,
-        at least one per image that has regions; masked regions become zeros."""
+    def mask_regions(self, variant: str, batch: dict, step: int):
+        """(masked features (B, R, D), selected (B, R) bool): about mask_prob of each image's existing
+        regions, at least one per image that has any, replaced by zeros.
+
+        baseline: UNITER's masking in plain PyTorch (a uniform draw per region, masked_fill);
+        mmkernels: mmkernels.region_mask. The two draw different regions (torch.rand against
+        region_mask's counter-based hash), so their loss curves agree in distribution, not step by step.
+        """
+        feats, valid = batch["region_feats"], batch["region_valid"]
         g = _step_generator(self.cfg.seed, step, self.ctx.rank, 1)
+        if variant == "mmkernels":
+            out = mmkernels.region_mask(feats, region_lens=batch["region_lens"], prob=self.cfg.mask_prob,
+                                        mode="zero", generator=g)
+            return out.features, out.mask
         B, R = valid.shape
         draw = torch.rand(B, R, generator=g).to(valid.device)
         selected = (draw < self.cfg.mask_prob) & valid
@@ -147,31 +157,30 @@ class FusionTask:
         selected = selected | (F.one_hot(fallback, R).bool() & force[:, None])
         return feats.masked_fill(selected[..., None], 0.0), selected
 
+    def region_losses(self, variant: str, feature_pred, class_logits, target_feats, target_probs, on):
+        """(MRFR, MRC) over the regions `on` (B, R) bool: the mean over them of the per-region mean
+        squared feature error, and of KL(target_probs || softmax(class_logits)); 0 when none is on.
+        MRC is 0 when the data has no class distributions."""
+        if variant == "mmkernels":
+            mrfr = mmkernels.masked_region_loss(feature_pred, target_feats.to(feature_pred.dtype), on, kind="mse")
+            if not self.num_region_classes:
+                return mrfr, 0.0
+            return mrfr, mmkernels.masked_region_loss(class_logits, target_probs.to(class_logits.dtype), on, kind="kl")
+        count = on.sum().clamp(min=1)
+        mrfr = (((feature_pred.float() - target_feats.float()) ** 2).mean(-1) * on).sum() / count
+        if not self.num_region_classes:
+            return mrfr, 0.0
+        kl = F.kl_div(F.log_softmax(class_logits.float(), -1), target_probs.float(), reduction="none").sum(-1)
+        return mrfr, (kl * on).sum() / count
+
     def loss(self, model, batch: dict, variant: str, step: int) -> torch.Tensor:
         source, matched = self._negatives(batch, step)
-        input_ids, attention_mask = batch["input_ids"][source], batch["attention_mask"][source]
-        feats, valid, probs = batch["region_feats"], batch["region_valid"], batch["region_probs"]
-        if variant == "mmkernels":
-            g = _step_generator(self.cfg.seed, step, self.ctx.rank, 1)
-            masked = mmkernels.region_mask(feats, region_lens=batch["region_lens"], prob=self.cfg.mask_prob,
-                                           mode="zero", generator=g)
-            masked_feats, selected = masked.features, masked.mask
-        else:
-            masked_feats, selected = self._eager_mask(feats, valid, step)
-        feature_pred, class_logits, itm_logits = self._forward(model, input_ids, attention_mask, masked_feats, batch)
-        on = selected & matched[:, None]
+        masked_feats, selected = self.mask_regions(variant, batch, step)
+        feature_pred, class_logits, itm_logits = self._forward(
+            model, batch["input_ids"][source], batch["attention_mask"][source], masked_feats, batch)
         itm = F.cross_entropy(itm_logits.float(), matched.long())
-        if variant == "mmkernels":
-            mrfr = mmkernels.masked_region_loss(feature_pred, feats.to(feature_pred.dtype), on, kind="mse")
-            mrc = (mmkernels.masked_region_loss(class_logits, probs.to(class_logits.dtype), on, kind="kl")
-                   if self.num_region_classes else 0.0)
-        else:
-            count = on.sum().clamp(min=1)
-            mrfr = (((feature_pred.float() - feats.float()) ** 2).mean(-1) * on).sum() / count
-            mrc = 0.0
-            if self.num_region_classes:
-                kl = F.kl_div(F.log_softmax(class_logits.float(), -1), probs.float(), reduction="none").sum(-1)
-                mrc = (kl * on).sum() / count
+        mrfr, mrc = self.region_losses(variant, feature_pred, class_logits, batch["region_feats"],
+                                       batch["region_probs"], selected & matched[:, None])
         return itm + mrfr + mrc
 
     @torch.no_grad()
