@@ -416,12 +416,17 @@ class _ClipLoss(_FinishedGradients):
 
 
 def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, label_smoothing,
-                     workspace_bytes, scaling: str, caller: str = "mmkernels.distributed.clip_loss"):
-    """`clip_loss` with any of SCALINGS by name (mmkernels.nn.ClipLoss uses the open_clip ones)."""
+                     workspace_bytes, scaling: str, caller: str = "mmkernels.distributed.clip_loss",
+                     extra_checks=None):
+    """`clip_loss` with any of SCALINGS by name (mmkernels.nn.ClipLoss uses the open_clip ones).
+    `extra_checks(group)` runs with this rank's input checks: what it raises is raised on this rank,
+    and every other rank raises too."""
     group = process_group(group, caller)
     scale = []
 
     def local_checks():
+        if extra_checks is not None:
+            extra_checks(group)
         _embedding_checks(image_local, text_local)
         scale.append(scalar_tensor("logit_scale", logit_scale, image_local))
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
@@ -435,6 +440,13 @@ def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, 
     image_grad, text_grad, scale_grad = (_needs_grad(t) for t in (image_local, text_local, logit_scale))
     plan = _check(caller, "clip_loss", group, image_local, text_local, local_checks, text_grad=text_grad,
                   scalar_grad=scale_grad, normalize=normalize, label_smoothing=label_smoothing, grad_scaling=scaling)
+    if SCALINGS[scaling].local_value and not plan.equal_sizes:
+        # open_clip's local loss weights rank r's rows and columns by 1/M_r; with unequal M_r that
+        # is not a per-block-row weighting, and open_clip itself needs equal local batches.
+        raise ValueError(
+            f"{caller}: open_clip's local loss (local_loss=True) needs the same local batch size on every "
+            f"rank, got M = {list(plan.sizes)}; mmkernels.distributed.clip_loss takes unequal ones"
+        )
     opts = _Options(bool(normalize), float(label_smoothing), workspace_bytes, SCALINGS[scaling], image_grad,
                     (scale_grad,))
     return _ClipLoss.apply(image_local, text_local, scale[0], plan, opts)
@@ -516,12 +528,15 @@ class _SiglipLoss(_FinishedGradients):
 
 
 def siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, *, group, normalize, workspace_bytes,
-                       scaling: str, caller: str = "mmkernels.distributed.siglip_loss"):
-    """`siglip_loss` with any of SCALINGS by name (mmkernels.nn.SigLipLoss uses "open_clip_siglip")."""
+                       scaling: str, caller: str = "mmkernels.distributed.siglip_loss", extra_checks=None):
+    """`siglip_loss` with any of SCALINGS by name (mmkernels.nn.SigLipLoss uses "open_clip_siglip");
+    `extra_checks` as for `clip_loss_scaled`."""
     group = process_group(group, caller)
     scalars = []
 
     def local_checks():
+        if extra_checks is not None:
+            extra_checks(group)
         _embedding_checks(image_local, text_local)
         scalars.append(scalar_tensor("logit_scale", logit_scale, image_local))
         scalars.append(scalar_tensor("logit_bias", logit_bias, image_local))
