@@ -17,6 +17,11 @@ in PyTorch around the kernels.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import os
+from typing import NamedTuple
+
 import torch
 
 from mmkernels.ops import reference
@@ -30,11 +35,53 @@ from mmkernels.ops._common import (
     triton_enabled,
 )
 
-__all__ = ["clip_loss", "siglip_loss"]
+__all__ = [
+    "clip_loss",
+    "siglip_loss",
+    "ClipBlockStats",
+    "ClipBlockGrads",
+    "SiglipBlock",
+    "clip_block_stats",
+    "merge_column_stats",
+    "clip_block_grads",
+    "siglip_block",
+]
 
 MODE_CLIP = 0
 MODE_SIGLIP = 1
 _NORM_EPS = 1e-12  # F.normalize's eps: x / max(||x||, eps)
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+WORKSPACE_ENV = "MMKERNELS_WORKSPACE_BYTES"
+
+
+def resolve_workspace_bytes(workspace_bytes) -> int:
+    """The workspace size: `workspace_bytes`, else $MMKERNELS_WORKSPACE_BYTES, else 256 MiB."""
+    name = "workspace_bytes"
+    if workspace_bytes is None:
+        env = os.environ.get(WORKSPACE_ENV)
+        if env is None:
+            return DEFAULT_WORKSPACE_BYTES
+        name = f"${WORKSPACE_ENV}"
+        try:
+            workspace_bytes = int(env)
+        except ValueError:
+            raise ValueError(f"expected {name} to be a whole number of bytes, got {env!r}") from None
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral):
+        raise TypeError(f"expected {name} to be an int (bytes), got {type(workspace_bytes).__name__}")
+    if workspace_bytes <= 0:
+        raise ValueError(f"expected {name} > 0, got {workspace_bytes}")
+    return int(workspace_bytes)
+
+
+def _check_label_smoothing(label_smoothing) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(
+            f"expected label_smoothing to be a float in [0, 1], got {type(label_smoothing).__name__}"
+        )
+    value = float(label_smoothing)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
+    return value
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -495,8 +542,7 @@ def clip_loss(image_emb, text_emb, logit_scale, *, normalize: bool = False, labe
         On CUDA (or under TRITON_INTERPRET=1) S is never materialised: memory is O(N·D).
     """
     _check_embeddings(image_emb, text_emb)
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
+    label_smoothing = _check_label_smoothing(label_smoothing)
     scale = scalar_tensor("logit_scale", logit_scale, image_emb)
     if not triton_enabled(image_emb):
         return reference.clip_loss(image_emb, text_emb, scale, normalize, float(label_smoothing))
@@ -529,3 +575,225 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, normalize: bool
         loss = torch.ops.mmkernels.siglip_loss_fwd(image_emb, text_emb, scale, bias, bool(normalize))
     # Finite inputs give a finite loss; an Inf among the inputs leaves it undefined: NaN, as for CLIP.
     return torch.where(torch.isinf(loss), torch.nan, loss)
+
+
+# --------------------------------------------------------------------------- the block-row API
+# Rows offset .. offset+M-1 of a global batch of n_total pairs (image_emb (M, D)) against the text
+# embeddings of all columns (text_emb (N, D)); the positive of row i is column offset + i. The
+# multi-GPU losses are built from these; a single GPU is the case M = N, offset = 0.
+
+
+class ClipBlockStats(NamedTuple):
+    """What one block row of S contributes to CLIP's softmax statistics (fp32; float64 for float64
+    inputs). With S the block's logits (M, N):
+
+    - row_lse (M,): log Σ_j exp(S_ij), complete (a block row holds whole rows).
+    - col_max (N,): max_i S_ij over the block's rows (-inf when M = 0).
+    - col_sumexp (N,): Σ_i exp(S_ij - col_max_j) over the block's rows.
+    - diag (M,): S[i, offset + i], the positives' logits.
+    - row_sum (M,): Σ_j S_ij, for label smoothing.
+
+    The global loss with smoothing eps: col_lse = merge_column_stats(stacked col_max, stacked
+    col_sumexp) over all blocks, targets_i = (1 - eps)·diag_i + eps/n_total·row_sum_i, and
+    loss = (Σ_i row_lse_i + Σ_j col_lse_j - 2·Σ_i targets_i) / (2·n_total), sums over all rows.
+    """
+
+    row_lse: torch.Tensor
+    col_max: torch.Tensor
+    col_sumexp: torch.Tensor
+    diag: torch.Tensor
+    row_sum: torch.Tensor
+
+
+class ClipBlockGrads(NamedTuple):
+    """One block's contribution to the gradients of the global CLIP loss.
+
+    - image_grad (M, D): d loss / d image_emb for the block's rows, complete; None when not asked.
+    - text_grad (N, D): the share of d loss / d text_emb that comes through the block's rows; the
+      gradient is the sum of every block's share. None when not asked.
+    - scale_grad (): the block's share of d loss / d logit_scale (a sum over blocks).
+    """
+
+    image_grad: torch.Tensor | None
+    text_grad: torch.Tensor | None
+    scale_grad: torch.Tensor
+
+
+class SiglipBlock(NamedTuple):
+    """One block's share of the global SigLIP loss and, when asked, of its gradients.
+
+    - loss (): Σ over the block's rows i and all columns j of softplus(-label_ij · S_ij), / n_total.
+    - image_grad (M, D): complete for the block's rows; None when not asked.
+    - text_grad (N, D): the block's share (sum over blocks); None when not asked.
+    - scale_grad, bias_grad (): the block's shares (sums over blocks); None when not asked.
+    """
+
+    loss: torch.Tensor
+    image_grad: torch.Tensor | None
+    text_grad: torch.Tensor | None
+    scale_grad: torch.Tensor | None
+    bias_grad: torch.Tensor | None
+
+
+def _check_block(image_emb, text_emb, offset, n_total=None) -> None:
+    check_float_tensor("image_emb", image_emb, 2, "(M, D)")
+    check_float_tensor("text_emb", text_emb, 2, "(N, D)")
+    check_same_device([("image_emb", image_emb), ("text_emb", text_emb)])
+    if image_emb.dtype != text_emb.dtype:
+        raise TypeError(
+            f"expected image_emb and text_emb to share a dtype, got {image_emb.dtype} and {text_emb.dtype}"
+        )
+    if image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(
+            "expected image_emb and text_emb to have the same last dimension, "
+            f"got {image_emb.shape[1]} and {text_emb.shape[1]}"
+        )
+    if image_emb.shape[1] == 0:
+        raise ValueError("expected an embedding dimension D >= 1, got D = 0")
+    if text_emb.shape[0] == 0:
+        raise ValueError("expected text_emb to hold at least one column, got N = 0")
+    _check_int("offset", offset, 0)
+    m, n = image_emb.shape[0], text_emb.shape[0]
+    if offset + m > n:
+        raise ValueError(
+            f"expected offset + M <= N (row i's positive is column offset + i), got offset {offset}, "
+            f"M {m}, N {n}"
+        )
+    if n_total is not None:
+        _check_int("n_total", n_total, 1)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"expected {name} to be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"expected {name} >= {minimum}, got {value}")
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected {name} to be a bool, got {type(value).__name__}")
+    return value
+
+
+def clip_block_stats(image_emb, text_emb, logit_scale, *, offset: int, normalize: bool,
+                     workspace_bytes: int | None = None) -> ClipBlockStats:
+    """CLIP's softmax statistics of one block row of S (see ClipBlockStats); no gradient.
+
+    Args:
+        image_emb: (M, D) the block's image embeddings (rows offset .. offset+M-1 of the batch).
+        text_emb: (N, D) the text embeddings of all columns; same dtype and device. N >= offset + M.
+        logit_scale: the multiplier (already exponentiated), a Python float or a 0-dim tensor.
+        offset: the column of row 0's positive.
+        normalize: L2-normalise both embeddings first.
+        workspace_bytes: the kernels' workspace (see `workspace_bytes` in clip_loss).
+
+    Work: 2·M·N·D (each logit computed once).
+    """
+    _check_block(image_emb, text_emb, offset)
+    normalize = _check_flag("normalize", normalize)
+    scale = scalar_tensor("logit_scale", logit_scale, image_emb).detach()
+    resolve_workspace_bytes(workspace_bytes)
+    return ClipBlockStats(*reference.clip_block_stats(image_emb.detach(), text_emb.detach(), scale, offset, normalize))
+
+
+def merge_column_stats(col_max: torch.Tensor, col_sumexp: torch.Tensor) -> torch.Tensor:
+    """Column log-sum-exps (N,) of the whole S from P blocks' partial statistics.
+
+    Args:
+        col_max, col_sumexp: (P, N), block p's ClipBlockStats.col_max and .col_sumexp in row p.
+
+    Returns log Σ_p col_sumexp_p · exp(col_max_p), computed stably. Deterministic (one fixed
+    reduction order, no atomics); blocks with col_max = -inf add nothing (all of them: -inf); a
+    NaN or +inf statistic gives NaN.
+    """
+    check_float_tensor("col_max", col_max, 2, "(P, N)")
+    check_float_tensor("col_sumexp", col_sumexp, 2, "(P, N)")
+    check_same_device([("col_max", col_max), ("col_sumexp", col_sumexp)])
+    if col_max.shape != col_sumexp.shape:
+        raise ValueError(
+            f"expected col_max and col_sumexp of one shape (P, N), got {tuple(col_max.shape)} and "
+            f"{tuple(col_sumexp.shape)}"
+        )
+    return reference.merge_column_stats(col_max, col_sumexp.to(col_max.dtype))
+
+
+def _check_stat(name: str, t, length: int, like: torch.Tensor) -> None:
+    check_float_tensor(name, t, 1, f"({length},)")
+    if t.shape[0] != length:
+        raise ValueError(f"expected {name} of shape ({length},), got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"expected {name} on the inputs' device {like.device}, got {t.device}")
+
+
+def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, *, offset: int, n_total: int,
+                     label_smoothing: float, normalize: bool, image_grad: bool, text_grad: bool,
+                     grad_output=None, workspace_bytes: int | None = None) -> ClipBlockGrads:
+    """One block's contribution to the gradients of the global CLIP loss (see ClipBlockGrads).
+
+    The global loss is the one a single process computes over all n_total pairs
+    (`clip_loss(all_images, all_texts, logit_scale, ...)`); its gradients are the sums of every
+    block's contributions (image rows: each block gives its own rows, complete).
+
+    Args:
+        image_emb (M, D), text_emb (N, D), logit_scale, offset, normalize: as in clip_block_stats.
+        row_lse: (M,) the block's row log-sum-exps (ClipBlockStats.row_lse).
+        col_lse: (N,) the global column log-sum-exps (merge_column_stats over all blocks).
+        n_total: the number of pairs in the global batch (the loss is a mean over 2·n_total terms).
+        label_smoothing: eps in [0, 1], as in clip_loss.
+        image_grad, text_grad: which embedding gradients to compute; a side not asked costs no
+            matrix product and comes back as None.
+        grad_output: the gradient of the global loss, a 0-dim tensor (default 1); every result is
+            scaled by it.
+
+    Work: 2·M·N·D to recompute the block's logits once, plus 2·M·N·D per side asked.
+    Results are fp32 (float64 for float64 inputs).
+    """
+    _check_block(image_emb, text_emb, offset, n_total)
+    eps = _check_label_smoothing(label_smoothing)
+    normalize = _check_flag("normalize", normalize)
+    image_grad, text_grad = _check_flag("image_grad", image_grad), _check_flag("text_grad", text_grad)
+    _check_stat("row_lse", row_lse, image_emb.shape[0], image_emb)
+    _check_stat("col_lse", col_lse, text_emb.shape[0], image_emb)
+    scale = scalar_tensor("logit_scale", logit_scale, image_emb).detach()
+    grad = None if grad_output is None else scalar_tensor("grad_output", grad_output, image_emb).detach()
+    resolve_workspace_bytes(workspace_bytes)
+    out = reference.clip_block_grads(
+        image_emb.detach(), text_emb.detach(), scale, row_lse.detach(), col_lse.detach(), offset, n_total, eps,
+        normalize, image_grad, text_grad, grad,
+    )
+    return ClipBlockGrads(*out)
+
+
+def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int, n_total: int, normalize: bool,
+                 image_grad: bool, text_grad: bool, scalar_grads: bool = True,
+                 workspace_bytes: int | None = None) -> SiglipBlock:
+    """One block's share of the global SigLIP loss and of its gradients (see SiglipBlock).
+
+    The global loss is siglip_loss over all n_total pairs: the sum of every block's loss; its
+    gradients are the sums of every block's shares (image rows: complete per block).
+
+    Args:
+        image_emb (M, D), text_emb (N, D), logit_scale, offset, normalize: as in clip_block_stats.
+        logit_bias: the additive bias, a Python float or a 0-dim tensor.
+        n_total: the number of pairs in the global batch (the loss is divided by it).
+        image_grad, text_grad: which embedding gradients to compute; a side not asked costs no
+            matrix product and comes back as None.
+        scalar_grads: also compute the shares of d logit_scale and d logit_bias (no extra
+            product: they come out of the same pass); None when False.
+
+    Work: 2·M·N·D for the loss (each logit computed once), plus 2·M·N·D per side asked.
+    Results are fp32 (float64 for float64 inputs).
+    """
+    _check_block(image_emb, text_emb, offset, n_total)
+    normalize = _check_flag("normalize", normalize)
+    image_grad, text_grad = _check_flag("image_grad", image_grad), _check_flag("text_grad", text_grad)
+    scalar_grads = _check_flag("scalar_grads", scalar_grads)
+    scale = scalar_tensor("logit_scale", logit_scale, image_emb).detach()
+    bias = scalar_tensor("logit_bias", logit_bias, image_emb).detach()
+    resolve_workspace_bytes(workspace_bytes)
+    out = reference.siglip_block(
+        image_emb.detach(), text_emb.detach(), scale, bias, offset, n_total, normalize, image_grad, text_grad,
+        scalar_grads,
+    )
+    return SiglipBlock(*out)
