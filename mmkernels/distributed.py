@@ -250,6 +250,8 @@ def _check(caller: str, op: str, group, image, text, local_checks, *, text_grad:
     ):
         if len(set(col[name])) > 1:
             raise ValueError(f"expected the same {name} on every rank, got " + _describe(col[name], fmt))
+    if sum(col["M"]) == 0:
+        raise ValueError("expected at least one pair in the global batch, got M = 0 on every rank")
     return _Plan(
         group=group, world_size=world_size, rank=rank, sizes=tuple(col["M"]),
         text_grad=any(col["text_grad"]), scalar_grad=any(col["scalar_grad"]),
@@ -273,19 +275,8 @@ def _embedding_checks(image, text):
         )
     if image.dtype != text.dtype:
         raise TypeError(f"expected image_local and text_local to share a dtype, got {image.dtype} and {text.dtype}")
-    if image.shape[0] == 0:
-        raise ValueError("expected at least one local pair on every rank, got M = 0")
     if image.shape[1] == 0:
         raise ValueError("expected an embedding dimension D >= 1, got D = 0")
-
-
-def _workspace_check(workspace_bytes) -> None:
-    if workspace_bytes is None:
-        return
-    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
-        raise TypeError(f"expected workspace_bytes to be an int or None, got {type(workspace_bytes).__name__}")
-    if workspace_bytes <= 0:
-        raise ValueError(f"expected workspace_bytes > 0, got {workspace_bytes}")
 
 
 # --------------------------------------------------------------------------- communication
@@ -435,7 +426,7 @@ def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, 
             raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
         if scaling not in SCALINGS:
             raise ValueError(f"expected grad_scaling to be one of {GRAD_SCALINGS}, got {scaling!r}")
-        _workspace_check(workspace_bytes)
+        _blocks.resolve_workspace_bytes(workspace_bytes)
 
     image_grad, text_grad, scale_grad = (_needs_grad(t) for t in (image_local, text_local, logit_scale))
     plan = _check(caller, "clip_loss", group, image_local, text_local, local_checks, text_grad=text_grad,
@@ -507,6 +498,7 @@ class _SiglipLoss(_FinishedGradients):
         block = _blocks.siglip_block(
             image, text_all, scale, bias, offset=plan.offset, n_total=n, normalize=opts.normalize,
             image_grad=passes and opts.image_grad, text_grad=passes and plan.text_grad,
+            scalar_grads=any(opts.scalar_grads) or (opts.scaling.scalar_total and plan.scalar_grad),
             workspace_bytes=opts.workspace_bytes,
         )
         del text_all
@@ -542,13 +534,18 @@ def siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, *, grou
         scalars.append(scalar_tensor("logit_bias", logit_bias, image_local))
         if scaling not in SCALINGS:
             raise ValueError(f"expected grad_scaling to be one of {GRAD_SCALINGS}, got {scaling!r}")
-        _workspace_check(workspace_bytes)
+        _blocks.resolve_workspace_bytes(workspace_bytes)
 
     image_grad, text_grad, scale_grad, bias_grad = (
         _needs_grad(t) for t in (image_local, text_local, logit_scale, logit_bias))
     plan = _check(caller, "siglip_loss", group, image_local, text_local, local_checks, text_grad=text_grad,
                   scalar_grad=scale_grad or bias_grad, normalize=normalize, label_smoothing=0.0,
                   grad_scaling=scaling)
+    if SCALINGS[scaling].block == "rows" and 0 in plan.sizes:
+        raise ValueError(
+            f"{caller}: open_clip's SigLIP loss divides each rank's loss by its local batch size, got M = "
+            f"{list(plan.sizes)}; mmkernels.distributed.siglip_loss takes empty ranks"
+        )
     opts = _Options(bool(normalize), 0.0, workspace_bytes, SCALINGS[scaling], image_grad, (scale_grad, bias_grad))
     return _SiglipLoss.apply(image_local, text_local, scalars[0], scalars[1], plan, opts)
 
