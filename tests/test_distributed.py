@@ -65,7 +65,7 @@ class Rank:
     """What a check sees: this rank, the sizes, and a generator all ranks seed alike."""
 
     def __init__(self, rank, world_size, sizes, seed):
-        self.rank, self.world_size, self.sizes = rank, world_size, sizes
+        self.rank, self.world_size, self.sizes, self.seed = rank, world_size, sizes, seed
         self.rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         self.gen = torch.Generator().manual_seed(seed)
 
