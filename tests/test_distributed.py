@@ -191,6 +191,22 @@ def check_non_finite(env):
 
 
 
+def check_work_per_rank(env):
+    """Each rank's matrix work is its block row's: CLIP 2·M_r·N·D for the statistics and 6·M_r·N·D for
+    the gradients, SigLIP 6·M_r·N·D; none at all without gradients beyond the forward's 2·M_r·N·D."""
+    A, B, scale, bias = env.batch()
+    unit = 2 * env.sizes[env.rank] * sum(env.sizes) * D  # one product of the block row: 2·M_r·N·D
+    cases = [("clip", {}, 4), ("siglip", {}, 3), ("clip", {"image_grad": False, "text_grad": False,
+                                                           "scale_grad": False}, 1)]
+    measured = []
+    for kind, needs, products in cases:
+        with OpTrace() as trace:
+            run_loss(kind, A, B, scale, bias, env.rows, **needs)
+        measured.append((kind, needs, trace.matmul_flops, products * unit))
+    wrong = [m for m in measured if m[2] != m[3]]
+    assert not wrong, f"rank {env.rank}: (loss, needs, FLOPs, expected): {wrong}"
+
+
 def _raised(fn):
     try:
         fn()
@@ -247,6 +263,7 @@ CHECKS = {
     "siglip_frozen_towers": (check_siglip_frozen_towers, ("reference", "triton")),
     "siglip_fp16": (check_siglip_fp16, ("triton",)),
     "non_finite": (check_non_finite, ("reference", "triton")),
+    "work_per_rank": (check_work_per_rank, ("reference",)),
     "errors_raise_on_every_rank": (check_errors_raise_on_every_rank, ("reference",)),
 }
 CASES = [(name, path) for name, (_, paths) in CHECKS.items() for path in paths]
