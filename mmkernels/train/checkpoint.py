@@ -44,6 +44,15 @@ def save_atomic(obj, path: str) -> None:
     _fsync_dir(directory)
 
 
+def remove_stale_temporaries(path: str) -> None:
+    """Delete the temporary files of saves of `path` that a kill interrupted (never the checkpoint)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    if os.path.isdir(directory):
+        for entry in os.listdir(directory):
+            if entry.startswith(f"{name}.tmp."):
+                os.remove(os.path.join(directory, entry))
+
+
 def load(path: str):
     """The checkpoint at `path` (on the CPU), or None if there is none."""
     if not os.path.exists(path):

@@ -176,6 +176,8 @@ def _save(trainer, ctx, path, step, result: VariantResult, cfg) -> None:
 
 def _restore(trainer, ctx, path, cfg, result: VariantResult) -> int:
     """Load the variant's checkpoint if there is one; returns the step to continue from."""
+    if ctx.is_main:
+        checkpoint.remove_stale_temporaries(path)
     state = checkpoint.load(path)
     if state is None:
         return 0

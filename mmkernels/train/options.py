@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--precision", choices=PRECISIONS, default=None,
                       help=f"bf16/fp16: autocast with fp32 weights (fp16 with a gradient scaler); fp32; "
                            f"fp64 (for numerics checks) ({_machine('precision')})")
-    what.add_argument("--seed", type=int, default=0, help="seed of the weights, the data and the batch order")
+    what.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weights, the data and the batch order")
     what.add_argument("--mask-prob", type=_probability, default=0.15,
                       help="fusion task: probability that each region is masked (at least one per image)")
 
@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", default=None,
-                      help="train on DIR's images and captions.jsonl/.csv instead of the synthetic "
-                           "scenes (fusion: regions from an .npz beside each image)")
+                      help="train on DIR's images and captions.jsonl/.csv (fusion: regions from an .npz "
+                           "beside each image) (default: none, the synthetic scenes)")
     data.add_argument("--tokenizer", metavar="DIR", default=None,
                       help="local tokenizer directory (needed with --data; default: the built-in "
                            "word-level tokenizer of the synthetic captions)")
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", default=None,
                      help="run directory (default: runs/<task>-<loss or fusion>-<model>-<date-time>)")
     run.add_argument("--resume", metavar="DIR", default=None,
-                     help="continue the run in DIR from its last checkpoint, with its saved options")
+                     help="continue the run in DIR from its last checkpoint, with its saved options "
+                          "(default: none, a new run)")
     run.add_argument("--save-every", type=_non_negative_int, default=50,
                      help="write a checkpoint every N steps (atomically; 0: only at the end)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

@@ -24,6 +24,7 @@ distributions).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +36,8 @@ VARIANTS = ("baseline", "mmkernels")
 
 def _step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
     # a CPU generator per (seed, step, rank, stream): no generator state to carry across steps
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) * 8 + stream)
+    state = np.random.SeedSequence([seed, step, rank, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
 
 
 def unwrap(model):
