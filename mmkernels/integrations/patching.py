@@ -111,6 +111,7 @@ __all__ = [
 # The modules whose import registers the family patchers, in the order their patchers are tried.
 PATCHER_MODULES = (
     "mmkernels.integrations.torch_mha",
+    "mmkernels.integrations.transformers_fusion",
 )
 KINDS = ("attention", "loss")
 
