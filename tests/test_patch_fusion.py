@@ -462,6 +462,19 @@ def test_visual_bert_region_to_phrase_scores_are_left_as_they_are():
         mmkernels.patch(model, strict=True, losses=False)
 
 
+def test_untested_transformers_version_leaves_the_modules_as_they_are(reference_path, monkeypatch, op_calls):
+    case = lxmert()
+    monkeypatch.setattr(fusion.transformers, "__version__", "5.99.0")
+    handle = mmkernels.patch(case.model)
+    assert not handle.records
+    assert len(handle.skipped) == 5 and all("5.99.0" in s.reason and "5.24" in s.reason for s in handle.skipped)
+    case.model(**case.inputs)
+    assert not op_calls
+    handle.undo()
+    with pytest.raises(StrictPatchError, match="5.99.0"):
+        mmkernels.patch(case.model, strict=True)
+
+
 # --------------------------------------------------------------------------- undo, caches, dropout
 
 
