@@ -137,7 +137,8 @@ def _check_kwargs(module: nn.Module, unexpected: dict) -> None:
 
 def mask_kv_lens(mask: Tensor, batch: int, len_k: int) -> Optional[Tensor]:
     """Per-sample key lengths (B,) int32 that skip no key eager attends, from an additive mask
-    broadcastable to (B, H, Lq, Lk), or None for a mask that masks nothing by finfo.min / -inf.
+    broadcastable to (B, H, Lq, Lk); None for a bool or integer mask (eager adds it as numbers, so
+    it masks no key).
 
     A key is dead where the mask is ≤ finfo(mask.dtype).min: eager gives it probability exactly 0
     whenever its row has a live key. kv_lens[b] = 1 + the last key live for some query of sample b,
