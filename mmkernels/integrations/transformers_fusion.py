@@ -1,5 +1,6 @@
 """Attention of the fusion models whose attention transformers writes by hand, through
-`mmkernels.cross_attention`: LXMERT, VisualBERT, ViLT, FLAVA and BLIP (tested on transformers 5.24).
+`mmkernels.cross_attention`: LXMERT, VisualBERT, ViLT, FLAVA and BLIP (tested on transformers 5.7,
+5.17 and 5.24; other versions are left unpatched by the shared gate in hf_common).
 
 These models do not go through transformers' attention registry: each attention module computes
 softmax(q·kᵀ / √d + mask) · v itself. `replacements()` maps each such module class to a replacement
@@ -54,7 +55,6 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-import transformers
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
@@ -66,10 +66,11 @@ from transformers.models.visual_bert.modeling_visual_bert import (
     VisualBertSelfAttention,
 )
 
+from mmkernels.integrations.hf_common import untested_version_reason
 from mmkernels.integrations.patching import call_original, register_patcher
 from mmkernels.ops.attention import MAX_HEAD_DIM, cross_attention
 
-__all__ = ["Unsupported", "TESTED_TRANSFORMERS", "replacements", "mask_kv_lens"]
+__all__ = ["Unsupported", "replacements", "mask_kv_lens"]
 
 
 class Unsupported(Exception):
@@ -202,7 +203,7 @@ def _bert_style(module: nn.Module, hidden_states: Tensor, context: Tensor, mask)
 def _recording_attentions() -> bool:
     """Whether transformers' output recorder is collecting attention weights in this call (how
     `output_attentions=True` reaches BLIP's attention modules, which have no such argument)."""
-    from transformers.utils.output_capturing import _active_collector  # private; checked by the version gate
+    from transformers.utils.output_capturing import _active_collector  # private: the version gate covers it
 
     collected = _active_collector.get()
     return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
@@ -275,8 +276,10 @@ def blip_text_attention_forward(module, hidden_states, attention_mask=None, enco
     (encoder_attention_mask for cross-attention, attention_mask otherwise; (B, 1, Lq, Lk) additive,
     causal in the decoder), through the key/value cache when one is passed (the decoder in training
     and in generation). Returns (context_layer (B, L, E), None)."""
-    if "past_key_values" in kwargs:
-        raise Unsupported("the deprecated keyword past_key_values was passed (eager renames it to cache)")
+    past_key_values = kwargs.pop("past_key_values", None)  # the cache's name before transformers 5.24
+    if cache is not None and past_key_values is not None:
+        raise Unsupported("both cache and past_key_values were passed")
+    cache = cache if cache is not None else past_key_values
     if kwargs.get("output_attentions") or _recording_attentions():
         raise Unsupported("attention weights requested (output_attentions)")
     is_cross_attention = encoder_hidden_states is not None
@@ -310,8 +313,6 @@ def replacements() -> dict[type, Callable]:
 
 # --------------------------------------------------------------------------- registration with mmkernels.patch
 
-TESTED_TRANSFORMERS = ("5.24",)  # major.minor versions whose modeling code these replacements mirror
-
 _PIECE = "mmkernels.cross_attention"
 _WEIGHTS = "output_attentions=True"
 
@@ -340,10 +341,6 @@ def _falling_back_on_unsupported(replacement: Callable) -> Callable:
     return forward
 
 
-def _version_supported() -> bool:
-    return ".".join(transformers.__version__.split(".")[:2]) in TESTED_TRANSFORMERS
-
-
 @register_patcher("attention")
 def _patch_fusion_attention(module: nn.Module, path: str, ctx) -> bool:
     """Family patcher: the exact attention classes of LXMERT, VisualBERT, ViLT, FLAVA and BLIP (a
@@ -356,9 +353,9 @@ def _patch_fusion_attention(module: nn.Module, path: str, ctx) -> bool:
     replacement = replacements().get(cls)
     if replacement is None:
         return False
-    if not _version_supported():
-        ctx.skip(path, "attention", f"transformers {transformers.__version__} is not a version the {cls.__name__} "
-                                    f"patch was tested on ({', '.join(TESTED_TRANSFORMERS)})")
+    reason = untested_version_reason()
+    if reason is not None:
+        ctx.skip(path, "attention", reason)
         return True
     piece, falls_back = _describe(cls)
     ctx.replace_forward(module, path, "attention", piece, _falling_back_on_unsupported(replacement), falls_back)
