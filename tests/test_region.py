@@ -286,39 +286,66 @@ def test_gradients_within_rule_of_float64(with_embedding, grad_from, backend):
         assert_within_rule(f"{backend} {name}", g, e, o, torch.float32)
 
 
-HASH_KERNEL = """
+COMPILE_FOR_SM90 = """
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mmkernels.ops.region_kernels import _region_random
+from mmkernels.ops import region_kernels as rk, region_loss_kernels as lk
+
+SM90 = GPUTarget("cuda", 90, 32)
 
 
 @triton.jit
 def region_random_kernel(out_ptr, seed0, key, b):
     rows = tl.arange(0, 16)
-    tl.store(out_ptr + rows, _region_random(seed0, key, b, rows))
+    tl.store(out_ptr + rows, rk._region_random(seed0, key, b, rows))
 
 
-source = ASTSource(region_random_kernel, dict(out_ptr="*i32", seed0="i32", key="i32", b="i32"))
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1, debug=True))
-print("overflow detected" in compiled.asm["ttir"])
+def compile_for_sm90(fn, pointers, constexprs, debug=False):
+    # pointers: element type per pointer argument ("*" for the others); ints are i32, strides i64
+    signature = {
+        name: "constexpr" if name in constexprs else pointers.get(name, pointers["*"]) if name.endswith("_ptr")
+        else "fp32" if name == "beta" else "i64" if name.startswith("stride") else "i32"
+        for name in fn.arg_names
+    }
+    return triton.compile(ASTSource(fn, signature, constexprs), target=SM90,
+                          options=dict(num_warps=4, debug=debug))
+
+
+hashed = compile_for_sm90(region_random_kernel, {"*": "*i32"}, {}, debug=True)
+assert "overflow detected" not in hashed.asm["ttir"], "the hash has overflow checks"
+ints = {"lens_ptr": "*i64", "valid_ptr": "*u8", "flat_cum_ptr": "*i32", "mask_ptr": "*u8", "source_ptr": "*i32",
+        "emb_partial_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "grad_loss_ptr": "*fp32"}
+bf16 = {"*": "*bf16", **ints}
+compile_for_sm90(rk._region_mask_fwd_kernel, bf16, dict(
+    MASK_BELOW=1717986918, RANDOM_BELOW=1932735283, HAS_LENS=True, HAS_EMB=True, BERT=True,
+    CHUNK=128, BLOCK_R=8, BLOCK_D=512))
+compile_for_sm90(rk._region_mask_bwd_kernel, bf16, dict(HAS_EMB_GRAD=True, BLOCK_R=8, BLOCK_D=512))
+compile_for_sm90(rk._region_mask_scatter_kernel, bf16, dict(BLOCK_R=16, BLOCK_D=256))
+compile_for_sm90(lk._masked_region_loss_fwd_kernel, bf16, dict(KIND=2, BLOCK_R=4, BLOCK_K=1024))
+for kind in (1, 2):
+    compile_for_sm90(lk._masked_region_loss_bwd_kernel, bf16, dict(KIND=kind, TARGET_GRAD=True, BLOCK_R=4,
+                                                                   BLOCK_K=1024))
+print("compiled")
 """
 
 
 @needs_triton
-def test_triton_hash_has_no_overflow_for_debug_mode_to_trip_on(tmp_path):
-    """The hash wraps uint32 products on purpose; compiled with debug=True (TRITON_DEBUG=1), Triton
-    asserts that no 32-bit product overflows, so the kernels would abort on the GPU. Compiled for
-    sm_90 (no GPU needed) in a process without the interpreter."""
-    script = tmp_path / "compile_hash.py"
-    script.write_text(HASH_KERNEL)
+def test_triton_kernels_compile_for_sm90_and_the_hash_has_no_overflow_checks(tmp_path):
+    """Without a GPU, the interpreter never compiles the kernels: compile every region kernel for
+    sm_90 (bf16, the GPU configurations; no GPU needed) in a process without the interpreter. The
+    hash wraps uint32 products on purpose; compiled with debug=True (TRITON_DEBUG=1), Triton asserts
+    that no 32-bit product overflows, so it must hold no such product or the kernels would abort."""
+    script = tmp_path / "compile_for_sm90.py"
+    script.write_text(COMPILE_FOR_SM90)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "False", "the hash has overflow checks"
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile, do not replay a cached build
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "compiled"
 
 
 @pytest.mark.parametrize("backend", [p for p in PATHS if p.id != "torch"])
