@@ -13,6 +13,7 @@ import torch
 
 from mmkernels.nn.region import RegionMasker
 from mmkernels.ops import _common, _extension, reference
+from mmkernels.ops._common import interpreting
 from mmkernels.ops import region as region_op
 from mmkernels.ops._extension import AUTO_CUDA_BACKEND, cuda_extension_available, resolve_backend
 from mmkernels.ops.region import RegionMaskOutput, region_mask
@@ -20,6 +21,8 @@ from mmkernels.ops.region_loss import masked_region_loss
 from toolkit import CUDA, OpTrace, assert_within_rule, fresh_seed, needs_triton, value_and_grads
 
 needs_extension = pytest.mark.skipif(not cuda_extension_available(), reason="mmkernels._C is not built")
+# what CPU tensors do under Triton's interpreter (tests/conftest.py sets it where there is no GPU)
+needs_interpreter = pytest.mark.skipif(not interpreting(), reason="checks the CPU under TRITON_INTERPRET=1")
 
 # Every path a CUDA or CPU tensor can take: the CPU runs "triton" under the interpreter.
 PATHS = [
@@ -375,6 +378,7 @@ def ran_kernels(fn) -> bool:
 
 
 @needs_triton
+@needs_interpreter
 def test_bf16_on_the_cpu_takes_the_reference_path():
     """Issue 11 (9): Triton's interpreter has no bf16 (atomic_add on bf16 failed in "bert"'s
     backward): "auto" runs the reference for CPU bf16 and gives its result and gradients."""
@@ -400,6 +404,7 @@ def test_bf16_on_the_cpu_takes_the_reference_path():
 
 
 @needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("dtype, kernels", [(torch.float32, True), (torch.float16, True),
                                             (torch.bfloat16, False), (torch.float64, False)])
 def test_auto_on_the_cpu_runs_the_interpreted_kernels_for_fp32_and_fp16_only(dtype, kernels):

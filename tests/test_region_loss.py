@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mmkernels.nn.region import MaskedRegionLoss
 from mmkernels.ops.region_loss import masked_region_loss
-from test_region import PATHS, path_device, ran_kernels
+from test_region import PATHS, needs_interpreter, path_device, ran_kernels
 from toolkit import CUDA, assert_within_rule, eager_masked_region_loss, fresh_seed, needs_triton, value_and_grads
 
 KINDS = ["mse", "smooth_l1", "kl"]
@@ -217,6 +217,7 @@ def test_nothing_selected_gives_zero_not_nan(kind, backend):
 
 
 @needs_triton
+@needs_interpreter
 def test_bf16_on_the_cpu_takes_the_reference_path():
     """Issue 11 (9): "auto" runs CPU bf16 on the reference; backend="triton" says why it cannot."""
     pred, target, mask = loss_inputs("kl", 3, 5, 16, torch.bfloat16, "cpu")
