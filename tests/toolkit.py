@@ -168,14 +168,21 @@ def eager_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     return probs @ v
 
 
-def eager_masked_region_loss(pred, target, mask, kind, beta=1.0):
-    """UNITER / LXMERT: gather the selected regions, then the loss, averaged over them."""
+def eager_masked_region_loss(pred, target, mask, kind, beta=1.0, reduction="mean"):
+    """UNITER / LXMERT: gather the selected regions, then the loss, averaged over them ("mean"),
+    summed ("sum"), or scattered back to a (B, R) tensor with 0 elsewhere ("none")."""
     p, t = pred[mask], target[mask]
     if kind == "mse":
-        return F.mse_loss(p, t, reduction="none").mean(-1).mean()
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(p, t, reduction="none", beta=beta).mean(-1).mean()
-    return F.kl_div(F.log_softmax(p, dim=-1), t, reduction="none").sum(-1).mean()
+        per_region = F.mse_loss(p, t, reduction="none").mean(-1)
+    elif kind == "smooth_l1":
+        per_region = F.smooth_l1_loss(p, t, reduction="none", beta=beta).mean(-1)
+    else:
+        per_region = F.kl_div(F.log_softmax(p, dim=-1), t, reduction="none").sum(-1)
+    if reduction == "mean":
+        return per_region.mean()
+    if reduction == "sum":
+        return per_region.sum()
+    return torch.zeros(mask.shape, dtype=per_region.dtype, device=mask.device).masked_scatter(mask, per_region)
 
 
 # --------------------------------------------------------------------------- work and allocations
@@ -328,13 +335,18 @@ def assert_models_within_rule(got: tuple, eager: tuple, oracle: tuple, dtype: to
     """DESIGN.md's rule for every output and every parameter gradient of three runs of one model
     (`model_outputs_and_grads` results): ours, the eager model in `dtype`, and its float64 copy.
     `sizes` gives the floor's size by name ("loss", "grad logit_scale", ...) where a value is a sum
-    that cancels (see `assert_within_rule`)."""
+    that cancels (see `assert_within_rule`): a number, or the name of another output or gradient
+    whose oracle norm is the size of the summands (the key bias's gradient, zero in exact arithmetic
+    since softmax ignores a constant shift, sums the same rows dK as the key weight's gradient)."""
     sizes = sizes or {}
     for index, kind in ((0, ""), (1, "grad ")):
         assert got[index].keys() == oracle[index].keys(), f"{what}: different {kind or 'output '}names"
         for name, reference in oracle[index].items():
+            size = sizes.get(kind + name)
+            if isinstance(size, str):
+                size = (oracle[1][size[len("grad "):]] if size.startswith("grad ") else oracle[0][size]).norm().item()
             assert_within_rule(f"{what} {kind}{name}", got[index][name], eager[index][name], reference, dtype,
-                               size=sizes.get(kind + name))
+                               size=size)
 
 
 def use_path(monkeypatch, name: str) -> list:
@@ -351,6 +363,17 @@ def use_path(monkeypatch, name: str) -> list:
     return calls
 
 
+def key_bias_sizes(model: torch.nn.Module) -> dict:
+    """`assert_models_within_rule` sizes for every key-projection bias of a model (named `*key.bias`
+    or `*k_proj.bias`, as transformers names them): the matching weight's gradient."""
+    sizes = {}
+    for name, _ in model.named_parameters():
+        for bias in ("key.bias", "k_proj.bias"):
+            if name.endswith(bias):
+                sizes[f"grad {name}"] = f"grad {name[:-len('bias')]}weight"
+    return sizes
+
+
 def compare_patched(make_model, run, patch, path: str, reference_calls: list, *, got_run=None, sizes=None):
     """Build a model, patch a copy with `patch(model)`, and hold the patched fp32 model to DESIGN.md's
     rule against the unpatched fp32 model (eager) and its float64 copy (the oracle): every output of
@@ -359,7 +382,7 @@ def compare_patched(make_model, run, patch, path: str, reference_calls: list, *,
     `assert_models_within_rule`). Checks that the patched run took `path` ("reference": some
     reference op ran; "kernels": none did and interpreted tl.dot ran). Returns patch's result."""
     eager = make_model()
-    sizes = sizes(eager) if sizes is not None else None
+    sizes = {**key_bias_sizes(eager), **(sizes(eager) if sizes is not None else {})}
     oracle = copy.deepcopy(eager).double()
     patched = copy.deepcopy(eager)
     handle = patch(patched)

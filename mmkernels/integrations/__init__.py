@@ -4,7 +4,7 @@ imports transformers only then. Nothing inside mmkernels depends on these module
 family patchers on first use)."""
 import importlib
 
-_INTEGRATIONS = ("transformers", "patching", "torch_mha")
+_INTEGRATIONS = ("transformers", "patching", "torch_mha", "hf_common", "hf_attention", "hf_losses")
 
 
 def __getattr__(name):

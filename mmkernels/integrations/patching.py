@@ -55,7 +55,8 @@ A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one
   config copy), `ctx.mark_patched(module, path, kind, piece)` (a module patched through something
   else, such as the attention modules that read a swapped config). All of it is logged and undone
   exactly. `ctx.skip(path, kind, reason)` records an item the patcher recognises and leaves as it is.
-  `ctx.keep_logits`, `ctx.strict`, `ctx.is_patched(module, kind)` are there to read.
+  `ctx.keep_logits`, `ctx.strict`, `ctx.is_patched(module, kind)` are there to read; `ctx.memo` is a
+  dict shared by the patchers of one `patch()` call.
 - The patched forward is a plain function `forward(self, *args, **kwargs)`; it finds everything through
   `self` (so `copy.deepcopy` of a patched model gives a patched copy computing with its own weights),
   and `patch_state(self)` gives its `PatchState` (path, handle, handle options such as keep_logits).
@@ -63,7 +64,9 @@ A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one
   an unsupported option) goes to `call_original(self, reason, *args, **kwargs)`, which runs the
   forward the module had before the patch (its class's, or an instance `forward` that was already
   there) and counts the call in `handle.fallbacks[(path, reason)]`; under `strict=True` it raises
-  `StrictPatchError` instead. Never approximate silently.
+  `StrictPatchError` instead. Never approximate silently. A call that is outside what the patch is
+  for (a loss patch called without `return_loss`) passes `reason=None`: it runs the original
+  forward, uncounted, also under strict.
 - Registration: put the patchers in a module under mmkernels/integrations/ and add the module's name
   to `PATCHER_MODULES` below. `patch()` imports those modules on first use; one whose import fails
   because a library is missing (transformers) is left out, so each module may import its library at
@@ -110,7 +113,10 @@ __all__ = [
 
 # The modules whose import registers the family patchers, in the order their patchers are tried.
 PATCHER_MODULES = (
+    "mmkernels.integrations.hf_attention",
+    "mmkernels.integrations.hf_losses",
     "mmkernels.integrations.torch_mha",
+    "mmkernels.integrations.transformers_fusion",
 )
 KINDS = ("attention", "loss")
 
@@ -216,18 +222,23 @@ def patch_state(module: nn.Module) -> PatchState | None:
     return state if isinstance(state, PatchState) and state.handle.active else None
 
 
-def call_original(module: nn.Module, reason: str, *args, **kwargs):
-    """Run the forward `module` had before the patch for this call, counting it under `reason` in
-    its handle's `fallbacks`; under strict=True raise StrictPatchError instead."""
+def call_original(module: nn.Module, reason: str | None, *args, **kwargs):
+    """Run the forward `module` had before the patch for this call.
+
+    reason: why the kernels cannot compute this call; it is counted in the handle's `fallbacks`
+    (under strict=True StrictPatchError is raised instead). None means the call is outside what the
+    patch covers (e.g. no loss was asked for): it runs as it is, uncounted, also under strict.
+    """
     state = patch_state(module)
     if state is None:
         raise RuntimeError(f"call_original: {type(module).__name__} is not patched by mmkernels")
-    if state.handle.strict:
-        raise StrictPatchError(
-            f"mmkernels.patch(strict=True): {state.path or type(module).__name__} "
-            f"({type(module).__name__}) would fall back to its own code for this call: {reason}"
-        )
-    state.handle.fallbacks[(state.path, reason)] += 1
+    if reason is not None:
+        if state.handle.strict:
+            raise StrictPatchError(
+                f"mmkernels.patch(strict=True): {state.path or type(module).__name__} "
+                f"({type(module).__name__}) would fall back to its own code for this call: {reason}"
+            )
+        state.handle.fallbacks[(state.path, reason)] += 1
     if state.previous_forward is not _ABSENT:
         return state.previous_forward(*args, **kwargs)
     return type(module).forward(module, *args, **kwargs)
@@ -340,10 +351,12 @@ class PatchHandle:
 
 
 class PatchContext:
-    """What a family patcher uses to change a module (every change is logged for undo)."""
+    """What a family patcher uses to change a module (every change is logged for undo). `memo` is a
+    dict the patchers of one patch() call may share (e.g. what a patcher already did to a subtree)."""
 
     def __init__(self, handle: PatchHandle):
         self.handle = handle
+        self.memo: dict = {}
 
     @property
     def keep_logits(self) -> bool:

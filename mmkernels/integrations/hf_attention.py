@@ -1,0 +1,98 @@
+"""The attention patch for the transformers models on the attention registry: CLIP, SigLIP, SigLIP2
+and BridgeTower (its text encoder and cross-modal layers; its vision tower is nn.MultiheadAttention,
+patched by torch_mha).
+
+These models pick their attention function, and the mask that goes with it, from
+`config._attn_implementation` at every call. `model.set_attn_implementation("mmkernels")` would
+write that on the config objects, which are shared: two models built from one config (a teacher
+and a student, `CLIPModel(config)` twice) share them, and so do a model and its sub-models. So the
+patch gives the model's modules a private copy of their configs instead:
+
+- the outermost model of a supported family is found; every module under it that holds a
+  transformers config gets a copy (one `copy.deepcopy` with a shared memo, so configs that were one
+  object stay one object, and `config.text_config is text_model.config` still holds), with
+  `_attn_implementation = "mmkernels"` on it and its sub-configs;
+- `integrations.transformers.register()` adds the name "mmkernels" to transformers'
+  AttentionInterface and AttentionMaskInterface (no existing name changes);
+- undo puts the original config objects back on every module.
+
+While patched, `model.config` is that copy: `model.config._attn_implementation == "mmkernels"`, and
+a change made to `model.config` lasts until undo. Calls that the backend cannot compute are decided
+by the backend (integrations/transformers.py), not here.
+
+SigLIP's and SigLIP2's pooling heads call their nn.MultiheadAttention with its default
+`need_weights=True` and keep only the output: those instances are patched as "weights discarded"
+(see torch_mha), so they run the kernels instead of falling back at every call.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from mmkernels.integrations import transformers as backend
+from mmkernels.integrations.hf_common import family, untested_version_reason
+from mmkernels.integrations.patching import PatchContext, register_patcher
+from mmkernels.integrations.torch_mha import patch_multihead_attention
+
+__all__ = ["ATTENTION_CLASSES"]
+
+# The attention modules of each family that call the function AttentionInterface hands them.
+ATTENTION_CLASSES = {
+    "clip": ("CLIPAttention",),
+    "siglip": ("SiglipAttention",),
+    "siglip2": ("Siglip2Attention",),
+    "bridgetower": ("BridgeTowerSelfAttention", "BridgeTowerCrossAttention"),
+}
+_POOLING_HEADS = {"siglip": "SiglipMultiheadAttentionPoolingHead", "siglip2": "Siglip2MultiheadAttentionPoolingHead"}
+_PIECE = "mmkernels.cross_attention via transformers' AttentionInterface (attn_implementation='mmkernels')"
+_CONFIG_PIECE = "private config copies with attn_implementation='mmkernels' (shared configs untouched)"
+_MEMO_KEY = "hf_attention: config copies"  # ids of the config copies this patch() made
+
+
+@register_patcher("attention")
+def _patch_registry_family(module, path: str, ctx: PatchContext) -> bool:
+    if not isinstance(module, PreTrainedModel) or family(module) not in ATTENTION_CLASSES:
+        return False
+    copies = ctx.memo.setdefault(_MEMO_KEY, set())
+    if id(module.config) in copies:
+        return False  # under a model of the family that this patch() already switched
+    reason = untested_version_reason()
+    if reason is not None:
+        for sub_path, sub in module.named_modules(prefix=path):
+            if _is_registry_attention(sub):
+                ctx.skip(sub_path, "attention", reason)
+        return True
+    backend.register()
+    memo: dict = {}
+    for _, sub in module.named_modules(prefix=path):
+        config = sub.__dict__.get("config")
+        if isinstance(config, PretrainedConfig) and id(config) not in copies:
+            private = copy.deepcopy(config, memo)
+            private._attn_implementation = backend.BACKEND_NAME  # also sets it on its sub-configs
+            ctx.set_attribute(sub, "config", private)
+    copies.update(id(c) for c in memo.values() if isinstance(c, PretrainedConfig))
+    ctx.mark_patched(module, path, "attention", _CONFIG_PIECE)
+    for sub_path, sub in module.named_modules(prefix=path):
+        if _is_registry_attention(sub):
+            ctx.mark_patched(sub, sub_path, "attention", _PIECE, falls_back="decided by the backend per call")
+    return True
+
+
+def _is_registry_attention(module) -> bool:
+    return type(module).__name__ in ATTENTION_CLASSES.get(family(module), ())
+
+
+@register_patcher("attention")
+def _patch_pooling_head(module, path: str, ctx: PatchContext) -> bool:
+    name = _POOLING_HEADS.get(family(module))
+    if name is None or type(module).__name__ != name:
+        return False
+    attention = module.attention
+    if not isinstance(attention, nn.MultiheadAttention) or ctx.is_patched(attention, "attention"):
+        return False
+    if untested_version_reason() is not None:
+        return False  # the generic nn.MultiheadAttention patch still applies (need_weights=True falls back)
+    return patch_multihead_attention(attention, f"{path}.attention", ctx, weights_discarded_by=name)
+

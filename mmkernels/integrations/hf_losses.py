@@ -1,0 +1,269 @@
+"""The loss patches for transformers' contrastive models: the image-text contrastive loss computed
+with `mmkernels.clip_loss` / `mmkernels.siglip_loss` from the embeddings, never through an N x N
+logit matrix that autograd keeps.
+
+- CLIPModel, BlipModel: `clip_loss(image_embeds, text_embeds, logit_scale.exp())`.
+- SiglipModel, Siglip2Model: `siglip_loss(image_embeds, text_embeds, logit_scale.exp(), logit_bias)`.
+- FlavaForPreTraining: its global contrastive term, `clip_loss(...) * global_contrastive_weight`;
+  the rest of its forward (MIM, MLM, ITM, MMM) runs as the model's own code (the patched forward
+  runs it with the contrastive weight at 0 for that call, then adds the term).
+
+The patched forward of a dual encoder runs the model's own towers (`get_image_features`,
+`vision_model`, ...) exactly as its forward does, then the loss. It returns the model's own output
+class with the same fields: `loss` (in the dtype the model's loss has), the embeddings, the tower
+outputs, and the logits: with `keep_logits=True` they are computed without autograd (the values the
+model returns, detached: backpropagate through `loss`, not through them); with `keep_logits=False`
+they are None and no N x N tensor is built (on the kernels path; the CPU reference path of the loss
+builds S). `return_dict=False` returns the same tuple as the model.
+
+Calls the patch does not cover run the model's own forward: `return_loss` not set (no loss asked
+for: the logits keep their autograd, nothing is counted); and, counted as fallbacks (StrictPatchError
+under strict=True), for FLAVA: `return_dict=False`, torch.distributed initialised (FLAVA gathers the
+embeddings of every process), `itm_labels` with both matching and non-matching pairs (FLAVA then
+takes the contrastive loss over the matching rows only, against every column, which is not a
+square contrastive loss; deciding this reads itm_labels on the host, one sync).
+
+Left as they are, and listed in the handle: BridgeTowerForContrastiveLearning (its loss is three
+one-directional cross-entropies, text to image, text to cross-modal and image to cross-modal;
+`mmkernels.clip_loss` is symmetric and mmkernels has no one-directional contrastive op). Not loss
+patches at all: BlipForImageTextRetrieval computes no loss (its `use_itm_head=False` output is the
+similarity matrix the caller asked for).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    BlipModel,
+    BridgeTowerForContrastiveLearning,
+    CLIPModel,
+    FlavaForPreTraining,
+    Siglip2Model,
+    SiglipModel,
+)
+from transformers.utils.generic import can_return_tuple
+
+from mmkernels.integrations.hf_common import untested_version_reason
+from mmkernels.integrations.patching import PatchContext, call_original, patch_state, register_patcher
+from mmkernels.ops.contrastive import clip_loss, siglip_loss
+
+__all__ = ["LOSS_FORWARDS"]
+
+
+def _normalized(embeds: torch.Tensor, model) -> torch.Tensor:
+    """embeds / ||embeds||, with the model's own norm helper where its module has one (CLIP's)."""
+    vector_norm = getattr(sys.modules[type(model).__module__], "_get_vector_norm", None)
+    return embeds / (vector_norm(embeds) if vector_norm is not None else embeds.norm(p=2, dim=-1, keepdim=True))
+
+
+def _loss_dtype(text_embeds: torch.Tensor, scale: torch.Tensor, cross_entropy: bool) -> torch.dtype:
+    """The dtype of the model's own loss: its logits' dtype, or fp32 where autocast runs cross_entropy."""
+    if cross_entropy and torch.is_autocast_enabled(text_embeds.device.type):
+        return torch.float32
+    return torch.promote_types(text_embeds.dtype, scale.dtype)
+
+
+def _contrastive(model, image_embeds, text_embeds, bias=None):
+    """(loss, logits_per_text, logits_per_image) for normalised (N, D) embeddings: the loss by
+    mmkernels, the logits without autograd (or None without keep_logits)."""
+    scale = model.logit_scale.exp().to(text_embeds.device)
+    image = image_embeds.to(device=text_embeds.device, dtype=text_embeds.dtype)
+    if bias is None:
+        loss = clip_loss(image, text_embeds, scale)
+    else:
+        bias = bias.to(text_embeds.device)
+        loss = siglip_loss(image, text_embeds, scale, bias)
+    loss = loss.to(_loss_dtype(text_embeds, scale, cross_entropy=bias is None))
+    if not patch_state(model).keep_logits:
+        return loss, None, None
+    with torch.no_grad():
+        logits_per_text = torch.matmul(text_embeds, image.t()) * scale
+        if bias is not None:
+            logits_per_text = logits_per_text + bias
+    return loss, logits_per_text, logits_per_text.t()
+
+
+def _output(output_class, loss, logits_per_text, logits_per_image, text_embeds, image_embeds,
+            text_outputs, vision_outputs):
+    return output_class(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_text,
+                        text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_outputs,
+                        vision_model_output=vision_outputs)
+
+
+@can_return_tuple
+def _clip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                  return_loss=None, interpolate_pos_encoding=False, **kwargs):
+    if not return_loss:
+        return call_original(self, None, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+                             interpolate_pos_encoding, **kwargs)
+    vision_outputs = self.get_image_features(pixel_values=pixel_values,
+                                             interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+    text_outputs = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, **kwargs)
+    image_embeds = _normalized(vision_outputs.pooler_output, self)
+    text_embeds = _normalized(text_outputs.pooler_output, self)
+    loss, per_text, per_image = _contrastive(self, image_embeds, text_embeds)
+    return _output(_OUTPUTS[type(self)], loss, per_text, per_image, text_embeds, image_embeds,
+                   text_outputs, vision_outputs)
+
+
+@can_return_tuple
+def _siglip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                    return_loss=None, interpolate_pos_encoding=False, **kwargs):
+    if not return_loss:
+        return call_original(self, None, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+                             interpolate_pos_encoding, **kwargs)
+    vision_outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                       **kwargs)
+    text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   **kwargs)
+    image_embeds = _normalized(vision_outputs.pooler_output, self)
+    text_embeds = _normalized(text_outputs.pooler_output, self)
+    loss, per_text, per_image = _contrastive(self, image_embeds, text_embeds, bias=self.logit_bias)
+    return _output(_OUTPUTS[type(self)], loss, per_text, per_image, text_embeds, image_embeds,
+                   text_outputs, vision_outputs)
+
+
+@can_return_tuple
+def _siglip2_forward(self, input_ids=None, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
+                     attention_mask=None, position_ids=None, return_loss=None, **kwargs):
+    if not return_loss:
+        return call_original(self, None, input_ids, pixel_values, pixel_attention_mask, spatial_shapes,
+                             attention_mask, position_ids, return_loss, **kwargs)
+    vision_outputs = self.vision_model(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
+                                       spatial_shapes=spatial_shapes, **kwargs)
+    text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   **kwargs)
+    image_embeds = _normalized(vision_outputs.pooler_output, self)
+    text_embeds = _normalized(text_outputs.pooler_output, self)
+    loss, per_text, per_image = _contrastive(self, image_embeds, text_embeds, bias=self.logit_bias)
+    return _output(_OUTPUTS[type(self)], loss, per_text, per_image, text_embeds, image_embeds,
+                   text_outputs, vision_outputs)
+
+
+@can_return_tuple
+def _blip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                  return_loss=None, interpolate_pos_encoding=False, **kwargs):
+    if not return_loss:
+        return call_original(self, None, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+                             interpolate_pos_encoding, **kwargs)
+    vision_outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                       **kwargs)
+    text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   **kwargs)
+    image_embeds = _normalized(self.visual_projection(vision_outputs.pooler_output), self)
+    text_embeds = _normalized(self.text_projection(text_outputs.pooler_output), self)
+    loss, per_text, per_image = _contrastive(self, image_embeds, text_embeds)
+    image_embeds = image_embeds.to(device=text_embeds.device, dtype=text_embeds.dtype)
+    return _output(_OUTPUTS[type(self)], loss, per_text, per_image, text_embeds, image_embeds,
+                   text_outputs, vision_outputs)
+
+
+def _flava_forward(self, *args, **kwargs):
+    """FlavaForPreTraining.forward with the global contrastive term by mmkernels (see the module
+    docstring for the calls that fall back)."""
+    bound = inspect.signature(type(self).forward).bind(self, *args, **kwargs)
+    arguments = {**bound.arguments, **bound.arguments.pop("kwargs", {})}
+    arguments.pop("self")
+    return_loss = arguments.get("return_loss")
+    return_loss = return_loss if return_loss is not None else self.config.return_loss
+    return_dict = arguments.get("return_dict")
+    return_dict = return_dict if return_dict is not None else self.config.return_dict
+    if not return_loss or not self.global_contrastive_weight > 0:
+        return call_original(self, None, *args, **kwargs)
+    reason = _flava_unsupported(self, return_dict, arguments.get("itm_labels"))
+    if reason is not None:
+        return call_original(self, reason, *args, **kwargs)
+    weight = self.global_contrastive_weight
+    self.__dict__["global_contrastive_weight"] = 0  # this call only: the model's code skips its N x N term
+    try:
+        output = call_original(self, None, *args, **kwargs)
+    finally:
+        self.__dict__["global_contrastive_weight"] = weight
+    if output.image_embeddings is None or output.text_embeddings is None:
+        return output  # the model computes no contrastive term for this call either
+    text_embedding = F.normalize(self.flava.text_projection(output.text_embeddings[:, 0, :]), dim=-1)
+    image_embedding = F.normalize(self.flava.image_projection(output.image_embeddings[:, 0, :]), dim=-1)
+    if self.training:
+        clamp = sys.modules[type(self).__module__]
+        self.flava.logit_scale.data.clamp_(clamp.LOGIT_SCALE_CLAMP_MIN, clamp.LOGIT_SCALE_CLAMP_MAX)
+    temperature = self.flava.logit_scale.exp()
+    contrastive = clip_loss(image_embedding, text_embedding, temperature).to(
+        _loss_dtype(text_embedding, temperature, cross_entropy=True)) * weight
+    losses = dataclasses.replace(output.loss_info, global_contrastive=contrastive)
+    total = sum(loss if loss is not None else 0 for loss in losses.values())
+    per_image = per_text = None
+    if patch_state(self).keep_logits:
+        with torch.no_grad():
+            per_image = torch.matmul(image_embedding, text_embedding.t()) * temperature
+            per_text = torch.matmul(text_embedding, image_embedding.t()) * temperature
+    return dataclasses.replace(output, loss=total, loss_info=losses, contrastive_logits_per_image=per_image,
+                               contrastive_logits_per_text=per_text)
+
+
+def _flava_unsupported(model, return_dict, itm_labels) -> str | None:
+    if not return_dict:
+        return "return_dict=False"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "torch.distributed is initialized (FLAVA gathers the embeddings of every process)"
+    if itm_labels is not None and model.itm_weight > 0:
+        matching = itm_labels.ne(0)
+        if bool(matching.any()) and not bool(matching.all()):
+            return "itm_labels with non-matching pairs (the contrastive loss then covers the matching rows only)"
+    return None
+
+
+# class -> (patched forward, the forward's parameters it was written for)
+LOSS_FORWARDS = {
+    CLIPModel: (_clip_forward, ("self", "input_ids", "pixel_values", "attention_mask", "position_ids",
+                                "return_loss", "interpolate_pos_encoding", "kwargs")),
+    SiglipModel: (_siglip_forward, ("self", "input_ids", "pixel_values", "attention_mask", "position_ids",
+                                    "return_loss", "interpolate_pos_encoding", "kwargs")),
+    Siglip2Model: (_siglip2_forward, ("self", "input_ids", "pixel_values", "pixel_attention_mask", "spatial_shapes",
+                                      "attention_mask", "position_ids", "return_loss", "kwargs")),
+    BlipModel: (_blip_forward, ("self", "input_ids", "pixel_values", "attention_mask", "position_ids",
+                                "return_loss", "interpolate_pos_encoding", "kwargs")),
+    FlavaForPreTraining: (_flava_forward, ("self", "input_ids", "input_ids_masked", "pixel_values",
+                                           "codebook_pixel_values", "attention_mask", "token_type_ids",
+                                           "bool_masked_pos", "position_ids", "image_attention_mask",
+                                           "skip_unmasked_multimodal_encoder", "mlm_labels", "mim_labels",
+                                           "itm_labels", "output_attentions", "output_hidden_states",
+                                           "return_dict", "return_loss", "kwargs")),
+}
+_OUTPUTS = {cls: getattr(sys.modules[cls.__module__], cls.__name__.replace("Model", "Output"))
+            for cls in (CLIPModel, SiglipModel, Siglip2Model, BlipModel)}
+_PIECES = {
+    CLIPModel: "mmkernels.clip_loss", BlipModel: "mmkernels.clip_loss",
+    SiglipModel: "mmkernels.siglip_loss", Siglip2Model: "mmkernels.siglip_loss",
+    FlavaForPreTraining: "mmkernels.clip_loss for the global contrastive term",
+}
+_FALLS_BACK = {FlavaForPreTraining: "return_dict=False, torch.distributed, itm_labels with non-matching pairs"}
+_BRIDGETOWER_REASON = (
+    "its loss is three one-directional cross-entropies (text to image, text to cross-modal, image to "
+    "cross-modal); mmkernels.clip_loss is symmetric and mmkernels has no one-directional contrastive op"
+)
+
+
+@register_patcher("loss")
+def _patch_contrastive_loss(module, path: str, ctx: PatchContext) -> bool:
+    if type(module) is BridgeTowerForContrastiveLearning:
+        ctx.skip(path, "loss", _BRIDGETOWER_REASON)
+        return True
+    entry = LOSS_FORWARDS.get(type(module))
+    if entry is None:
+        return False
+    forward, parameters = entry
+    reason = untested_version_reason()
+    if reason is None and tuple(inspect.signature(type(module).forward).parameters) != parameters:
+        reason = f"{type(module).__name__}.forward's parameters differ from those the patch was written for"
+    if reason is not None:
+        ctx.skip(path, "loss", reason)
+        return True
+    keep = "logits without autograd" if ctx.keep_logits else "no logits, no N x N tensor"
+    ctx.replace_forward(module, path, "loss", f"{_PIECES[type(module)]} ({keep})", forward,
+                        falls_back=_FALLS_BACK.get(type(module), ""))
+    return True

@@ -1,0 +1,416 @@
+"""`mmkernels.patch` on transformers models: the attention of CLIP, SigLIP, SigLIP2 and BridgeTower
+(the registry backend with private configs; nn.MultiheadAttention in BridgeTower's vision tower and
+SigLIP's pooling heads) and the contrastive losses of CLIPModel, SiglipModel, Siglip2Model,
+BlipModel and FlavaForPreTraining.
+
+Tiny random models built in code, nothing downloaded. Each family: padded text (and SigLIP2's
+padded patches), the patched model in fp32 against the unpatched one in fp32 and in float64 under
+DESIGN.md's rule (the loss, the outputs on the kept rows, every parameter's gradient), once on the
+reference path and once on the Triton kernels under the interpreter; a negative control per family
+fails the same comparison.
+"""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    BlipConfig,
+    BlipModel,
+    BridgeTowerConfig,
+    BridgeTowerForContrastiveLearning,
+    BridgeTowerModel,
+    CLIPConfig,
+    CLIPModel,
+    FlavaConfig,
+    FlavaForPreTraining,
+    Siglip2Config,
+    Siglip2Model,
+    SiglipConfig,
+    SiglipModel,
+)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import mmkernels  # noqa: E402
+from mmkernels.integrations import hf_common, hf_losses  # noqa: E402
+from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
+from mmkernels.ops.contrastive import clip_loss, siglip_loss  # noqa: E402
+from toolkit import OpTrace, compare_patched, fresh_seed, needs_triton, use_path  # noqa: E402
+
+hf_logging.set_verbosity_error()  # tiny vocabularies make transformers warn about token ids
+
+TOWER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+TEXT = dict(vocab_size=99, max_position_embeddings=16, pad_token_id=1, bos_token_id=0, eos_token_id=2, **TOWER)
+VISION = dict(image_size=8, patch_size=4, **TOWER)
+LENGTHS = [7, 4, 2, 5]
+PATCH_COUNTS = [16, 12, 5, 9]
+N = len(LENGTHS)
+
+
+def build(name):
+    if name == "clip":
+        return CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16))
+    if name == "siglip":
+        return SiglipModel(SiglipConfig(text_config=TEXT, vision_config=VISION))
+    if name == "siglip2":
+        return Siglip2Model(Siglip2Config(text_config=TEXT, vision_config=dict(num_patches=16, patch_size=4, **TOWER)))
+    if name.startswith("bridgetower"):
+        wide = dict(hidden_size=64, intermediate_size=64)
+        config = BridgeTowerConfig(
+            text_config=dict(TEXT, max_position_embeddings=24, num_hidden_layers=1, **wide),
+            vision_config=dict(image_size=8, patch_size=4, num_hidden_layers=1, **wide),  # 64 // 64 = 1 head
+            num_attention_heads=2, num_hidden_layers=1, contrastive_hidden_size=16, logit_scale_init_value=2.6592,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **wide)
+        return (BridgeTowerModel if name == "bridgetower" else BridgeTowerForContrastiveLearning)(config)
+    if name == "blip":
+        return BlipModel(BlipConfig(text_config=TEXT, vision_config=VISION, projection_dim=16))
+    if name == "flava":
+        return FlavaForPreTraining(FlavaConfig(
+            text_config=dict(vocab_size=99, max_position_embeddings=16, **TOWER), image_config=VISION,
+            multimodal_config=TOWER, projection_dim=16, hidden_size=32, init_codebook=False,
+            image_codebook_config=dict(vocab_size=64, hidden_size=8, num_groups=1, num_blocks_per_group=1)))
+    raise ValueError(name)
+
+
+def make(name):
+    def make_model():
+        return build(name).eval()
+
+    return make_model
+
+
+def kept(hidden, lengths, left=False):
+    """The rows of (B, L, D) hidden states that are not padding, concatenated: (sum(lengths), D)."""
+    return torch.cat([hidden[i, hidden.shape[1] - n:] if left else hidden[i, :n] for i, n in enumerate(lengths)])
+
+
+def inputs_for(name, seed, n=N, lengths=LENGTHS, left=False):
+    """Fresh padded inputs (float64; cast to the model's dtype by `run`); text padded on the right,
+    or on the left with `left`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (n, 7), generator=g)
+    mask = (torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]).long()
+    mask = mask.flip(-1) if left else mask
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if name == "siglip2":
+        counts = PATCH_COUNTS[:n]
+        inputs.update(pixel_values=torch.randn(n, 16, 48, generator=g, dtype=torch.float64),
+                      pixel_attention_mask=(torch.arange(16)[None, :] < torch.tensor(counts)[:, None]).long(),
+                      spatial_shapes=torch.tensor([[4, 4], [3, 4], [1, 5], [3, 3]][:n]))
+    else:
+        inputs["pixel_values"] = torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64)
+    if name == "flava":
+        labels = ids.masked_fill(mask == 0, -100)
+        inputs.update(input_ids_masked=ids, mlm_labels=labels, itm_labels=torch.ones(n, dtype=torch.long),
+                      mim_labels=torch.randint(0, 64, (n, 4), generator=g),
+                      bool_masked_pos=torch.rand(n, 4, generator=g) < 0.5)
+    return inputs
+
+
+def cast(inputs, dtype):
+    """The inputs for one run: float tensors in `dtype`, the rest cloned (FLAVA writes into its labels)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v.clone() for k, v in inputs.items()}
+
+
+def make_run(name, seed, left=False, **overrides):
+    """run(model) -> (loss, {output name: tensor on the kept rows}) for `name`'s model."""
+    inputs = inputs_for(name, seed, left=left)
+
+    def run(model):
+        dtype = next(model.parameters()).dtype
+        args = {**cast(inputs, dtype), **overrides}
+        if name == "bridgetower":
+            out = model(**args)
+            text = kept(out.text_features, LENGTHS, left)
+            outputs = {"text_features": text, "image_features": out.image_features, "pooler_output": out.pooler_output}
+            weights = torch.Generator().manual_seed(seed)
+            loss = sum((t * t * torch.rand(t.shape, generator=weights, dtype=torch.float64).to(dtype)).sum()
+                       for t in outputs.values())
+            return loss, outputs
+        out = model(**args, return_loss=True)
+        if name == "flava":
+            return out.loss, {"text_embeddings": kept(out.text_embeddings, LENGTHS, left), "image_embeddings":
+                              out.image_embeddings, "global_contrastive": out.loss_info.global_contrastive}
+        outputs = {"text_embeds": out.text_embeds, "image_embeds": out.image_embeds,
+                   "text_hidden": kept(out.text_model_output.last_hidden_state, LENGTHS, left)}
+        if name == "siglip2":
+            outputs["vision_hidden"] = kept(out.vision_model_output.last_hidden_state, PATCH_COUNTS)
+        else:
+            outputs["vision_hidden"] = out.vision_model_output.last_hidden_state
+        return out.loss, outputs
+
+    return run
+
+
+def floor_sizes(model):
+    """Floors for the gradients that are sums which cancel: dL/d logit_scale = Σ G_ij·S_ij and
+    dL/d logit_bias = Σ G_ij with G = dL/dS. CLIP on normalised embeddings: Σ|G| <= 2, |S_ij| <= scale;
+    SigLIP: Σ|G| <= N."""
+    holder = model.flava if isinstance(model, FlavaForPreTraining) else model
+    if not hasattr(holder, "logit_scale"):
+        return {}
+    scale = holder.logit_scale.detach().exp().max().item()
+    if hasattr(holder, "logit_bias"):
+        return {"grad logit_scale": N * scale, "grad logit_bias": float(N)}
+    name = "grad flava.logit_scale" if holder is not model else "grad logit_scale"
+    return {name: 2 * scale * getattr(model, "global_contrastive_weight", 1.0)}
+
+
+# What each family's patch covers: attention records (registry or nn.MultiheadAttention) and the loss.
+FAMILIES = {
+    "clip": dict(attention=2, mha=0, loss="mmkernels.clip_loss"),
+    "siglip": dict(attention=2, mha=1, loss="mmkernels.siglip_loss"),
+    "siglip2": dict(attention=2, mha=1, loss="mmkernels.siglip_loss"),
+    "bridgetower": dict(attention=5, mha=1, loss=None),
+    "blip": dict(attention=None, mha=0, loss="mmkernels.clip_loss"),  # BLIP's attention: hand-written
+    "flava": dict(attention=None, mha=0, loss="mmkernels.clip_loss for the global contrastive term"),
+}
+
+
+def patch_kwargs(name):
+    # BLIP's and FLAVA's attention is hand-written (not a patch of this module): compare their losses alone.
+    return dict(attention=False) if FAMILIES[name]["attention"] is None else {}
+
+
+@pytest.fixture(params=["reference", pytest.param("kernels", marks=needs_triton)])
+def path(request, monkeypatch):
+    return request.param, use_path(monkeypatch, request.param)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_matches_unpatched(name, path):
+    fresh_seed()
+    seed = fresh_seed()
+    handle = compare_patched(make(name), make_run(name, seed), lambda m: mmkernels.patch(m, **patch_kwargs(name)),
+                             *path, sizes=floor_sizes)
+    expected = FAMILIES[name]
+    registry = [r for r in handle.records if r.kind == "attention" and "AttentionInterface" in r.piece]
+    mha = [r for r in handle.records if "CrossModalAttention" in r.piece]
+    assert len(registry) == (expected["attention"] or 0) and len(mha) == expected["mha"]
+    assert [r.piece.split(" (")[0] for r in handle.records if r.kind == "loss"] == (
+        [expected["loss"]] if expected["loss"] else [])
+    assert not handle.fallbacks
+    if expected["attention"] is not None:
+        assert not handle.skipped
+
+
+def broken_losses(monkeypatch):
+    """A loss patch with the classic bug: image i paired with text i + 1."""
+    monkeypatch.setattr(hf_losses, "clip_loss", lambda a, b, s: clip_loss(a, b.roll(1, 0), s))
+    monkeypatch.setattr(hf_losses, "siglip_loss", lambda a, b, s, t: siglip_loss(a, b.roll(1, 0), s, t))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_negative_control(name, monkeypatch):
+    """Attention families: the patched model runs without its padding mask (text; SigLIP2: patches;
+    CLIP's causal text tower, left-padded: right padding comes after every kept token);
+    loss-only families: a loss patch that misaligns the pairs. The same comparison then fails."""
+    fresh_seed()
+    seed = fresh_seed()
+    left = name == "clip"
+    overrides = {"pixel_attention_mask": None} if name == "siglip2" else {"attention_mask": None}
+    got_run = make_run(name, seed, left, **overrides)
+    if FAMILIES[name]["attention"] is None:
+        broken_losses(monkeypatch)
+        got_run = make_run(name, seed)
+    with pytest.raises(AssertionError, match="eager error"):
+        compare_patched(make(name), make_run(name, seed, left), lambda m: mmkernels.patch(m, **patch_kwargs(name)),
+                        "reference", use_path(monkeypatch, "reference"), got_run=got_run, sizes=floor_sizes)
+
+
+# --------------------------------------------------------------------------- the loss outputs
+
+
+def square_allocations(trace, n):
+    return [a for a in trace.allocations if len(a.shape) >= 2 and a.shape[-2:] == (n, n)]
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_keep_logits_false_builds_no_n_by_n_tensor(name, monkeypatch):
+    use_path(monkeypatch, "kernels")
+    fresh_seed()
+    n, lengths = 6, [7, 4, 2, 5, 7, 1]  # 6 is no other dimension of these models (text 7, vision 5 tokens)
+    model = build(name).eval()
+    inputs = cast(inputs_for(name, fresh_seed(), n=n, lengths=lengths), torch.float32)
+    with OpTrace() as unpatched:
+        model(**inputs, return_loss=True).loss.backward()
+    assert square_allocations(unpatched, n), "negative control: the model's own loss builds N x N logits"
+    handle = mmkernels.patch(model, keep_logits=False)
+    with OpTrace() as patched:
+        out = model(**inputs, return_loss=True)
+        out.loss.backward()
+    assert out.logits_per_image is None and out.logits_per_text is None
+    assert not square_allocations(patched, n), square_allocations(patched, n)
+    assert "no logits, no N x N tensor" in str(handle)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "siglip2", "blip"])
+def test_output_same_class_fields_and_logits(name, monkeypatch):
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build(name).eval()
+    inputs = cast(inputs_for(name, fresh_seed()), torch.float32)
+    reference = model(**inputs, return_loss=True)
+    handle = mmkernels.patch(model, attention=False)
+    out = model(**inputs, return_loss=True)
+    assert type(out) is type(reference) and list(out.keys()) == list(reference.keys())
+    assert out.loss.dtype == reference.loss.dtype and out.loss.shape == reference.loss.shape
+    torch.testing.assert_close(out.loss, reference.loss)
+    for field in ("logits_per_image", "logits_per_text"):
+        assert not out[field].requires_grad and reference[field].requires_grad
+        torch.testing.assert_close(out[field], reference[field])
+    as_tuple = model(**inputs, return_loss=True, return_dict=False)
+    assert [t.shape for t in as_tuple if isinstance(t, torch.Tensor)] == [
+        t.shape for t in reference.to_tuple() if isinstance(t, torch.Tensor)]
+    # Without return_loss the patch has nothing to do: the model's own forward, logits with autograd.
+    no_loss = model(**inputs)
+    assert no_loss.loss is None and no_loss.logits_per_image.requires_grad
+    assert not handle.fallbacks
+
+
+def test_flava_falls_back_where_the_loss_is_not_square(monkeypatch):
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build("flava").eval()
+    inputs = inputs_for("flava", fresh_seed())
+    reference = model(**cast(inputs, torch.float32))
+    mixed = dict(inputs, itm_labels=torch.tensor([1, 0, 1, 1]))
+    reference_mixed = model(**cast(mixed, torch.float32))
+    handle = mmkernels.patch(model, attention=False)
+    out = model(**cast(inputs, torch.float32))
+    assert type(out) is type(reference) and list(out.keys()) == list(reference.keys())
+    torch.testing.assert_close(out.loss_info.global_contrastive, reference.loss_info.global_contrastive)
+    torch.testing.assert_close(out.contrastive_logits_per_text, reference.contrastive_logits_per_text)
+    assert not handle.fallbacks
+    out_mixed = model(**cast(mixed, torch.float32))
+    assert torch.equal(out_mixed.loss, reference_mixed.loss)
+    model(**cast(inputs, torch.float32), return_dict=False)
+    assert set(reason for _, reason in handle.fallbacks) == {
+        "itm_labels with non-matching pairs (the contrastive loss then covers the matching rows only)",
+        "return_dict=False"}
+    handle.undo()
+    mmkernels.patch(model, attention=False, strict=True)
+    with pytest.raises(StrictPatchError, match="non-matching pairs"):
+        model(**cast(mixed, torch.float32))
+
+
+def test_bridgetower_loss_is_listed_not_patched():
+    model = build("bridgetower-contrastive").eval()
+    handle = mmkernels.patch(model)
+    assert [(s.path, s.kind) for s in handle.skipped] == [("", "loss")]
+    assert "one-directional" in handle.skipped[0].reason
+    assert "forward" not in model.__dict__
+    handle.undo()
+    with pytest.raises(StrictPatchError, match="one-directional"):
+        mmkernels.patch(model, strict=True)
+    assert not mmkernels.patch(model, losses=False, strict=True).skipped
+
+
+# --------------------------------------------------------------------------- instances only, exact undo
+
+
+def test_teacher_and_student_from_one_config_stay_independent(monkeypatch):
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    config = CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)
+    student, teacher = CLIPModel(config).eval(), CLIPModel(config).eval()
+    assert student.text_model.config is teacher.text_model.config  # transformers shares them
+    inputs = cast(inputs_for("clip", fresh_seed()), torch.float32)
+    teacher_before = teacher(**inputs, return_loss=True)
+    implementation = config.text_config._attn_implementation
+    handle = mmkernels.patch(student)
+    assert student.config is not config and student.config._attn_implementation == "mmkernels"
+    assert student.text_model.config is student.config.text_config  # structure kept in the copy
+    assert student.text_model.encoder.layers[0].self_attn.config._attn_implementation == "mmkernels"
+    assert config._attn_implementation == config.text_config._attn_implementation == implementation
+    assert teacher.text_model.encoder.layers[0].self_attn.config is config.text_config
+    teacher_after = teacher(**inputs, return_loss=True)
+    assert torch.equal(teacher_after.loss, teacher_before.loss) and teacher_after.logits_per_text.requires_grad
+    student(**inputs, return_loss=True)
+    handle.undo()
+    assert student.config is config and student.text_model.encoder.layers[0].self_attn.config is config.text_config
+
+
+def test_state_untouched_undo_bit_identical_and_optimizer(monkeypatch):
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build("siglip").eval()
+    inputs = cast(inputs_for("siglip", fresh_seed()), torch.float32)
+    before = {k: (t.data_ptr(), t.clone()) for k, t in model.state_dict().items()}
+    reference = model(**inputs, return_loss=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = mmkernels.patch(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(after[k].data_ptr() == ptr and torch.equal(after[k], value) for k, (ptr, value) in before.items())
+    model(**inputs, return_loss=True).loss.backward()
+    optimizer.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n][1])}
+    assert {"logit_scale", "logit_bias", "text_model.encoder.layers.0.self_attn.q_proj.weight",
+            "vision_model.head.attention.in_proj_weight"} <= moved
+    handle.undo()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(before[name][1])  # the weights before the step, in the same tensors
+    undone = model(**inputs, return_loss=True)
+    for field in ("loss", "logits_per_image", "text_embeds", "image_embeds"):
+        assert torch.equal(undone[field], reference[field]), field
+
+
+def test_version_gate(monkeypatch):
+    monkeypatch.setattr(hf_common.transformers, "__version__", "5.99.0")  # the module object the gate reads
+    monkeypatch.setattr(hf_common, "_warned", False)
+    model = build("clip").eval()
+    with pytest.warns(UserWarning, match="5.99.0 is not a version"):
+        handle = mmkernels.patch(model)
+    assert not handle.records and "forward" not in model.__dict__ and model.config._attn_implementation != "mmkernels"
+    assert sorted((s.path, s.kind) for s in handle.skipped) == [
+        ("", "loss"), ("text_model.encoder.layers.0.self_attn", "attention"),
+        ("vision_model.encoder.layers.0.self_attn", "attention")]
+    assert all("5.7 to 5.24" in s.reason for s in handle.skipped)
+    handle.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(StrictPatchError, match="5.99.0"):
+            mmkernels.patch(model, strict=True)
+    monkeypatch.setenv("MMKERNELS_PATCH_UNTESTED_TRANSFORMERS", "1")
+    assert len(mmkernels.patch(model).records) == 4
+
+
+def test_signature_gate(monkeypatch):
+    forward, parameters = hf_losses.LOSS_FORWARDS[CLIPModel]
+    monkeypatch.setitem(hf_losses.LOSS_FORWARDS, CLIPModel, (forward, parameters + ("new_argument",)))
+    handle = mmkernels.patch(build("clip"), attention=False)
+    assert [(s.path, s.kind) for s in handle.skipped] == [("", "loss")]
+    assert "parameters differ" in handle.skipped[0].reason
+
+
+@needs_triton
+def test_torch_compile_of_a_patched_clip_matches(monkeypatch):
+    """torch.compile (AOTAutograd: dynamo capture, the fake kernels, the joint forward + backward
+    graph) of a patched CLIP's forward and backward, against the same patched model run eagerly."""
+    use_path(monkeypatch, "kernels")
+    torch._dynamo.reset()
+    fresh_seed()
+    model = build("clip").eval()
+    mmkernels.patch(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    run = make_run("clip", fresh_seed())
+    results = []
+    for m in (compiled, model):
+        model.zero_grad(set_to_none=True)
+        loss, outputs = run(m)
+        loss.backward()
+        results.append((loss.detach(), {k: v.detach() for k, v in outputs.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_c, out_c, grads_c), (loss_e, out_e, grads_e) = results
+    torch.testing.assert_close(loss_c, loss_e)
+    for k in out_e:
+        torch.testing.assert_close(out_c[k], out_e[k])
+    assert grads_c.keys() == grads_e.keys() and len(grads_e) == len(list(model.parameters()))
+    for k in grads_e:
+        torch.testing.assert_close(grads_c[k], grads_e[k], msg=lambda m: f"{k}: {m}")
+
