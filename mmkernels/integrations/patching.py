@@ -489,12 +489,16 @@ def _list_uncovered(handle: PatchHandle, modules: list, kinds: list) -> None:
             marked[path] = state.kinds
         if is_attention_like(module):
             attention_like.add(path)
+    reasons = {
+        "attention": "no mmkernels patch for {}",
+        "loss": "no mmkernels loss patch for {} (where the loss is computed outside the model, call "
+                "mmkernels.clip_loss / mmkernels.siglip_loss there)",
+    }
     for path, module in modules:
         for kind, like in (("attention", is_attention_like), ("loss", is_loss_like)):
             if kind in kinds and like(module) and not _covered(kind, path, marked, attention_like):
-                handle._skipped.setdefault(
-                    (path, kind), SkippedItem(path, kind, f"no mmkernels patch for {type(module).__name__}")
-                )
+                reason = reasons[kind].format(type(module).__name__)
+                handle._skipped.setdefault((path, kind), SkippedItem(path, kind, reason))
 
 
 def unpatch(model: nn.Module) -> bool:
