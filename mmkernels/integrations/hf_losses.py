@@ -48,9 +48,9 @@ from transformers import (
 )
 from transformers.utils.generic import can_return_tuple
 
+from mmkernels import clip_loss, siglip_loss  # the public functions: their kernels may change, not their API
 from mmkernels.integrations.hf_common import untested_version_reason
 from mmkernels.integrations.patching import PatchContext, call_original, patch_state, register_patcher
-from mmkernels.ops.contrastive import clip_loss, siglip_loss
 
 __all__ = ["LOSS_FORWARDS"]
 
