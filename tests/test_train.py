@@ -13,6 +13,7 @@ import torch
 
 from mmkernels.train import run
 from mmkernels.train.cli import main
+from mmkernels.train.maxbatch import largest_batch
 from mmkernels.train.options import build_parser, explicit_options
 from mmkernels.train.retrieval import recall_at_k
 from toolkit import assert_within_rule, fresh_seed
@@ -58,7 +59,8 @@ def test_default_command_ab_report_and_learning(tmp_path, reference_path):
         for key in ("i2t_r1", "t2i_r1"):
             assert r[key] >= 5 * r["chance_r1"], (name, key, r)
         assert r["i2t_r5"] >= r["i2t_r1"] and r["t2i_r5"] >= r["t2i_r1"]
-    assert report["variants"]["mmkernels"]["patched"].startswith("mmkernels.patch(CLIPModel)")
+    patched = report["variants"]["mmkernels"]["patched"]
+    assert patched.startswith("mmkernels.patch(CLIPModel): ") and int(patched.split(": ")[1].split()[0]) > 0
 
     # the two curves agree step by step under DESIGN.md's rule: the float64 run is the oracle, the
     # baseline is the eager error
@@ -73,8 +75,12 @@ def test_default_command_ab_report_and_learning(tmp_path, reference_path):
 
 def test_resume_refuses_other_options_and_existing_runs(tmp_path, reference_path, capsys):
     out = tmp_path / "run"
-    tiny = ["--steps", "2", "--batch-size", "8", "--eval-size", "8", "--train-size", "16", "--no-compare"]
+    tiny = ["--steps", "2", "--batch-size", "8", "--eval-size", "8", "--train-size", "16", "--no-compare",
+            "--max-batch"]
     assert main(tiny + ["--out", str(out)]) == 0
+    assert "--max-batch is GPU-only" in capsys.readouterr().err
+    result = json.loads((out / "report.json").read_text())["variants"]["mmkernels"]
+    assert result["max_batch"] is None and result["max_batch_note"].startswith("GPU only")
     assert main(tiny + ["--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main(["--resume", str(out), "--lr", "0.5"]) == 2
@@ -109,6 +115,35 @@ def test_explicit_options_and_bad_values(capsys):
     assert "--loss applies to --task clip only" in capsys.readouterr().err
     assert main(["--data", "somewhere"]) == 2
     assert "--data needs --tokenizer DIR" in capsys.readouterr().err
+
+
+class _FakeTrainer:
+    """Runs out of memory above `limit` rows, as a GPU would."""
+
+    def __init__(self, limit):
+        self.limit, self.tried, self.closed = limit, [], False
+        self.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+    def step(self, batch, step):
+        rows = batch["x"].shape[0]
+        self.tried.append(rows)
+        if rows > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("limit", [8, 1000, 4095])
+def test_max_batch_search_finds_the_limit_within_a_thirty_second(limit, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a: None)
+    trainer = _FakeTrainer(limit)
+    best, note = largest_batch(lambda: trainer, {"x": torch.arange(8.0)[:, None]}, start=8)
+    assert limit - limit // 32 <= best <= limit and str(best) in note and trainer.closed
+    assert max(trainer.tried) <= 2 * limit  # one doubling past the limit, no more
+    none, note = largest_batch(lambda: _FakeTrainer(4), {"x": torch.zeros(8, 1)}, start=8)
+    assert none is None and "not even" in note
 
 
 def test_recall_counts_identical_captions_as_one_class():

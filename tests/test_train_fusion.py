@@ -40,7 +40,8 @@ def test_fusion_task_runs_both_variants_with_masking_and_padded_regions(tmp_path
         v = report["variants"][name]
         assert len(v["losses"]) == 6 and all(torch.isfinite(torch.tensor(v["losses"])))
         assert v["retrieval"]["n"] == 12
-    assert report["variants"]["mmkernels"]["patched"].startswith("mmkernels.patch(FusionPretrainer)")
+    patched = report["variants"]["mmkernels"]["patched"]
+    assert patched.startswith("mmkernels.patch(FusionPretrainer): ") and int(patched.split(": ")[1].split()[0]) > 0
     assert "agree in distribution, not step by step" in (tmp_path / "run" / "report.md").read_text()
 
 

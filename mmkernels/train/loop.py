@@ -193,6 +193,8 @@ def _restore(trainer, ctx, path, cfg, result: VariantResult) -> int:
 
 
 def _evaluate(trainer, ctx, data, task) -> dict:
+    if len(data.heldout) == 0:  # a --data folder of fewer than 5 pairs holds none out
+        return {"n": 0}
     model = trainer.model
     model.eval()
     try:
