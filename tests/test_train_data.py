@@ -160,3 +160,27 @@ def test_batch_order_is_a_function_of_the_step_and_ranks_split_the_global_batch(
     assert parts == [list(range(8)), list(range(8, 15))]
     with pytest.raises(ValueError, match="fewer than --batch-size 64"):
         BatchOrder(10, 64, seed=0)
+
+
+def test_a_read_error_mid_run_saves_the_last_completed_step(tmp_path, reference_path, monkeypatch):
+    from mmkernels.train import checkpoint, folder
+
+    root = tmp_path / "data"
+    _write_folder(root, fresh_seed())
+    load, calls = folder._load_image, []
+
+    def failing_load(path, size):
+        calls.append(path)
+        # the check reads each image of a non-empty caption once (N_GOOD good ones and the broken
+        # one); then two steps of batch 4 read 8 more; the next read fails
+        if len(calls) > N_GOOD + 1 + 8:
+            raise OSError(f"{path}: input/output error")
+        return load(path, size)
+
+    monkeypatch.setattr(folder, "_load_image", failing_load)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="input/output error"):
+        run(["--data", str(root), "--tokenizer", _tokenizer_dir(tmp_path), "--steps", "5", "--batch-size", "4",
+             "--eval-size", "2", "--save-every", "0", "--no-compare", "--out", str(out)])
+    state = checkpoint.load(str(out / "mmkernels" / "checkpoint.pt"))
+    assert state["step"] == 2 and len(state["losses"]) == 2
