@@ -52,9 +52,6 @@ def test_two_gloo_processes_give_the_single_process_losses(loss, tmp_path, monke
         got = torch.tensor(ddp["variants"][variant]["losses"])
         assert got.shape == (6,)
         assert_within_rule(f"{variant} on 2 ranks", got, eager, truth, torch.float32)
-    # negative control: the losses of another seed fail the same comparison
-    other = run([a if a != args[args.index("--seed") + 1] else str(int(a) + 1) for a in args]
-                + ["--no-compare", "--out", str(tmp_path / "other")])
+    # negative control: the same losses one step out of line fail the comparison
     with pytest.raises(AssertionError):
-        assert_within_rule("another seed", torch.tensor(other["variants"]["mmkernels"]["losses"]), eager, truth,
-                           torch.float32)
+        assert_within_rule("shifted", torch.cat([got[1:], got[-1:]]), eager, truth, torch.float32)
