@@ -31,8 +31,9 @@ from mmkernels.train.data import BatchOrder, batch_loader, collate, heldout_batc
 from mmkernels.train.machine import PeakMemory
 from mmkernels.train.maxbatch import largest_batch
 from mmkernels.train.models import build_model, count_parameters
+from mmkernels.train.options import WEIGHT_DECAY
 from mmkernels.train.retrieval import recall_at_k
-from mmkernels.train.tasks import make_task, unwrap
+from mmkernels.train.tasks import make_task
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 # what must match between a checkpoint and the run that resumes it
@@ -90,8 +91,6 @@ class _Trainer:
     """The model, optimizer, scheduler and scaler of one variant, and its step."""
 
     def __init__(self, cfg, ctx, data, spec, variant, task, compiled: bool):
-        from mmkernels.train.options import WEIGHT_DECAY
-
         self.cfg, self.ctx, self.variant, self.task = cfg, ctx, variant, task
         self.dtype = DTYPES[cfg.precision]
         model = build_model(spec, len(data.tokenizer), data.pad_id, data.end_id, cfg.seed,
