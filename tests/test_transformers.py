@@ -315,6 +315,10 @@ def test_forward_rejects_masks_it_cannot_read():
         mmkernels_attention_forward(Attention(), q, k, v, torch.ones(3, 1, 1, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"2-D \(B, Lk\) or 4-D \(B, 1, Lq, Lk\) attention mask, got shape \(2, 5, 6\)"):
         mmkernels_attention_forward(Attention(), q, k, v, torch.ones(2, 5, 6, dtype=torch.bool))
+    for output_attentions in (False, True):  # the kernels and the weights path alike
+        with pytest.raises(ValueError, match=r"broadcastable to \(B, heads, Lq, Lk\) = \(2, 2, 5, 6\), got shape \(2, 1, 4, 6\)"):
+            mmkernels_attention_forward(Attention(), q, k, v, torch.zeros(2, 1, 4, 6),
+                                        output_attentions=output_attentions)
 
 
 def test_forward_rejects_inputs_that_are_not_4d():

@@ -163,6 +163,12 @@ def _check_inputs(query, key, value, attention_mask, kwargs: dict) -> None:
                 "attn_implementation='mmkernels' expects a 2-D (B, Lk) or 4-D (B, 1, Lq, Lk) attention mask, "
                 f"got shape {shape} (query length {q_length}, key length {kv_length})"
             )
+        full = (batch, query.shape[1], q_length, kv_length)
+        if attention_mask.dim() == 4 and any(n not in (1, m) for n, m in zip(shape, full)):
+            raise ValueError(
+                "attn_implementation='mmkernels' expects a 4-D attention mask broadcastable to (B, heads, Lq, Lk) = "
+                f"{full}, got shape {shape}"
+            )
     for name, feature in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(

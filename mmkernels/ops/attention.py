@@ -517,8 +517,9 @@ def cross_attention(
       it, never the values. It returns zeros and passes zero gradient to its query, never NaN.
     - Any other row returns softmax over its attended keys of (scale · q_i·k_j + attn_mask_ij),
       times v. *A row whose scores are NaN* (NaN in q_i, in an attended k_j or mask entry, or a
-      +inf score) returns NaN in every element, whatever dropout drops, and passes NaN to its
-      query's gradient. A NaN or Inf in the value of an attended key makes the row non-finite.
+      +inf score; also attended scores that are all -inf from the data, an Inf in q_i, as 0 / 0)
+      returns NaN in every element, whatever dropout drops, and passes NaN to its query's
+      gradient. A NaN or Inf in the value of an attended key makes the row non-finite.
     - The value of a key that exists but that row i does not attend enters as 0 · v_j, as in eager
       attention and nn.MultiheadAttention, where 0 · NaN = NaN: a NaN or Inf there may make row i
       NaN (eager: always; the kernels: where they read that key's block, never past the causal
