@@ -23,6 +23,12 @@ from mmkernels.ops import reference
 from mmkernels.ops.attention import cross_attention, draw_dropout_seed
 from toolkit import OpTrace, fresh_seed, needs_triton, seeded_generator
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Random data drawn from torch's global generator comes from a fresh seed (printed if a test fails)."""
+    return fresh_seed()
+
+
 CASES = {
     "kv_lens_Lq1": dict(Lq=1, Lk=97, d=16, kv_lens=True),
     "padding_mask": dict(Lq=7, Lk=33, d=64, kpm=True),
