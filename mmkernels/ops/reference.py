@@ -14,16 +14,25 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- contrastive losses
+# A logit that is not finite (an Inf or NaN among the inputs, or a product that overflows) makes
+# the loss undefined: it becomes NaN here, and in the kernels, before any loss term is formed.
+# Without this rule a SigLIP or CLIP loss can come out finite, or +Inf, from an Inf input.
 
 
-def clip_logits(image_emb, text_emb, logit_scale, normalize: bool = False) -> torch.Tensor:
-    """S = logit_scale · image_emb @ text_emb.T, (N, N), in the compute dtype."""
+def clip_logits(image_emb, text_emb, logit_scale, normalize: bool = False, logit_bias=None) -> torch.Tensor:
+    """S = logit_scale · image_emb @ text_emb.T (+ logit_bias), (M, N), in the compute dtype.
+
+    Non-finite logits are NaN.
+    """
     dtype = _compute_dtype(image_emb)
     image_emb, text_emb = image_emb.to(dtype), text_emb.to(dtype)
     if normalize:
         image_emb = F.normalize(image_emb, dim=-1)
         text_emb = F.normalize(text_emb, dim=-1)
-    return logit_scale.to(dtype) * (image_emb @ text_emb.T)
+    logits = logit_scale.to(dtype) * (image_emb @ text_emb.T)
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(dtype)
+    return torch.where(torch.isfinite(logits), logits, torch.nan)
 
 
 def clip_loss(image_emb, text_emb, logit_scale, normalize: bool = False, label_smoothing: float = 0.0):
@@ -38,17 +47,112 @@ def clip_loss(image_emb, text_emb, logit_scale, normalize: bool = False, label_s
     return (rows + cols) / 2
 
 
+def _siglip_labels(m: int, n: int, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """(m, n): +1 at (i, offset + i), -1 elsewhere."""
+    labels = torch.full((m, n), -1.0, dtype=like.dtype, device=like.device)
+    rows = torch.arange(m, device=like.device)
+    labels[rows, offset + rows] = 1.0
+    return labels
+
+
 def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize: bool = False):
     """SigLIP's sigmoid loss: -Σ_ij log σ(label_ij · S_ij) / N, label +1 on the diagonal, -1 elsewhere.
 
     S = logit_scale · image_emb @ text_emb.T + logit_bias; image_emb, text_emb: (N, D). Returns a scalar.
     """
-    logits = clip_logits(image_emb, text_emb, logit_scale, normalize) + logit_bias.to(
-        _compute_dtype(image_emb)
-    )
+    logits = clip_logits(image_emb, text_emb, logit_scale, normalize, logit_bias)
     n = logits.shape[0]
-    labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
-    return -F.logsigmoid(labels * logits).sum() / n
+    return -F.logsigmoid(_siglip_labels(n, n, 0, logits) * logits).sum() / n
+
+
+# The block-row functions: rows offset .. offset+M-1 of the global batch (image_emb (M, D)) against
+# all columns (text_emb (N, D)); the positive of row i sits at column offset + i. The CPU path of
+# mmkernels.ops.contrastive's block API and the tests' oracle for its kernels. No autograd graph
+# is returned: gradients come out explicitly, as the kernels give them.
+
+
+def clip_block_stats(image_emb, text_emb, logit_scale, offset: int, normalize: bool):
+    """(row_lse (M,), col_max (N,), col_sumexp (N,), diag (M,), row_sum (M,)) of the block's logits.
+
+    col_sumexp_j = Σ_i exp(S_ij - col_max_j); an empty block (M = 0) gives col_max = -inf, col_sumexp = 0.
+    """
+    with torch.no_grad():
+        logits = clip_logits(image_emb, text_emb, logit_scale, normalize)
+        m, n = logits.shape
+        row_lse = torch.logsumexp(logits, dim=1)
+        if m == 0:
+            col_max = torch.full((n,), float("-inf"), dtype=logits.dtype, device=logits.device)
+            col_sumexp = torch.zeros(n, dtype=logits.dtype, device=logits.device)
+        else:
+            col_max = logits.max(dim=0).values
+            col_sumexp = torch.exp(logits - col_max).sum(dim=0)
+        rows = torch.arange(m, device=logits.device)
+        return row_lse, col_max, col_sumexp, logits[rows, offset + rows], logits.sum(dim=1)
+
+
+def merge_column_stats(col_max, col_sumexp):
+    """Column log-sum-exps (N,) from P blocks' partial statistics col_max, col_sumexp (P, N).
+
+    Blocks whose columns are all -inf (or P = 0) add nothing; all of them so gives -inf; a NaN or
+    +inf statistic gives NaN. One fixed reduction order: the same inputs give the same bits.
+    """
+    if col_max.shape[0] == 0:
+        return torch.full(col_max.shape[1:], float("-inf"), dtype=col_max.dtype, device=col_max.device)
+    top = col_max.max(dim=0).values
+    top = torch.where(top == float("-inf"), 0.0, top)
+    return top + torch.log((col_sumexp * torch.exp(col_max - top)).sum(dim=0))
+
+
+def _leaves(*tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset: int, n_total: int,
+                     label_smoothing: float, normalize: bool, image_grad: bool, text_grad: bool,
+                     grad_output=None):
+    """This block's share of the gradients of the global CLIP loss over n_total pairs.
+
+    dL/dS_ij = (P^row_ij + P^col_ij - 2(1-eps)·[j = offset+i] - 2·eps/n_total) / (2·n_total), with
+    P^row_ij = exp(S_ij - row_lse_i), P^col_ij = exp(S_ij - col_lse_j), times grad_output (default 1).
+    Returns (d image_emb (M, D) or None, d text_emb (N, D) or None, d logit_scale ()).
+    """
+    dtype = _compute_dtype(image_emb)
+    a, b, scale = _leaves(image_emb, text_emb, logit_scale, dtype=dtype)
+    with torch.enable_grad():
+        logits = clip_logits(a, b, scale, normalize)
+        m, n = logits.shape
+        rows = torch.arange(m, device=logits.device)
+        with torch.no_grad():
+            eps = label_smoothing
+            w = torch.exp(logits - row_lse.to(dtype)[:, None]) + torch.exp(logits - col_lse.to(dtype)[None, :])
+            w[rows, offset + rows] -= 2 * (1 - eps)
+            d_logits = (w - 2 * eps / n_total) / (2 * n_total)
+            if grad_output is not None:
+                d_logits = d_logits * grad_output.to(dtype)
+        d_image, d_text, d_scale = torch.autograd.grad(logits, (a, b, scale), d_logits, allow_unused=True)
+    d_image = d_image if d_image is not None else torch.zeros_like(a)
+    d_text = d_text if d_text is not None else torch.zeros_like(b)
+    return (d_image if image_grad else None), (d_text if text_grad else None), d_scale
+
+
+def siglip_block(image_emb, text_emb, logit_scale, logit_bias, offset: int, n_total: int, normalize: bool,
+                 image_grad: bool, text_grad: bool, scalar_grads: bool):
+    """This block's share of the global SigLIP loss, -Σ_ij log σ(label_ij · S_ij) / n_total over its
+    rows, and, when asked, of its gradients. Returns (loss (), d image_emb (M, D) or None,
+    d text_emb (N, D) or None, d logit_scale () or None, d logit_bias () or None)."""
+    dtype = _compute_dtype(image_emb)
+    a, b, scale, bias = _leaves(image_emb, text_emb, logit_scale, logit_bias, dtype=dtype)
+    with torch.enable_grad():
+        logits = clip_logits(a, b, scale, normalize, bias)
+        m, n = logits.shape
+        loss = -F.logsigmoid(_siglip_labels(m, n, offset, logits) * logits).sum() / n_total
+        if image_grad or text_grad or scalar_grads:
+            grads = torch.autograd.grad(loss, (a, b, scale, bias), allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for t, g in zip((a, b, scale, bias), grads)]
+        else:
+            grads = [None] * 4
+    wanted = (image_grad, text_grad, scalar_grads, scalar_grads)
+    return (loss.detach(),) + tuple(g if want else None for g, want in zip(grads, wanted))
 
 
 # --------------------------------------------------------------------------- attention
@@ -69,54 +173,67 @@ def cross_attention(
     generator=None,
     compute_dtype=None,
 ) -> torch.Tensor:
-    """softmax(scale · q @ k.T + attn_mask) @ v over the keys each query may attend, (B, H, Lq, d).
+    """softmax(scale · q @ k.T + attn_mask) @ v over the keys each query row attends, (B, H, Lq, d).
 
-    q: (B, H, Lq, d); k, v: (B, H, Lk, d). A key is not attended when its position is ≥ kv_lens[b]
-    ((B,) int), when key_padding_mask[b, j] is True ((B, Lk) bool), when a bool attn_mask is False
-    there, when an additive attn_mask is -inf there (both broadcastable to (B, H, Lq, Lk)), or when
-    is_causal and j > i (top-left aligned, as SDPA). A query row with no key left returns zeros and
-    passes no gradient; rows at positions ≥ q_lens[b] are zeros. Dropout zeroes probabilities where
-    `dropout_keep` ((B, H, Lq, Lk) bool) is False, drawn from `generator` when not given, and
-    rescales the kept ones by 1 / (1 - dropout_p). Computes in `compute_dtype` (default float32,
-    float64 for float64 inputs; the tests pass the inputs' dtype to get the plain eager formula).
+    q: (B, H, Lq, d); k, v: (B, H, Lk, d). The definition is `mmkernels.cross_attention`'s: keys at
+    positions ≥ kv_lens[b] and rows at positions ≥ q_lens[b] ((B,) int) do not exist; an existing
+    row attends the existing keys that key_padding_mask ((B, Lk) bool, True = padding), attn_mask
+    (bool True = attend, or additive, -inf = removed; broadcastable to (B, H, Lq, Lk)) and
+    is_causal (j ≤ i, top-left) leave it. A row that does not exist or attends no key returns zeros
+    and passes no gradient, whatever its inputs hold; a row with a NaN score returns NaN. Dropout
+    zeroes probabilities where `dropout_keep` ((B, H, Lq, Lk) bool) is False, drawn from `generator`
+    when not given, and rescales the kept ones by 1 / (1 - dropout_p). Computes in `compute_dtype`
+    (default float32, float64 for float64 inputs; the tests pass the inputs' dtype to get the plain
+    eager formula); an additive mask is added in its own precision if that is wider.
     """
     dtype = compute_dtype or _compute_dtype(q)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     batch, _, len_q, head_dim = q.shape
     len_k = k.shape[2]
+    device = q.device
     scale = head_dim**-0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)) * scale
-    allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        allowed = allowed & attn_mask
-    elif attn_mask is not None:
-        scores = scores + attn_mask.to(dtype)
-    key_pos = torch.arange(len_k, device=q.device)
+
+    # Which keys each row attends, (B or 1, H or 1, Lq or 1, Lk), decided by lengths and masks only.
+    attended = torch.ones(1, 1, 1, len_k, dtype=torch.bool, device=device)
+    key_exists = None
     if kv_lens is not None:
-        allowed = allowed & (key_pos < kv_lens.to(q.device).view(batch, 1, 1, 1))
+        key_exists = torch.arange(len_k, device=device) < kv_lens.to(device).view(batch, 1, 1, 1)
+        attended = attended & key_exists
     if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask.view(batch, 1, 1, len_k)
+        attended = attended & ~key_padding_mask.view(batch, 1, 1, len_k)
+    if attn_mask is not None:
+        attended = attended & (attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf"))
     if is_causal:
-        allowed = allowed & torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    row_has_key = (scores > float("-inf")).any(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
+        attended = attended & torch.ones(len_q, len_k, dtype=torch.bool, device=device).tril()
+    row_attends = attended.any(dim=-1, keepdim=True)
+    if q_lens is not None:
+        row_exists = torch.arange(len_q, device=device) < q_lens.to(device).view(batch, 1, 1)
+        row_attends = row_attends & row_exists[..., None]
+    row_attends = row_attends.expand(-1, -1, len_q, 1)
+
+    # What does not exist, and the queries of rows with no key, are replaced by zeros: a select, not
+    # a product, so that a NaN there reaches nothing and their gradients are exactly zero.
+    q = torch.where(row_attends, q, 0.0)
+    if key_exists is not None:
+        k = torch.where(key_exists.transpose(-1, -2), k, 0.0)
+        v = torch.where(key_exists.transpose(-1, -2), v, 0.0)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask
+    scores = scores.masked_fill(~attended, float("-inf")).masked_fill(~row_attends, 0.0)
+    probs = torch.softmax(scores, dim=-1).to(dtype)
     if dropout_p > 0:
         if dropout_keep is None:
-            uniform = torch.rand(probs.shape, generator=generator, device=q.device, dtype=dtype)
+            uniform = torch.rand(probs.shape, generator=generator, device=device, dtype=dtype)
             dropout_keep = uniform >= dropout_p
         probs = probs * dropout_keep / (1.0 - dropout_p)
-    out = probs @ v
-    if q_lens is not None:
-        query_pos = torch.arange(len_q, device=q.device)
-        out = out * (query_pos < q_lens.to(q.device).view(batch, 1, 1)).unsqueeze(-1)
-    return out
+    return torch.where(row_attends, probs @ v, 0.0)
 
 
 # --------------------------------------------------------------------------- region masking
 
 # The counter-based RNG of region_mask, computed bit for bit alike by the Triton kernels
-# (mmkernels/ops/region.py), the CUDA kernels (csrc/region_common.cuh) and this reference. Every
+# (mmkernels/ops/region_kernels.py), the CUDA kernels (csrc/region_math.h) and this reference. Every
 # random number is a 31-bit integer h(seed0, key_s, b, r) >> 1 for region r of sample b, where
 # key_s = (seed1 + s · 0x9E3779B9) mod 2^31 picks the stream s:
 REGION_STREAM_SELECT = 0  # u: the region is selected iff u < round(prob · 2^31)
@@ -219,21 +336,30 @@ def masked_region_loss(pred, target, mask, kind: str, reduction: str = "mean", b
     """Masked region modeling losses over the selected regions, in the compute dtype.
 
     pred, target: (B, R, K); mask: (B, R) bool. Per region: "mse" and "smooth_l1" (with `beta`)
-    average over K; "kl" is KL(target || softmax(pred)) summed over K (its target gradient is 0
-    where target is 0). reduction "none" gives the (B, R) per-region losses (0 where not selected), "sum" their sum, "mean" the sum divided by
-    max(number selected, 1).
+    average over K; "kl" sums over K the terms target·(log target - log_softmax(pred)), each 0 where
+    target is 0 (with a 0 target gradient there), for any target: a negative one gives NaN, one that
+    does not sum to 1 is taken as it is. Regions that are not selected take no part: their loss and
+    gradient are 0 whatever they hold. reduction "none" gives the (B, R) per-region losses (0 where
+    not selected), "sum" their sum, "mean" the sum divided by max(number selected, 1).
     """
     dtype = _compute_dtype(pred)
-    pred, target = pred.to(dtype), target.to(dtype)
+    # Rows that are not selected are replaced by zeros before the loss, so that NaN or Inf there
+    # reaches neither the loss nor a gradient (masking the per-region loss alone would still send
+    # 0 · NaN = NaN back to them).
+    selected = mask[..., None]
+    pred = torch.where(selected, pred.to(dtype), 0.0)
+    target = torch.where(selected, target.to(dtype), 0.0)
     if kind == "mse":
         per_region = (pred - target).pow(2).mean(-1)
     elif kind == "smooth_l1":
         per_region = F.smooth_l1_loss(pred, target, reduction="none", beta=beta).mean(-1)
     else:
-        # F.kl_div's value; written out so that where target is 0 its gradient is 0, not NaN
-        positive = target > 0
-        log_ratio = torch.log(torch.where(positive, target, 1.0)) - F.log_softmax(pred, dim=-1)
-        per_region = torch.where(positive, target * log_ratio, 0.0).sum(-1)
+        # F.kl_div's pointwise value, written out so that a term with target 0 is exactly 0 in value
+        # and gradient, even where log_softmax is -inf (F.kl_div gives 0 · -inf = NaN there)
+        nonzero = target != 0
+        log_q = torch.where(nonzero, F.log_softmax(pred, dim=-1), 0.0)
+        log_t = torch.log(torch.where(nonzero, target, 1.0))
+        per_region = torch.where(nonzero, target * (log_t - log_q), 0.0).sum(-1)
     return reduce_region_losses(torch.where(mask, per_region, 0.0), mask, reduction)
 
 
