@@ -316,12 +316,28 @@ def test_negative_control_dropped_mask_fails(family, monkeypatch, reference_path
         compare(FAMILIES[family](), "cpu")
 
 
+def kernels_backward_right_for_all_masked_rows(device) -> bool:
+    """Whether the kernels' backward gets a row whose every key carries finfo.min right (issue 11,
+    item 1: it lost log(n) from the log-sum-exp; fixed on the branch that hardens attention). A
+    probe on one 1 x 1 x 2 x 3 problem against eager's formula."""
+    q, k, v = (torch.randn(1, 1, n, 4, device=device, requires_grad=True) for n in (2, 3, 3))
+    mask = torch.zeros(1, 1, 2, 3, device=device)
+    mask[..., 1, :] = torch.finfo(torch.float32).min
+    grads = []
+    for attend in (lambda: mmkernels.cross_attention(q, k, v, attn_mask=mask),
+                   lambda: torch.softmax(q @ k.transpose(-1, -2) / 2 + mask, -1) @ v):
+        grads.append(torch.autograd.grad(attend().sum(), (q, k, v)))
+    return all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
 def test_lxmert_sample_without_regions_gets_eagers_uniform_average(path, request, op_calls):
     """A sample with no region: eager adds finfo.min to every visual score of its text queries and
     returns the plain average of all (padded) regions. Skipping those keys through kv_lens would
-    return zeros; the patch keeps them."""
+    return zeros; the patch keeps them. (Expected to fail on kernels whose backward still has issue
+    11's first bug; it must pass once they are fixed.)"""
     name, device, _ = path
-    if name == "kernels":
+    fresh_seed()
+    if name == "kernels" and not kernels_backward_right_for_all_masked_rows(device):
         request.applymarker(pytest.mark.xfail(
             strict=True, reason="issue 11, item 1: the kernels' backward is wrong for rows whose every key is "
                                 "masked by finfo.min (the forward is right)"))
