@@ -348,6 +348,8 @@ def test_lxmert_sample_without_regions_gets_eagers_uniform_average(path, request
 
 
 def test_negative_control_skipping_an_all_masked_sample_fails(monkeypatch, reference_path):
+    """The same comparison with lengths that skip the padded regions of the sample that has none
+    (which gives its text zeros where eager gives the regions' average) must fail."""
 
     def naive_lengths(mask, batch, len_k):  # one past the last live key, even for a sample with none
         live = (mask > torch.finfo(mask.dtype).min).reshape(mask.shape[0], -1, len_k).any(1)
