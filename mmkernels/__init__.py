@@ -2,6 +2,7 @@
 
     import mmkernels
     loss = mmkernels.clip_loss(image_emb, text_emb, logit_scale)
+    handle = mmkernels.patch(model)   # a model you already have; handle.undo() restores it
 """
 from mmkernels import integrations, nn
 from mmkernels.integrations.patching import PatchHandle, patch, unpatch

@@ -425,21 +425,24 @@ def test_deepcopy_of_a_patched_model_is_patched_with_its_own_weights(reference_p
     assert handle.active and "forward" in model.visual.transformer.resblocks[0].attn.__dict__
 
 
-def test_existing_instance_forward_is_kept_for_fallback_and_restored():
+def test_existing_instance_forward_is_left_alone():
+    """An instance forward set before the patch (a hook library's wrapper) would be bypassed by a
+    patched forward: that module is listed, not patched, and its wrapper keeps running."""
     mha = nn.MultiheadAttention(E, H, batch_first=True)
     seen = []
 
-    def wrapped(*args, **kwargs):  # e.g. a hook library's wrapper, set before the patch
+    def wrapped(*args, **kwargs):
         seen.append(kwargs.get("need_weights"))
         return nn.MultiheadAttention.forward(mha, *args, **kwargs)
 
     mha.forward = wrapped
     model = nn.Sequential(OrderedDict(attn=mha))
     handle = mmkernels.patch(model)
+    assert not handle.records and [(s.path, s.kind) for s in handle.skipped] == [("attn", "attention")]
+    assert "already replaced on the instance" in handle.skipped[0].reason
     x = torch.randn(B, L, E)
-    mha(x, x, x)  # need_weights=True: the wrapper runs
-    mha(x, x, x, need_weights=False)
-    assert seen == [True]
+    model.attn(x, x, x, need_weights=False)
+    assert seen == [False] and mha.__dict__["forward"] is wrapped
     handle.undo()
     assert mha.__dict__["forward"] is wrapped
 

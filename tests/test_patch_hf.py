@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import mmkernels  # noqa: E402
 from mmkernels.integrations import hf_common, hf_losses  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
-from mmkernels.ops.contrastive import clip_loss, siglip_loss  # noqa: E402
+from mmkernels import clip_loss, siglip_loss  # noqa: E402
 from toolkit import OpTrace, compare_patched, fresh_seed, needs_triton, use_path  # noqa: E402
 
 hf_logging.set_verbosity_error()  # tiny vocabularies make transformers warn about token ids

@@ -32,6 +32,7 @@ similarity matrix the caller asked for).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import sys
 
@@ -47,9 +48,9 @@ from transformers import (
 )
 from transformers.utils.generic import can_return_tuple
 
+from mmkernels import clip_loss, siglip_loss  # the public functions: their kernels may change, not their API
 from mmkernels.integrations.hf_common import untested_version_reason
 from mmkernels.integrations.patching import PatchContext, call_original, patch_state, register_patcher
-from mmkernels.ops.contrastive import clip_loss, siglip_loss
 
 __all__ = ["LOSS_FORWARDS"]
 
@@ -166,7 +167,7 @@ def _blip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, 
 def _flava_forward(self, *args, **kwargs):
     """FlavaForPreTraining.forward with the global contrastive term by mmkernels (see the module
     docstring for the calls that fall back)."""
-    bound = inspect.signature(type(self).forward).bind(self, *args, **kwargs)
+    bound = _signature(type(self)).bind(self, *args, **kwargs)
     arguments = {**bound.arguments, **bound.arguments.pop("kwargs", {})}
     arguments.pop("self")
     return_loss = arguments.get("return_loss")
@@ -203,6 +204,11 @@ def _flava_forward(self, *args, **kwargs):
             per_text = torch.matmul(text_embedding, image_embedding.t()) * temperature
     return dataclasses.replace(output, loss=total, loss_info=losses, contrastive_logits_per_image=per_image,
                                contrastive_logits_per_text=per_text)
+
+
+@functools.cache
+def _signature(cls) -> inspect.Signature:
+    return inspect.signature(cls.forward)
 
 
 def _flava_unsupported(model, return_dict, itm_labels) -> str | None:

@@ -51,7 +51,8 @@ A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one
 - Return True only when the module was handled (patched, or deliberately skipped with `ctx.skip`); return
   False to let the next patcher try. Never change anything before deciding.
 - Change the module only through `ctx`: `ctx.replace_forward(...)` (a new `forward(self, ...)` bound to
-  the instance), `ctx.set_attribute(module, name, value)` (any other instance attribute, e.g. a private
+  the instance; refused, and the module listed as skipped, where the instance already has a `forward`
+  of its own, such as a hook library's wrapper, which the patch would bypass), `ctx.set_attribute(module, name, value)` (any other instance attribute, e.g. a private
   config copy), `ctx.mark_patched(module, path, kind, piece)` (a module patched through something
   else, such as the attention modules that read a swapped config). All of it is logged and undone
   exactly. `ctx.skip(path, kind, reason)` records an item the patcher recognises and leaves as it is.
@@ -62,8 +63,7 @@ A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one
   and `patch_state(self)` gives its `PatchState` (path, handle, handle options such as keep_logits).
 - Per-call fallback: whatever the kernels cannot compute for a call (weights requested, a head mask,
   an unsupported option) goes to `call_original(self, reason, *args, **kwargs)`, which runs the
-  forward the module had before the patch (its class's, or an instance `forward` that was already
-  there) and counts the call in `handle.fallbacks[(path, reason)]`; under `strict=True` it raises
+  module's own forward (its class's) and counts the call in `handle.fallbacks[(path, reason)]`; under `strict=True` it raises
   `StrictPatchError` instead. Never approximate silently. A call that is outside what the patch is
   for (a loss patch called without `return_loss`) passes `reason=None`: it runs the original
   forward, uncounted, also under strict.
@@ -170,8 +170,6 @@ class PatchState:
     handle: "PatchHandle"
     path: str
     kinds: set
-    previous_forward: object = _ABSENT  # the instance `forward` that existed before the patch, if any
-    forward_replaced: bool = False
 
     @property
     def keep_logits(self) -> bool:
@@ -223,7 +221,7 @@ def patch_state(module: nn.Module) -> PatchState | None:
 
 
 def call_original(module: nn.Module, reason: str | None, *args, **kwargs):
-    """Run the forward `module` had before the patch for this call.
+    """Run the module's own forward (its class's) for this call.
 
     reason: why the kernels cannot compute this call; it is counted in the handle's `fallbacks`
     (under strict=True StrictPatchError is raised instead). None means the call is outside what the
@@ -239,8 +237,6 @@ def call_original(module: nn.Module, reason: str | None, *args, **kwargs):
                 f"({type(module).__name__}) would fall back to its own code for this call: {reason}"
             )
         state.handle.fallbacks[(state.path, reason)] += 1
-    if state.previous_forward is not _ABSENT:
-        return state.previous_forward(*args, **kwargs)
     return type(module).forward(module, *args, **kwargs)
 
 
@@ -397,16 +393,18 @@ class PatchContext:
         return state
 
     def replace_forward(self, module: nn.Module, path: str, kind: str, piece: str, forward: Callable,
-                        falls_back: str = "") -> None:
+                        falls_back: str = "") -> bool:
         """Make `forward(module, *args, **kwargs)` the instance's forward (a method bound to it), and
-        record it. `call_original(module, ...)` then runs what was there before."""
-        previous = module.__dict__.get("forward", _ABSENT)
-        state = self.mark_patched(module, path, kind, piece, falls_back)
-        if state.forward_replaced:
-            raise RuntimeError(f"{path or type(module).__name__}: its forward is already replaced by this patch")
-        state.forward_replaced = True
-        state.previous_forward = previous
+        record it; `call_original(module, ...)` then runs the class's forward. Returns False, listing
+        the module in `handle.skipped`, where the instance already has a `forward` of its own (a hook
+        library's wrapper, or another patch): the patched forward would bypass it."""
+        if "forward" in module.__dict__:
+            self.skip(path, kind, "its forward is already replaced on the instance (a hook library's wrapper?); "
+                                  "patch the model before wrapping it")
+            return False
+        self.mark_patched(module, path, kind, piece, falls_back)
         self.handle._set(module, "forward", types.MethodType(forward, module))
+        return True
 
     def skip(self, path: str, kind: str, reason: str) -> None:
         """Record an attention- or loss-like item left as it is, and why."""
@@ -490,12 +488,16 @@ def _list_uncovered(handle: PatchHandle, modules: list, kinds: list) -> None:
             marked[path] = state.kinds
         if is_attention_like(module):
             attention_like.add(path)
+    reasons = {
+        "attention": "no mmkernels patch for {}",
+        "loss": "no mmkernels loss patch for {} (where the loss is computed outside the model, call "
+                "mmkernels.clip_loss / mmkernels.siglip_loss there)",
+    }
     for path, module in modules:
         for kind, like in (("attention", is_attention_like), ("loss", is_loss_like)):
             if kind in kinds and like(module) and not _covered(kind, path, marked, attention_like):
-                handle._skipped.setdefault(
-                    (path, kind), SkippedItem(path, kind, f"no mmkernels patch for {type(module).__name__}")
-                )
+                reason = reasons[kind].format(type(module).__name__)
+                handle._skipped.setdefault((path, kind), SkippedItem(path, kind, reason))
 
 
 def unpatch(model: nn.Module) -> bool:

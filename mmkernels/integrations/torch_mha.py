@@ -111,7 +111,7 @@ def patch_multihead_attention(module: nn.MultiheadAttention, path: str, ctx: Pat
     else:
         ctx.replace_forward(module, path, "attention", f"{_PIECE} (weights discarded by {weights_discarded_by})",
                             _forward_weights_discarded, falls_back="is_causal without attn_mask, nested tensors")
-    return True
+    return True  # patched, or listed as skipped by replace_forward
 
 
 @register_patcher("attention")
