@@ -14,16 +14,25 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- contrastive losses
+# A logit that is not finite (an Inf or NaN among the inputs, or a product that overflows) makes
+# the loss undefined: it becomes NaN here, and in the kernels, before any loss term is formed.
+# Without this rule a SigLIP or CLIP loss can come out finite, or +Inf, from an Inf input.
 
 
-def clip_logits(image_emb, text_emb, logit_scale, normalize: bool = False) -> torch.Tensor:
-    """S = logit_scale · image_emb @ text_emb.T, (N, N), in the compute dtype."""
+def clip_logits(image_emb, text_emb, logit_scale, normalize: bool = False, logit_bias=None) -> torch.Tensor:
+    """S = logit_scale · image_emb @ text_emb.T (+ logit_bias), (M, N), in the compute dtype.
+
+    Non-finite logits are NaN.
+    """
     dtype = _compute_dtype(image_emb)
     image_emb, text_emb = image_emb.to(dtype), text_emb.to(dtype)
     if normalize:
         image_emb = F.normalize(image_emb, dim=-1)
         text_emb = F.normalize(text_emb, dim=-1)
-    return logit_scale.to(dtype) * (image_emb @ text_emb.T)
+    logits = logit_scale.to(dtype) * (image_emb @ text_emb.T)
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(dtype)
+    return torch.where(torch.isfinite(logits), logits, torch.nan)
 
 
 def clip_loss(image_emb, text_emb, logit_scale, normalize: bool = False, label_smoothing: float = 0.0):
@@ -38,17 +47,112 @@ def clip_loss(image_emb, text_emb, logit_scale, normalize: bool = False, label_s
     return (rows + cols) / 2
 
 
+def _siglip_labels(m: int, n: int, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """(m, n): +1 at (i, offset + i), -1 elsewhere."""
+    labels = torch.full((m, n), -1.0, dtype=like.dtype, device=like.device)
+    rows = torch.arange(m, device=like.device)
+    labels[rows, offset + rows] = 1.0
+    return labels
+
+
 def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize: bool = False):
     """SigLIP's sigmoid loss: -Σ_ij log σ(label_ij · S_ij) / N, label +1 on the diagonal, -1 elsewhere.
 
     S = logit_scale · image_emb @ text_emb.T + logit_bias; image_emb, text_emb: (N, D). Returns a scalar.
     """
-    logits = clip_logits(image_emb, text_emb, logit_scale, normalize) + logit_bias.to(
-        _compute_dtype(image_emb)
-    )
+    logits = clip_logits(image_emb, text_emb, logit_scale, normalize, logit_bias)
     n = logits.shape[0]
-    labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
-    return -F.logsigmoid(labels * logits).sum() / n
+    return -F.logsigmoid(_siglip_labels(n, n, 0, logits) * logits).sum() / n
+
+
+# The block-row functions: rows offset .. offset+M-1 of the global batch (image_emb (M, D)) against
+# all columns (text_emb (N, D)); the positive of row i sits at column offset + i. The CPU path of
+# mmkernels.ops.contrastive's block API and the tests' oracle for its kernels. No autograd graph
+# is returned: gradients come out explicitly, as the kernels give them.
+
+
+def clip_block_stats(image_emb, text_emb, logit_scale, offset: int, normalize: bool):
+    """(row_lse (M,), col_max (N,), col_sumexp (N,), diag (M,), row_sum (M,)) of the block's logits.
+
+    col_sumexp_j = Σ_i exp(S_ij - col_max_j); an empty block (M = 0) gives col_max = -inf, col_sumexp = 0.
+    """
+    with torch.no_grad():
+        logits = clip_logits(image_emb, text_emb, logit_scale, normalize)
+        m, n = logits.shape
+        row_lse = torch.logsumexp(logits, dim=1)
+        if m == 0:
+            col_max = torch.full((n,), float("-inf"), dtype=logits.dtype, device=logits.device)
+            col_sumexp = torch.zeros(n, dtype=logits.dtype, device=logits.device)
+        else:
+            col_max = logits.max(dim=0).values
+            col_sumexp = torch.exp(logits - col_max).sum(dim=0)
+        rows = torch.arange(m, device=logits.device)
+        return row_lse, col_max, col_sumexp, logits[rows, offset + rows], logits.sum(dim=1)
+
+
+def merge_column_stats(col_max, col_sumexp):
+    """Column log-sum-exps (N,) from P blocks' partial statistics col_max, col_sumexp (P, N).
+
+    Blocks whose columns are all -inf (or P = 0) add nothing; all of them so gives -inf; a NaN or
+    +inf statistic gives NaN. One fixed reduction order: the same inputs give the same bits.
+    """
+    if col_max.shape[0] == 0:
+        return torch.full(col_max.shape[1:], float("-inf"), dtype=col_max.dtype, device=col_max.device)
+    top = col_max.max(dim=0).values
+    top = torch.where(top == float("-inf"), 0.0, top)
+    return top + torch.log((col_sumexp * torch.exp(col_max - top)).sum(dim=0))
+
+
+def _leaves(*tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset: int, n_total: int,
+                     label_smoothing: float, normalize: bool, image_grad: bool, text_grad: bool,
+                     grad_output=None):
+    """This block's share of the gradients of the global CLIP loss over n_total pairs.
+
+    dL/dS_ij = (P^row_ij + P^col_ij - 2(1-eps)·[j = offset+i] - 2·eps/n_total) / (2·n_total), with
+    P^row_ij = exp(S_ij - row_lse_i), P^col_ij = exp(S_ij - col_lse_j), times grad_output (default 1).
+    Returns (d image_emb (M, D) or None, d text_emb (N, D) or None, d logit_scale ()).
+    """
+    dtype = _compute_dtype(image_emb)
+    a, b, scale = _leaves(image_emb, text_emb, logit_scale, dtype=dtype)
+    with torch.enable_grad():
+        logits = clip_logits(a, b, scale, normalize)
+        m, n = logits.shape
+        rows = torch.arange(m, device=logits.device)
+        with torch.no_grad():
+            eps = label_smoothing
+            w = torch.exp(logits - row_lse.to(dtype)[:, None]) + torch.exp(logits - col_lse.to(dtype)[None, :])
+            w[rows, offset + rows] -= 2 * (1 - eps)
+            d_logits = (w - 2 * eps / n_total) / (2 * n_total)
+            if grad_output is not None:
+                d_logits = d_logits * grad_output.to(dtype)
+        d_image, d_text, d_scale = torch.autograd.grad(logits, (a, b, scale), d_logits, allow_unused=True)
+    d_image = d_image if d_image is not None else torch.zeros_like(a)
+    d_text = d_text if d_text is not None else torch.zeros_like(b)
+    return (d_image if image_grad else None), (d_text if text_grad else None), d_scale
+
+
+def siglip_block(image_emb, text_emb, logit_scale, logit_bias, offset: int, n_total: int, normalize: bool,
+                 image_grad: bool, text_grad: bool, scalar_grads: bool):
+    """This block's share of the global SigLIP loss, -Σ_ij log σ(label_ij · S_ij) / n_total over its
+    rows, and, when asked, of its gradients. Returns (loss (), d image_emb (M, D) or None,
+    d text_emb (N, D) or None, d logit_scale () or None, d logit_bias () or None)."""
+    dtype = _compute_dtype(image_emb)
+    a, b, scale, bias = _leaves(image_emb, text_emb, logit_scale, logit_bias, dtype=dtype)
+    with torch.enable_grad():
+        logits = clip_logits(a, b, scale, normalize, bias)
+        m, n = logits.shape
+        loss = -F.logsigmoid(_siglip_labels(m, n, offset, logits) * logits).sum() / n_total
+        if image_grad or text_grad or scalar_grads:
+            grads = torch.autograd.grad(loss, (a, b, scale, bias), allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for t, g in zip((a, b, scale, bias), grads)]
+        else:
+            grads = [None] * 4
+    wanted = (image_grad, text_grad, scalar_grads, scalar_grads)
+    return (loss.detach(),) + tuple(g if want else None for g, want in zip(grads, wanted))
 
 
 # --------------------------------------------------------------------------- attention

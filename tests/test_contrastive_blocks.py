@@ -1,0 +1,217 @@
+"""The block-row API (mmkernels.ops.contrastive): blocks of rows of S with offsets compose into the
+global CLIP and SigLIP losses and their gradients, on the reference path and on the kernels, under
+DESIGN.md's rule against the float64 oracle of the whole batch."""
+import pytest
+import torch
+
+from contrastive_oracle import check_clip, check_siglip, random_leaves
+from mmkernels.ops import contrastive
+from mmkernels.ops import contrastive_kernels as kernels
+from mmkernels.ops._common import HAS_TRITON
+from toolkit import fresh_seed
+
+PATHS = ["reference", pytest.param("kernels", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton"))]
+
+
+@pytest.fixture(params=PATHS)
+def path_device(request, monkeypatch, device):
+    """Where a path runs: the reference on the CPU (TRITON_INTERPRET=0), or the kernels (the GPU, or
+    the CPU under the interpreter)."""
+    if request.param == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        return torch.device("cpu")
+    return device
+
+
+def split_rows(n: int, cuts) -> list[tuple[int, int]]:
+    """[(start, stop)] blocks of rows at the given cut points (an empty block where two repeat)."""
+    edges = [0, *cuts, n]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def compose_clip(a, b, scale, blocks, normalize, smoothing, image_grad=True, text_grad=True, **kw):
+    """The global CLIP loss and its gradients as a multi-GPU loss assembles them from blocks."""
+    n = a.shape[0]
+    stats = [contrastive.clip_block_stats(a[p0:p1], b, scale, offset=p0, normalize=normalize, **kw)
+             for p0, p1 in blocks]
+    col_lse = contrastive.merge_column_stats(torch.stack([s.col_max for s in stats]),
+                                             torch.stack([s.col_sumexp for s in stats]))
+    row_lse = torch.cat([s.row_lse for s in stats])
+    targets = (1 - smoothing) * torch.cat([s.diag for s in stats]) + smoothing / n * torch.cat(
+        [s.row_sum for s in stats])
+    loss = (row_lse.sum() + col_lse.sum() - 2 * targets.sum()) / (2 * n)
+    grads = [contrastive.clip_block_grads(a[p0:p1], b, scale, s.row_lse, col_lse, offset=p0, n_total=n,
+                                          label_smoothing=smoothing, normalize=normalize, image_grad=image_grad,
+                                          text_grad=text_grad, **kw)
+             for (p0, p1), s in zip(blocks, stats)]
+    d_image = torch.cat([g.image_grad for g in grads]) if image_grad else None
+    d_text = torch.stack([g.text_grad for g in grads]).sum(0) if text_grad else None
+    d_scale = torch.stack([g.scale_grad for g in grads]).sum()
+    return [loss, d_image, d_text, d_scale]
+
+
+def compose_siglip(a, b, scale, bias, blocks, normalize, **kw):
+    n = a.shape[0]
+    parts = [contrastive.siglip_block(a[p0:p1], b, scale, bias, offset=p0, n_total=n, normalize=normalize,
+                                      image_grad=True, text_grad=True, **kw)
+             for p0, p1 in blocks]
+    return [torch.stack([p.loss for p in parts]).sum(), torch.cat([p.image_grad for p in parts]),
+            torch.stack([p.text_grad for p in parts]).sum(0), torch.stack([p.scale_grad for p in parts]).sum(),
+            torch.stack([p.bias_grad for p in parts]).sum()]
+
+
+BLOCK_CASES = [
+    # (N, D, normalize, label_smoothing, cuts): blocks of rows of unequal sizes, one empty
+    (1, 5, False, 0.0, []),
+    (9, 7, True, 0.1, [4]),
+    (70, 24, False, 0.2, [3, 3, 40]),
+    (130, 33, True, 0.0, [65, 66]),
+]
+
+
+@pytest.mark.parametrize("n,d,normalize,smoothing,cuts", BLOCK_CASES)
+def test_clip_blocks_compose_the_global_loss(path_device, n, d, normalize, smoothing, cuts):
+    fresh_seed()
+    leaves = random_leaves(n, d, torch.float32, path_device, with_bias=False)
+    got = compose_clip(*leaves, split_rows(n, cuts), normalize, smoothing)
+    check_clip(got, leaves, torch.float32, f"CLIP blocks N={n} D={d} cuts={cuts}", normalize, smoothing)
+
+
+@pytest.mark.parametrize("n,d,normalize,smoothing,cuts", BLOCK_CASES)
+def test_siglip_blocks_compose_the_global_loss(path_device, n, d, normalize, smoothing, cuts):
+    fresh_seed()
+    leaves = random_leaves(n, d, torch.float32, path_device, with_bias=True)
+    got = compose_siglip(*leaves, split_rows(n, cuts), normalize)
+    check_siglip(got, leaves, torch.float32, f"SigLIP blocks N={n} D={d} cuts={cuts}", normalize)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_blocks_with_a_workspace_of_one_block(loss_name, device):
+    """Block rows with offsets, each processed in panels of one block of rows (the kernels' path)."""
+    if not HAS_TRITON:
+        pytest.skip("needs triton")
+    n, d, cuts = 200, 24, [70, 130]
+    fresh_seed()
+    block = kernels.tile_config(d, torch.float32, device)["BLOCK_M"]
+    workspace = max(kernels.stats_panel_bytes(block, n, d, torch.float32, device),
+                    kernels.panel_bytes(block, n, d, torch.float32, device, True, True, torch.float32))
+    assert kernels.panel_workspace(70, n, d, torch.float32, device, True, True, torch.float32, workspace) == block
+    leaves = random_leaves(n, d, torch.float32, device, with_bias=loss_name == "siglip")
+    if loss_name == "clip":
+        got = compose_clip(*leaves, split_rows(n, cuts), True, 0.1, workspace_bytes=workspace)
+        check_clip(got, leaves, torch.float32, "CLIP blocks, one-block workspace", True, 0.1)
+    else:
+        got = compose_siglip(*leaves, split_rows(n, cuts), True, workspace_bytes=workspace)
+        check_siglip(got, leaves, torch.float32, "SigLIP blocks, one-block workspace", True)
+
+
+def test_blocks_are_not_the_whole_batch(path_device):
+    """Negative control: a block computed as if it were the whole batch (offset 0, n_total = M) is
+    not a share of the global loss, and the composition above notices."""
+    fresh_seed()
+    a, b, scale = random_leaves(12, 8, torch.float32, path_device, with_bias=False)
+    whole = compose_clip(a, b, scale, split_rows(12, [5]), False, 0.0)
+    wrong = contrastive.clip_block_stats(a[5:], b, scale, offset=0, normalize=False)
+    right = contrastive.clip_block_stats(a[5:], b, scale, offset=5, normalize=False)
+    assert not torch.allclose(wrong.diag, right.diag)
+    with pytest.raises(AssertionError):
+        check_clip([whole[0] + 1e-3, *whole[1:]], [a, b, scale], torch.float32, "shifted loss")
+
+
+def test_merge_column_stats_edge_cases(path_device):
+    fresh_seed()
+    logits = torch.randn(7, 5, device=path_device) * 30
+    parts = [logits[:3], logits[3:]]
+    col_max = torch.stack([p.max(0).values for p in parts])
+    col_sumexp = torch.stack([torch.exp(p - m).sum(0) for p, m in zip(parts, col_max)])
+    merged = contrastive.merge_column_stats(col_max, col_sumexp)
+    torch.testing.assert_close(merged, torch.logsumexp(logits, 0))
+    assert torch.equal(merged, contrastive.merge_column_stats(col_max, col_sumexp)), "not deterministic"
+    # an empty block (-inf, 0) adds nothing; only empty blocks give -inf; NaN or +inf give NaN
+    empty_max = torch.full((1, 5), float("-inf"), device=path_device)
+    empty_sum = torch.zeros(1, 5, device=path_device)
+    torch.testing.assert_close(
+        contrastive.merge_column_stats(torch.cat([empty_max, col_max]), torch.cat([empty_sum, col_sumexp])), merged)
+    assert torch.equal(contrastive.merge_column_stats(empty_max, empty_sum), empty_max[0])
+    bad_max, bad_sum = col_max.clone(), col_sumexp.clone()
+    bad_max[0, 1], bad_sum[1, 3], bad_max[1, 4] = float("nan"), float("nan"), float("inf")
+    merged_bad = contrastive.merge_column_stats(bad_max, bad_sum)
+    assert torch.isnan(merged_bad[[1, 3, 4]]).all() and torch.isfinite(merged_bad[[0, 2]]).all()
+
+
+def test_block_stats_of_an_empty_block(path_device):
+    b = torch.randn(6, 4, device=path_device)
+    stats = contrastive.clip_block_stats(b[:0], b, 2.0, offset=6, normalize=True)
+    assert stats.row_lse.shape == (0,) and stats.diag.shape == (0,)
+    assert torch.equal(stats.col_max, torch.full((6,), float("-inf"), device=path_device))
+    assert torch.equal(stats.col_sumexp, torch.zeros(6, device=path_device))
+
+
+def test_sides_not_asked_are_none(path_device):
+    fresh_seed()
+    a, b, scale = random_leaves(10, 6, torch.float32, path_device, with_bias=False)
+    stats = contrastive.clip_block_stats(a[2:7], b, scale, offset=2, normalize=False)
+    col_lse = contrastive.merge_column_stats(stats.col_max[None], stats.col_sumexp[None])
+    grads = contrastive.clip_block_grads(a[2:7], b, scale, stats.row_lse, col_lse, offset=2, n_total=10,
+                                         label_smoothing=0.0, normalize=False, image_grad=False, text_grad=True)
+    assert grads.image_grad is None and grads.text_grad.shape == (10, 6) and grads.scale_grad.shape == ()
+    part = contrastive.siglip_block(a[2:7], b, scale, -1.0, offset=2, n_total=10, normalize=False,
+                                    image_grad=True, text_grad=False, scalar_grads=False)
+    assert part.text_grad is None and part.scale_grad is None and part.bias_grad is None
+    assert part.image_grad.shape == (5, 6) and part.loss.shape == ()
+
+
+def test_block_grads_scale_with_grad_output(path_device):
+    fresh_seed()
+    a, b, scale = random_leaves(8, 5, torch.float32, path_device, with_bias=False)
+    stats = contrastive.clip_block_stats(a, b, scale, offset=0, normalize=True)
+    col_lse = contrastive.merge_column_stats(stats.col_max[None], stats.col_sumexp[None])
+    kw = dict(offset=0, n_total=8, label_smoothing=0.1, normalize=True, image_grad=True, text_grad=True)
+    one = contrastive.clip_block_grads(a, b, scale, stats.row_lse, col_lse, **kw)
+    three = contrastive.clip_block_grads(a, b, scale, stats.row_lse, col_lse, grad_output=torch.tensor(
+        -3.0, device=path_device), **kw)
+    for x, y in zip(one, three):
+        torch.testing.assert_close(y, -3 * x)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(offset=-1), ValueError, "offset >= 0, got -1"),
+        (dict(offset=True), TypeError, "offset to be an int, got bool"),
+        (dict(offset=3), ValueError, "offset \\+ M <= N.*offset 3, M 4, N 6"),
+        (dict(offset=0, normalize=1), TypeError, "normalize to be a bool, got int"),
+        (dict(offset=0, workspace_bytes=0), ValueError, "workspace_bytes > 0, got 0"),
+        (dict(offset=0, workspace_bytes="1"), TypeError, "workspace_bytes to be an int"),
+    ],
+)
+def test_block_stats_bad_arguments_raise(kwargs, exc, match):
+    kwargs = {"normalize": False, **kwargs}
+    with pytest.raises(exc, match=match):
+        contrastive.clip_block_stats(torch.randn(4, 3), torch.randn(6, 3), 2.0, **kwargs)
+
+
+def test_block_grads_bad_arguments_raise():
+    a, b = torch.randn(4, 3), torch.randn(6, 3)
+    kw = dict(offset=0, n_total=6, label_smoothing=0.0, normalize=False, image_grad=True, text_grad=True)
+    with pytest.raises(ValueError, match=r"row_lse of shape \(4,\), got \(6,\)"):
+        contrastive.clip_block_grads(a, b, 2.0, torch.zeros(6), torch.zeros(6), **kw)
+    with pytest.raises(ValueError, match=r"col_lse of shape \(6,\), got \(4,\)"):
+        contrastive.clip_block_grads(a, b, 2.0, torch.zeros(4), torch.zeros(4), **kw)
+    with pytest.raises(ValueError, match="n_total >= 1, got 0"):
+        contrastive.clip_block_grads(a, b, 2.0, torch.zeros(4), torch.zeros(6), **{**kw, "n_total": 0})
+    with pytest.raises(TypeError, match="label_smoothing to be a float"):
+        contrastive.clip_block_grads(a, b, 2.0, torch.zeros(4), torch.zeros(6), **{**kw, "label_smoothing": None})
+    with pytest.raises(ValueError, match="same shape|one shape"):
+        contrastive.merge_column_stats(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def test_workspace_env_default(monkeypatch):
+    monkeypatch.delenv(contrastive.WORKSPACE_ENV, raising=False)
+    assert contrastive.resolve_workspace_bytes(None) == 256 * 2**20
+    monkeypatch.setenv(contrastive.WORKSPACE_ENV, "12345")
+    assert contrastive.resolve_workspace_bytes(None) == 12345
+    assert contrastive.resolve_workspace_bytes(999) == 999
+    monkeypatch.setenv(contrastive.WORKSPACE_ENV, "lots")
+    with pytest.raises(ValueError, match="MMKERNELS_WORKSPACE_BYTES to be a whole number of bytes, got 'lots'"):
+        contrastive.resolve_workspace_bytes(None)
