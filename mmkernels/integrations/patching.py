@@ -116,6 +116,7 @@ PATCHER_MODULES = (
     "mmkernels.integrations.hf_attention",
     "mmkernels.integrations.hf_losses",
     "mmkernels.integrations.torch_mha",
+    "mmkernels.integrations.transformers_fusion",
 )
 KINDS = ("attention", "loss")
 
