@@ -169,6 +169,26 @@ def check_siglip_loss_unequal_batches(env):
                            size=None if size is None else size * sum(env.sizes) / min(env.sizes))
 
 
+def check_ranks_needing_different_gradients(env):
+    """Ranks that need different gradients (a tower frozen on one rank only, logit_scale a float)
+    still meet in the same collectives: every rank returns, with open_clip's gradients."""
+    A, B, scale, bias = env.batch()
+    for local_loss, gather_with_grad in ((False, False), (False, True), (True, True)):
+        flags = dict(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        criterion = mmkernels.nn.ClipLoss(**flags, rank=env.rank, world_size=env.world_size)
+        image = A[env.rows].clone().requires_grad_(env.rank == 0)
+        text = B[env.rows].clone().requires_grad_(env.rank == 1)
+        loss = criterion(image, text, scale)
+        (grad,) = torch.autograd.grad(loss, image if env.rank == 0 else text)
+        oracle = _open_clip_values(open_clip_clip_loss, A, B, scale, bias, env.rows, torch.float64,
+                                   rank=env.rank, world_size=env.world_size, **flags)
+        eager = _open_clip_values(open_clip_clip_loss, A, B, scale, bias, env.rows, torch.float32,
+                                  rank=env.rank, world_size=env.world_size, **flags)
+        k = 1 if env.rank == 0 else 2
+        assert_within_rule(f"{flags} loss", loss, eager[0], oracle[0], torch.float32)
+        assert_within_rule(f"{flags} {NAMES[k]}", grad, eager[k], oracle[k], torch.float32)
+
+
 def _expect(call, match):
     try:
         call()
@@ -198,6 +218,7 @@ CHECKS = {
     "siglip_loss_equal_batches": check_siglip_loss_equal_batches,
     "siglip_loss_unequal_batches": check_siglip_loss_unequal_batches,
     "refusals_raise_on_every_rank": check_refusals_raise_on_every_rank,
+    "ranks_needing_different_gradients": check_ranks_needing_different_gradients,
 }
 
 
