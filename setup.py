@@ -23,7 +23,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).parent.resolve()
 CUDA_SOURCES = ["csrc/region_mask.cu", "csrc/region_loss.cu"]
 CXX_SOURCES = ["csrc/bindings.cpp"]
-HEADERS = ["csrc/region.h", "csrc/region_common.cuh"]
+HEADERS = ["csrc/region.h", "csrc/region_common.cuh", "csrc/region_math.h"]
 
 
 def find_nvcc() -> str | None:

@@ -8,20 +8,30 @@ Providers:
 - mmkernels-torch: the PyTorch path mmkernels takes on the CPU.
 - eager: what UNITER / LXMERT run. region_mask: a Bernoulli draw, UNITER's at-least-one fix-up,
   masked_fill (zero) or LXMERT's 80/10/10 split with a boolean-index copy of random rows (bert).
-  masked_region_loss: gather the selected rows with a boolean index, then the loss.
+  masked_region_loss: gather the selected rows with a boolean index, then the loss, in the inputs'
+  dtype (tests/toolkit.py's eager_masked_region_loss, the baseline the tests hold the kernels to).
 
 On CUDA: bf16 at (B, R, D) = (256, 100, 2048) and (512, 36, 2048), with every sample holding
 between 10 and R regions. Without CUDA: fp32 on small CPU shapes. extra_info holds the effective
 GB/s (bytes the op must move: region_mask reads and writes the (B, R, D) features once; the loss
 reads the selected rows of pred and target in the forward and again in the backward and writes the
 full gradient of pred) and, on CUDA, the peak memory above the inputs.
+
+When both mmkernels-triton and mmkernels-cuda ran, the end of the run prints, per op, which of the
+two is faster over all cases (the sum of their medians) and the AUTO_CUDA_BACKEND entry to set in
+mmkernels/ops/_extension.py (unmeasured until then).
 """
+from collections import defaultdict
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmkernels.ops.region import cuda_extension_available, masked_region_loss, region_mask
+from mmkernels.ops._extension import AUTO_CUDA_BACKEND, cuda_extension_available
+from mmkernels.ops.region import region_mask
+from mmkernels.ops.region_loss import masked_region_loss
 from timing import CUDA, time_step
+from toolkit import eager_masked_region_loss
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -34,6 +44,38 @@ SHAPES = (
     else [("cpu_16x36x256", 16, 36, 256)]
 )
 PROVIDERS = ["mmkernels-triton", "mmkernels-cuda", "mmkernels-torch", "eager"]
+
+
+# op -> case -> provider -> median seconds, for the AUTO_CUDA_BACKEND recommendation
+MEDIANS = defaultdict(lambda: defaultdict(dict))
+
+
+def recommend_auto_cuda_backend(medians) -> dict:
+    """op -> ("triton" | "cuda", total triton seconds, total cuda seconds) over the cases both ran."""
+    choice = {}
+    for op, cases in medians.items():
+        both = [c for c in cases.values() if "mmkernels-triton" in c and "mmkernels-cuda" in c]
+        if both:
+            triton_s = sum(c["mmkernels-triton"] for c in both)
+            cuda_s = sum(c["mmkernels-cuda"] for c in both)
+            choice[op] = ("cuda" if cuda_s < triton_s else "triton", triton_s, cuda_s)
+    return choice
+
+
+@pytest.fixture(scope="module", autouse=True)
+def auto_cuda_backend_report(request):
+    """After the suite: print the AUTO_CUDA_BACKEND entries that the medians call for."""
+    yield
+    choice = recommend_auto_cuda_backend(MEDIANS)
+    if not choice:
+        return
+    lines = [f"{op}: triton {t * 1e3:.3f} ms, cuda {c * 1e3:.3f} ms in all -> {best!r} "
+             f"(now {AUTO_CUDA_BACKEND.get(op)!r})" for op, (best, t, c) in choice.items()]
+    table = ", ".join(f"{op!r}: {best!r}" for op, (best, _, _) in choice.items())
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\nAUTO_CUDA_BACKEND, measured on " + torch.cuda.get_device_name() + ":\n  "
+              + "\n  ".join(lines) + f"\n  set in mmkernels/ops/_extension.py: AUTO_CUDA_BACKEND = {{{table}}}")
 
 
 def make_features(batch, regions, dim):
@@ -85,21 +127,12 @@ def test_region_mask(benchmark, shape, mode, provider):
     mask_embedding = torch.randn(dim, device=DEVICE, dtype=DTYPE)
     step = mask_step(provider, feats, lens, mode, mask_embedding)
     seconds = time_step(benchmark, step, f"region_mask-{mode}-{name}", rounds=50)
+    MEDIANS["region_mask"][(name, mode)][provider] = seconds
     moved = 2 * feats.numel() * feats.element_size() + batch * regions
     benchmark.extra_info.update(
         provider=provider, op="region_mask", mode=mode, shape=dict(B=batch, R=regions, D=dim),
         dtype=str(DTYPE), bytes=moved, gbps=moved / seconds / 1e9,
     )
-
-
-def eager_region_loss(pred, target, mask, kind):
-    """UNITER's MRFR / MRC-kl and LXMERT's feature loss: gather the selected rows, then the loss."""
-    p, t = pred[mask], target[mask]
-    if kind == "mse":
-        return F.mse_loss(p.float(), t.float())
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(p.float(), t.float())
-    return F.kl_div(F.log_softmax(p.float(), dim=-1), t.float(), reduction="batchmean")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -118,7 +151,7 @@ def test_masked_region_loss_fwd_bwd(benchmark, shape, kind, provider):
 
     if provider == "eager":
         def forward():
-            return eager_region_loss(pred, target, mask, kind)
+            return eager_masked_region_loss(pred, target, mask, kind)
     else:
         backend = provider.split("-")[1]
         if backend in ("triton", "cuda") and not CUDA:
@@ -133,6 +166,7 @@ def test_masked_region_loss_fwd_bwd(benchmark, shape, kind, provider):
         return torch.autograd.grad(forward(), pred)
 
     seconds = time_step(benchmark, step, f"masked_region_loss-{kind}-{name}", rounds=50)
+    MEDIANS["masked_region_loss"][(name, kind)][provider] = seconds
     element = pred.element_size()
     n_selected = int(mask.sum())
     moved = 4 * n_selected * dim * element + pred.numel() * element + 2 * mask.numel()

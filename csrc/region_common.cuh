@@ -1,4 +1,5 @@
-// What the region kernels share: the counter-based RNG, element types, vectors and error checks.
+// What the region kernels share: element types, vectors and error checks (the RNG and the loss
+// math, which need no CUDA, are in region_math.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,26 +11,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "region_math.h"
+
 namespace mmkernels {
-
-// murmur3's fmix32 finalizer; region_random must equal mmkernels/ops/reference.py's bit for bit.
-__device__ __forceinline__ uint32_t mix_u32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  x ^= x >> 16;
-  return x;
-}
-
-// A 31-bit random number for region r of sample b in the stream whose key is `key`.
-__device__ __forceinline__ int32_t region_random(uint32_t seed0, uint32_t key, uint32_t b,
-                                                 uint32_t r) {
-  uint32_t x = mix_u32(b ^ seed0);
-  x = mix_u32(x ^ r);
-  x = mix_u32(x ^ key);
-  return static_cast<int32_t>(x >> 1);
-}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -1,6 +1,7 @@
 // masked_region_loss on CUDA: one warp per region, forward and backward. Rows that are not
 // selected are never read: the forward writes their loss as 0, the backward their gradient as 0.
-// The math is that of the Triton kernels in mmkernels/ops/region.py.
+// The per-element math (region_math.h) is that of the Triton kernels in
+// mmkernels/ops/region_loss_kernels.py and of reference.masked_region_loss, for any target.
 #include <cmath>
 
 #include "region.h"
@@ -28,45 +29,6 @@ struct LossParams {
   float beta;
 };
 
-// Running KL statistics of one lane (or a whole row once merged): m = max pred seen, s = Σ exp(p - m),
-// tp = Σ t·(p - m) (relative to m, so no large terms cancel), ts = Σ t, tlt = Σ t·log t.
-struct KlState {
-  float m = -INFINITY, s = 0.0f, tp = 0.0f, ts = 0.0f, tlt = 0.0f;
-
-  __device__ void add(float p, float t) {
-    const float m_new = fmaxf(m, p);
-    if (m_new != m) {
-      const float shift = m == -INFINITY ? 0.0f : m_new - m;
-      s = s * expf(m - m_new);
-      tp -= ts * shift;
-      m = m_new;
-    }
-    s += expf(p - m);
-    tp += t * (p - m);
-    ts += t;
-    if (t > 0.0f) tlt += t * logf(t);
-  }
-
-  __device__ void merge(const KlState& o) {
-    if (o.m == -INFINITY) {
-      tlt += o.tlt;  // o saw no element
-      return;
-    }
-    if (m == -INFINITY) {
-      const float keep_tlt = tlt;
-      *this = o;
-      tlt += keep_tlt;
-      return;
-    }
-    const float m_new = fmaxf(m, o.m);
-    s = s * expf(m - m_new) + o.s * expf(o.m - m_new);
-    tp = tp - ts * (m_new - m) + o.tp - o.ts * (m_new - o.m);
-    ts += o.ts;
-    tlt += o.tlt;
-    m = m_new;
-  }
-};
-
 __device__ __forceinline__ float warp_sum(float x) {
   for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;
@@ -80,13 +42,6 @@ __device__ __forceinline__ int64_t warp_row() {
 
 __device__ __forceinline__ bool row_selected(const LossParams& p, int b, int r) {
   return p.mask[b * p.stride_mb + r * p.stride_mr] != 0;
-}
-
-__device__ __forceinline__ float elementwise_loss(const LossParams& p, float pred, float target) {
-  const float d = pred - target;
-  if (p.kind == kMse) return d * d;
-  const float ad = fabsf(d);
-  return ad < p.beta ? 0.5f * d * d / p.beta : ad - 0.5f * p.beta;
 }
 
 template <typename T, int N>
@@ -119,7 +74,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_fwd_ke
       if (p.kind == kKl)
         kl.add(x, t);
       else
-        acc += elementwise_loss(p, x, t);
+        acc += feature_loss(p.kind, x - t, p.beta);
     }
   }
   if (p.kind != kKl) {
@@ -127,6 +82,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_fwd_ke
     if (lane == 0) p.loss[row] = acc / p.dim;
     return;
   }
+  // butterfly: every lane ends with the whole row (tests/csrc/region_math_check.cpp replays it)
   for (int offset = 16; offset > 0; offset >>= 1) {
     KlState o;
     o.m = __shfl_xor_sync(0xffffffffu, kl.m, offset);
@@ -137,10 +93,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_fwd_ke
     kl.merge(o);
   }
   if (lane == 0) {
-    const float log_s = logf(kl.s);
-    // KL = Σ t·log t - Σ t·p + (Σ t)·lse with lse = m + log s
-    p.loss[row] = kl.tlt - kl.tp + kl.ts * log_s;
-    p.stats[2 * row] = kl.m + log_s;
+    p.loss[row] = kl.loss();
+    p.stats[2 * row] = kl.lse();
     p.stats[2 * row + 1] = kl.ts;
   }
 }
@@ -170,7 +124,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_bwd_ke
   const V* pred = reinterpret_cast<const V*>(p.pred + (b * p.stride_pb + r * p.stride_pr) * sizeof(T));
   const V* target =
       reinterpret_cast<const V*>(p.target + (b * p.stride_tb + r * p.stride_tr) * sizeof(T));
-  const float scale = p.kind == kMse ? 2.0f * g / p.dim : g / p.dim;
+  const float scale = g / p.dim;
   for (int i = lane; i < p.dim / N; i += 32) {
     const V pv = pred[i], tv = target[i];
     V gp, gt;
@@ -179,14 +133,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) masked_region_loss_bwd_ke
       const float x = to_float(pv.v[e]), t = to_float(tv.v[e]);
       float dp, dt;
       if (p.kind == kKl) {
-        const float log_q = x - lse;
-        dp = (t_sum * expf(log_q) - t) * g;  // d KL / d pred = (Σ t)·softmax(pred) - t
-        dt = t > 0.0f ? (logf(t) + 1.0f - log_q) * g : 0.0f;  // 0 where t = 0, as F.kl_div
+        dp = kl_pred_grad(x, t, lse, t_sum, g);
+        dt = kl_target_grad(x, t, lse, g);
       } else {
-        const float d = x - t;
-        float slope = d;  // mse: d·2/K (scale holds 2/K)
-        if (p.kind == kSmoothL1) slope = fabsf(d) < p.beta ? d / p.beta : (d > 0.0f) - (d < 0.0f);
-        dp = slope * scale;
+        dp = feature_loss_slope(p.kind, x - t, p.beta) * scale;
         dt = -dp;
       }
       gp.v[e] = from_float<T>(dp);

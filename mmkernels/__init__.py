@@ -6,7 +6,8 @@
 from mmkernels import integrations, nn
 from mmkernels.ops.attention import cross_attention
 from mmkernels.ops.contrastive import clip_loss, siglip_loss
-from mmkernels.ops.region import RegionMaskOutput, masked_region_loss, region_mask
+from mmkernels.ops.region import RegionMaskOutput, region_mask
+from mmkernels.ops.region_loss import masked_region_loss
 
 __version__ = "0.1.0"
 

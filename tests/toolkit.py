@@ -167,14 +167,21 @@ def eager_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     return probs @ v
 
 
-def eager_masked_region_loss(pred, target, mask, kind, beta=1.0):
-    """UNITER / LXMERT: gather the selected regions, then the loss, averaged over them."""
+def eager_masked_region_loss(pred, target, mask, kind, beta=1.0, reduction="mean"):
+    """UNITER / LXMERT: gather the selected regions, then the loss, averaged over them ("mean"),
+    summed ("sum"), or scattered back to a (B, R) tensor with 0 elsewhere ("none")."""
     p, t = pred[mask], target[mask]
     if kind == "mse":
-        return F.mse_loss(p, t, reduction="none").mean(-1).mean()
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(p, t, reduction="none", beta=beta).mean(-1).mean()
-    return F.kl_div(F.log_softmax(p, dim=-1), t, reduction="none").sum(-1).mean()
+        per_region = F.mse_loss(p, t, reduction="none").mean(-1)
+    elif kind == "smooth_l1":
+        per_region = F.smooth_l1_loss(p, t, reduction="none", beta=beta).mean(-1)
+    else:
+        per_region = F.kl_div(F.log_softmax(p, dim=-1), t, reduction="none").sum(-1)
+    if reduction == "mean":
+        return per_region.mean()
+    if reduction == "sum":
+        return per_region.sum()
+    return torch.zeros(mask.shape, dtype=per_region.dtype, device=mask.device).masked_scatter(mask, per_region)
 
 
 # --------------------------------------------------------------------------- work and allocations

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mmkernels.ops.region import RegionMaskOutput, masked_region_loss, region_mask
+from mmkernels.ops.region import RegionMaskOutput, region_mask
+from mmkernels.ops.region_loss import masked_region_loss
 
 __all__ = ["RegionMasker", "MaskedRegionLoss"]
 

@@ -42,6 +42,7 @@ __all__ = [
     "triton_enabled",
     "check_float_tensor",
     "check_same_device",
+    "check_choice",
     "scalar_tensor",
     "last_dim_contiguous",
     "new_output",
@@ -92,6 +93,12 @@ def check_same_device(named: Iterable[tuple[str, torch.Tensor]]) -> None:
     if len(devices) > 1:
         seen = ", ".join(f"{n} on {t.device}" for n, t in named)
         raise ValueError(f"expected all inputs on one device, got {seen}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise ValueError naming `name` unless `value` is one of the strings `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"expected {name} to be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:

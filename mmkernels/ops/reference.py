@@ -220,7 +220,7 @@ def cross_attention(
 # --------------------------------------------------------------------------- region masking
 
 # The counter-based RNG of region_mask, computed bit for bit alike by the Triton kernels
-# (mmkernels/ops/region.py), the CUDA kernels (csrc/region_common.cuh) and this reference. Every
+# (mmkernels/ops/region_kernels.py), the CUDA kernels (csrc/region_math.h) and this reference. Every
 # random number is a 31-bit integer h(seed0, key_s, b, r) >> 1 for region r of sample b, where
 # key_s = (seed1 + s · 0x9E3779B9) mod 2^31 picks the stream s:
 REGION_STREAM_SELECT = 0  # u: the region is selected iff u < round(prob · 2^31)
@@ -323,21 +323,30 @@ def masked_region_loss(pred, target, mask, kind: str, reduction: str = "mean", b
     """Masked region modeling losses over the selected regions, in the compute dtype.
 
     pred, target: (B, R, K); mask: (B, R) bool. Per region: "mse" and "smooth_l1" (with `beta`)
-    average over K; "kl" is KL(target || softmax(pred)) summed over K (its target gradient is 0
-    where target is 0). reduction "none" gives the (B, R) per-region losses (0 where not selected), "sum" their sum, "mean" the sum divided by
-    max(number selected, 1).
+    average over K; "kl" sums over K the terms target·(log target - log_softmax(pred)), each 0 where
+    target is 0 (with a 0 target gradient there), for any target: a negative one gives NaN, one that
+    does not sum to 1 is taken as it is. Regions that are not selected take no part: their loss and
+    gradient are 0 whatever they hold. reduction "none" gives the (B, R) per-region losses (0 where
+    not selected), "sum" their sum, "mean" the sum divided by max(number selected, 1).
     """
     dtype = _compute_dtype(pred)
-    pred, target = pred.to(dtype), target.to(dtype)
+    # Rows that are not selected are replaced by zeros before the loss, so that NaN or Inf there
+    # reaches neither the loss nor a gradient (masking the per-region loss alone would still send
+    # 0 · NaN = NaN back to them).
+    selected = mask[..., None]
+    pred = torch.where(selected, pred.to(dtype), 0.0)
+    target = torch.where(selected, target.to(dtype), 0.0)
     if kind == "mse":
         per_region = (pred - target).pow(2).mean(-1)
     elif kind == "smooth_l1":
         per_region = F.smooth_l1_loss(pred, target, reduction="none", beta=beta).mean(-1)
     else:
-        # F.kl_div's value; written out so that where target is 0 its gradient is 0, not NaN
-        positive = target > 0
-        log_ratio = torch.log(torch.where(positive, target, 1.0)) - F.log_softmax(pred, dim=-1)
-        per_region = torch.where(positive, target * log_ratio, 0.0).sum(-1)
+        # F.kl_div's pointwise value, written out so that a term with target 0 is exactly 0 in value
+        # and gradient, even where log_softmax is -inf (F.kl_div gives 0 · -inf = NaN there)
+        nonzero = target != 0
+        log_q = torch.where(nonzero, F.log_softmax(pred, dim=-1), 0.0)
+        log_t = torch.log(torch.where(nonzero, target, 1.0))
+        per_region = torch.where(nonzero, target * (log_t - log_q), 0.0).sum(-1)
     return reduce_region_losses(torch.where(mask, per_region, 0.0), mask, reduction)
 
 
