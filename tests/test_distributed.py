@@ -56,8 +56,8 @@ def single_process(kind, A, B, scale, bias, rows: slice, *, normalize=False, eps
     loss.backward()
     g = logits.grad[rows]
     with torch.no_grad():
-        # The embeddings' gradients are sums over a row (column) of dL/dS_ij times the other side,
-        # and CLIP's dL/dS_ij = (P^row_ij - t_ij + P^col_ij - t_ij) / (2N) cancels where a positive
+        # Every gradient is a sum over logits of dL/dS_ij times something, and CLIP's
+        # dL/dS_ij = (P^row_ij - t_ij + P^col_ij - t_ij) / (2N) itself cancels where a positive
         # dominates its row or column: the rule's floor scales with the terms' size, not the result's.
         n = logits.shape[0]
         if kind == "clip":
@@ -72,7 +72,7 @@ def single_process(kind, A, B, scale, bias, rows: slice, *, normalize=False, eps
     return dict(loss=loss.detach(), image=A.grad[rows], text=B.grad[rows],
                 scale=(g * products[rows]).sum().detach(), bias=g.sum(),
                 image_size=image_terms[rows].norm().item(), text_size=text_terms[rows].norm().item(),
-                scale_size=(g * products[rows]).abs().sum().item(), bias_size=g.abs().sum().item())
+                scale_size=(terms[rows] * products[rows].abs()).sum().item(), bias_size=terms[rows].sum().item())
 
 
 # --------------------------------------------------------------------------- one rank's view

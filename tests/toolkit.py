@@ -335,6 +335,8 @@ def _rank_main(rank, fn, world_size, port, backend, timeout_s, out_dir, args):
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
+        else:
+            torch.set_num_threads(1)  # the ranks share the machine's cores
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         try:
