@@ -184,7 +184,16 @@ def _float_bits(x: float) -> int:
 
 
 def _describe(values, fmt=str) -> str:
-    return ", ".join(f"{fmt(v)} on rank {r}" for r, v in enumerate(values))
+    """"D = 8 on ranks 0, 2, D = 16 on rank 1": each value seen, with the ranks that passed it."""
+    ranks: dict = {}
+    for r, v in enumerate(values):
+        ranks.setdefault(v, []).append(r)
+
+    def listed(rs):
+        shown = ", ".join(map(str, rs[:8])) + (f", … ({len(rs)} ranks)" if len(rs) > 8 else "")
+        return f"rank{'s' if len(rs) > 1 else ''} {shown}"
+
+    return ", ".join(f"{fmt(v)} on {listed(rs)}" for v, rs in ranks.items())
 
 
 def _check(caller: str, op: str, group, image, text, local_checks, *, image_grad: bool, text_grad: bool,
@@ -312,6 +321,8 @@ def _embedding_checks(image, text):
         raise TypeError(f"expected image_local and text_local to share a dtype, got {image.dtype} and {text.dtype}")
     if image.shape[1] == 0:
         raise ValueError("expected an embedding dimension D >= 1, got D = 0")
+    if image.dtype not in _DTYPES:
+        raise TypeError(f"expected image_local and text_local in one of {_DTYPES}, got {image.dtype}")
 
 
 # --------------------------------------------------------------------------- communication

@@ -279,7 +279,7 @@ def check_errors_raise_on_every_rank(env):
         "dtype": (lambda: mmd.siglip_loss(a.double() if first else a, b.double() if first else b, scale, bias),
                   TypeError, "same dtype on every rank"),
         "device": (lambda: mmd.clip_loss(a.to("meta") if first else a, b.to("meta") if first else b, scale),
-                   ValueError, "got meta on rank 0, cpu on rank 1"),
+                   ValueError, "got meta on rank 0, cpu on rank"),
         "op": (lambda: mmd.clip_loss(a, b, scale) if first else mmd.siglip_loss(a, b, scale, bias),
                ValueError, "same distributed loss"),
         "normalize": (lambda: mmd.clip_loss(a, b, scale, normalize=first), ValueError, "same normalize on every rank"),
