@@ -403,3 +403,89 @@ def compare_patched(make_model, run, patch, path: str, reference_calls: list, *,
     dtype = next(eager.parameters()).dtype
     assert_models_within_rule(*results, dtype, what=type(eager).__name__, sizes=sizes)
     return handle
+
+
+# --------------------------------------------------------------------------- multi-process jobs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, fn, world_size, port, backend, timeout_s, out_dir, args):
+    import datetime
+    import pickle
+    import traceback
+
+    import torch.distributed as dist
+
+    result = {"ok": False}
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        else:
+            torch.set_num_threads(1)  # the ranks share the machine's cores
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            result = {"ok": True, "value": fn(rank, world_size, *args)}
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        result = {"ok": False, "error": traceback.format_exc()}
+    path = os.path.join(out_dir, f"rank{rank}.pkl")
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(result, f)
+    os.replace(path + ".tmp", path)  # the parent never reads a half-written file
+
+
+def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout_s: float = 120.0) -> list:
+    """fn(rank, world_size, *args) in `world_size` spawned processes that share a torch.distributed
+    process group (`backend`, 127.0.0.1, a free port); returns each rank's return value (picklable).
+
+    Bounded: the processes are killed and the call fails once `timeout_s` has passed, and every
+    collective times out after `timeout_s` too, so a hang fails the test instead of stalling CI.
+    A rank that raises fails the call with that rank's traceback. `fn` must be a module-level
+    function of an importable module (spawn pickles it by name); the children inherit os.environ.
+    """
+    import pickle
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="mmkernels-ranks-") as out_dir:
+        ctx = mp.start_processes(_rank_main, args=(fn, world_size, _free_port(), backend, timeout_s, out_dir, args),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        paths = [os.path.join(out_dir, f"rank{rank}.pkl") for rank in range(world_size)]
+
+        def load(path):
+            with open(path, "rb") as f:
+                return pickle.load(f)
+
+        def kill_all():
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1.0):
+            # A rank that failed leaves the others waiting in a collective: stop them now.
+            if any(os.path.exists(p) and not load(p)["ok"] for p in paths):
+                time.sleep(1.0)
+                kill_all()
+                break
+            if time.monotonic() > deadline:
+                kill_all()
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks ran past {timeout_s} s (killed)")
+        results = [load(p) if os.path.exists(p) else {"ok": False, "error": "killed after another rank failed"}
+                   for p in paths]
+    failed = [(r, res["error"]) for r, res in enumerate(results) if not res["ok"]]
+    if failed:
+        raise AssertionError("\n".join(f"rank {r} raised:\n{err}" for r, err in failed))
+    return [res["value"] for res in results]

@@ -1,0 +1,453 @@
+"""mmkernels.distributed over gloo: every rank's loss and gradients against the loss one process
+computes on the concatenated batch (DESIGN.md's rule), on the reference path and with the Triton
+kernels under the interpreter; the work each rank does; errors raised on every rank.
+
+One spawned job per world size runs every check on one process group (spawning is the slow part);
+each check's outcome is then its own test. Local batch sizes differ between ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import mmkernels.distributed as mmd
+from mmkernels.ops import contrastive_kernels as _kernels
+from mmkernels.ops._common import HAS_TRITON, interpreting
+from toolkit import CUDA, OpTrace, assert_within_rule, fresh_seed, run_ranks
+
+SIZES = {2: (5, 2), 3: (1, 0, 6)}   # M_r per rank: unequal, a rank with one pair, a rank with none
+D = 8
+JOB_TIMEOUT_S = 240.0
+
+
+# --------------------------------------------------------------------------- the single-process oracle
+
+
+def clip_from_logits(logits, eps):
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels, label_smoothing=eps)
+            + F.cross_entropy(logits.T, labels, label_smoothing=eps)) / 2
+
+
+def siglip_from_logits(logits):
+    signs = 2 * torch.eye(logits.shape[0], dtype=logits.dtype, device=logits.device) - 1
+    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+
+
+def single_process(kind, A, B, scale, bias, rows: slice, *, normalize=False, eps=0.0, dtype=None):
+    """What one process computes on the global batch (A, B) (N, D), in `dtype` (float64: the oracle;
+    the inputs' dtype: the eager formula): the loss, dL/dA and dL/dB for `rows`, and the shares of
+    dL/dscale and dL/dbias that come from those rows of S, each gradient with the size of its
+    summands (the floor of DESIGN.md's rule scales with it)."""
+    dtype = dtype or A.dtype
+    A, B = (t.detach().to(dtype).requires_grad_() for t in (A, B))
+    scale, bias = (torch.as_tensor(t, dtype=dtype).detach().requires_grad_() for t in (scale, bias))
+    a, b = (F.normalize(A, dim=-1), F.normalize(B, dim=-1)) if normalize else (A, B)
+    products = a @ b.T
+    logits = scale * products + (bias if kind == "siglip" else 0)
+    logits.retain_grad()
+    loss = clip_from_logits(logits, eps) if kind == "clip" else siglip_from_logits(logits)
+    loss.backward()
+    g = logits.grad[rows]
+    with torch.no_grad():
+        # Every gradient is a sum over logits of dL/dS_ij times something, and CLIP's
+        # dL/dS_ij = (P^row_ij - t_ij + P^col_ij - t_ij) / (2N) itself cancels where a positive
+        # dominates its row or column: the rule's floor scales with the terms' size, not the result's.
+        n = logits.shape[0]
+        if kind == "clip":
+            targets = (1 - eps) * torch.eye(n, dtype=dtype, device=logits.device) + eps / n
+            terms = (torch.softmax(logits, 1) + torch.softmax(logits, 0) + 2 * targets) / (2 * n)
+        else:
+            terms = logits.grad.abs()
+        image_terms, text_terms = scale * terms @ b.abs(), scale * terms.T @ a.abs()
+        if normalize:  # the normalisation's Jacobian divides by the row's norm
+            image_terms = image_terms / A.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            text_terms = text_terms / B.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return dict(loss=loss.detach(), image=A.grad[rows], text=B.grad[rows],
+                scale=(g * products[rows]).sum().detach(), bias=g.sum(),
+                image_size=image_terms[rows].norm().item(), text_size=text_terms[rows].norm().item(),
+                scale_size=(terms[rows] * products[rows].abs()).sum().item(), bias_size=terms[rows].sum().item())
+
+
+# --------------------------------------------------------------------------- one rank's view
+
+
+class Rank:
+    """What a check sees: this rank, the sizes, and a generator all ranks seed alike."""
+
+    def __init__(self, rank, world_size, sizes, seed):
+        self.rank, self.world_size, self.sizes, self.seed = rank, world_size, sizes, seed
+        self.rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, dtype=torch.float32, d=D):
+        """The global batch (same on every rank): A, B (N, D) in dtype, scale and bias floats."""
+        n = sum(self.sizes)
+        A = torch.randn(n, d, generator=self.gen, dtype=torch.float64).to(dtype)
+        B = torch.randn(n, d, generator=self.gen, dtype=torch.float64).to(dtype)
+        scale = float(torch.empty(()).uniform_(1.0, 4.0, generator=self.gen))
+        bias = float(torch.empty(()).uniform_(-3.0, 0.0, generator=self.gen))
+        return A, B, scale, bias
+
+
+def run_loss(kind, A, B, scale, bias, rows, *, image_grad=True, text_grad=True, scale_grad=True, bias_grad=True,
+             **kw):
+    """This rank's loss and the gradients of the inputs that require them ({name: grad})."""
+    leaves = {"image": A[rows].clone().requires_grad_(image_grad), "text": B[rows].clone().requires_grad_(text_grad)}
+    s = torch.tensor(scale, requires_grad=True) if scale_grad else scale
+    if scale_grad:
+        leaves["scale"] = s
+    if kind == "clip":
+        loss = mmd.clip_loss(leaves["image"], leaves["text"], s, **kw)
+    else:
+        leaves["bias"] = torch.tensor(bias, requires_grad=bias_grad)
+        loss = mmd.siglip_loss(leaves["image"], leaves["text"], s, leaves["bias"], **kw)
+    needed = {k: v for k, v in leaves.items() if v.requires_grad}
+    grads = dict(zip(needed, torch.autograd.grad(loss, list(needed.values())))) if needed else {}
+    return loss.detach(), grads
+
+
+def assert_matches_single_process(env, kind, loss, grads, batch, *, factor, dtype, normalize=False, eps=0.0):
+    """Rank env.rank's loss is the global one; its gradients / factor are the single-process
+    gradients of its rows, its scalars' gradients / factor the shares of its block row of S."""
+    A, B, scale, bias = batch
+    kw = dict(normalize=normalize, eps=eps)
+    oracle = single_process(kind, A, B, scale, bias, env.rows, dtype=torch.float64, **kw)
+    eager = single_process(kind, A, B, scale, bias, env.rows, dtype=dtype, **kw)
+    whole = single_process(kind, A, B, scale, bias, slice(None), dtype=torch.float64, **kw)
+    # Rounding each logit by a relative u moves the loss by Σ|dL/dS · S| · u.
+    loss_size = max(abs(whole["loss"].item()), scale * whole["scale_size"])
+    assert_within_rule("loss", loss, eager["loss"], oracle["loss"], dtype, size=loss_size)
+    for name, grad in grads.items():
+        size = oracle.get(f"{name}_size")
+        assert_within_rule(f"d {name} (rank {env.rank})", grad.double() / factor, eager[name], oracle[name], dtype,
+                           size=size)
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def check_clip(env):
+    batch = env.batch()
+    loss, grads = run_loss("clip", *batch, env.rows)
+    assert set(grads) == {"image", "text", "scale"}
+    assert_matches_single_process(env, "clip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
+
+
+def check_clip_normalize_smoothing_unscaled(env):
+    batch = env.batch()
+    loss, grads = run_loss("clip", *batch, env.rows, normalize=True, label_smoothing=0.1, grad_scaling="none")
+    assert_matches_single_process(env, "clip", loss, grads, batch, factor=1, dtype=torch.float32,
+                                  normalize=True, eps=0.1)
+
+
+def check_clip_frozen_towers(env):
+    # Image tower frozen everywhere; the text needs its gradient on rank 0 only, so the other ranks
+    # must still send their partial text gradients; logit_scale a Python float.
+    batch = env.batch()
+    loss, grads = run_loss("clip", *batch, env.rows, image_grad=False, text_grad=env.rank == 0, scale_grad=False)
+    assert set(grads) == ({"text"} if env.rank == 0 else set())
+    assert_matches_single_process(env, "clip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
+    loss, grads = run_loss("clip", *batch, env.rows, text_grad=False, label_smoothing=0.2)
+    assert set(grads) == {"image", "scale"}
+    assert_matches_single_process(env, "clip", loss, grads, batch, factor=env.world_size, dtype=torch.float32,
+                                  eps=0.2)
+
+
+def check_clip_fp16(env):
+    batch = env.batch(torch.float16)
+    loss, grads = run_loss("clip", *batch, env.rows, normalize=True)
+    assert_matches_single_process(env, "clip", loss, grads, batch, factor=env.world_size, dtype=torch.float16,
+                                  normalize=True)
+
+
+def check_siglip(env):
+    batch = env.batch()
+    loss, grads = run_loss("siglip", *batch, env.rows)
+    assert set(grads) == {"image", "text", "scale", "bias"}
+    assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
+
+
+def check_siglip_normalize_unscaled(env):
+    batch = env.batch()
+    loss, grads = run_loss("siglip", *batch, env.rows, normalize=True, grad_scaling="none")
+    assert_matches_single_process(env, "siglip", loss, grads, batch, factor=1, dtype=torch.float32, normalize=True)
+
+
+def check_siglip_frozen_towers(env):
+    batch = env.batch()
+    loss, grads = run_loss("siglip", *batch, env.rows, text_grad=False, scale_grad=False)
+    assert set(grads) == {"image", "bias"}
+    assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
+    loss, grads = run_loss("siglip", *batch, env.rows, image_grad=False)
+    assert set(grads) == {"text", "scale", "bias"}
+    assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
+
+
+def check_siglip_fp16(env):
+    batch = env.batch(torch.float16)
+    loss, grads = run_loss("siglip", *batch, env.rows, normalize=True)
+    assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float16,
+                                  normalize=True)
+
+
+def check_non_finite(env):
+    # A NaN in the last rank's image rows, an Inf in the first rank's text rows: NaN on every rank.
+    A, B, scale, bias = env.batch()
+    A[sum(env.sizes[:-1]), 0] = float("nan")
+    losses = [run_loss(kind, A, B, scale, bias, env.rows)[0] for kind in ("clip", "siglip")]
+    A, B, scale, bias = env.batch()
+    B[0, 1] = float("inf")
+    losses += [run_loss(kind, A, B, scale, bias, env.rows)[0] for kind in ("clip", "siglip")]
+    assert all(torch.isnan(x) for x in losses), losses
+
+
+
+# Whole 64-row tiles of the interpreter's 64×64×64 tiling (an M_r = 0 rank too), so that the count
+# of interpreted tl.dot has no padding in it.
+WORK_SIZES = {2: (64, 128), 3: (64, 0, 128)}
+WORK = {  # (loss, what needs a gradient): the block row's matrix products (2·M_r·N·D each)
+    ("clip", "all"): 4, ("clip", "text frozen"): 3, ("clip", "image frozen"): 3, ("clip", "none"): 1,
+    ("siglip", "all"): 3, ("siglip", "text frozen"): 2, ("siglip", "image frozen"): 2, ("siglip", "none"): 1,
+}
+NEEDS = {"all": {}, "text frozen": {"text_grad": False}, "image frozen": {"image_grad": False},
+         "none": {"image_grad": False, "text_grad": False, "scale_grad": False, "bias_grad": False}}
+
+
+def check_work_per_rank(env):
+    """Each rank's matrix work is its block row's: CLIP 8·M_r·N·D (2 for the statistics, 6 for the
+    gradients), SigLIP 6·M_r·N·D, 2·M_r·N·D less per frozen tower (the reference path computes both
+    sides whatever is frozen), 2·M_r·N·D without gradients."""
+    env = Rank(env.rank, env.world_size, WORK_SIZES[env.world_size], env.seed)
+    d = 64
+    A, B, scale, bias = env.batch(d=d)
+    unit = 2 * env.sizes[env.rank] * sum(env.sizes) * d
+    wrong = []
+    for (kind, needs), products in WORK.items():
+        if not interpreting() and needs in ("text frozen", "image frozen"):
+            continue
+        with OpTrace() as trace:
+            run_loss(kind, A, B, scale, bias, env.rows, **NEEDS[needs])
+        if trace.matmul_flops != products * unit:
+            wrong.append(f"{kind}, {needs}: {trace.matmul_flops / unit} products, expected {products}")
+    assert not wrong, f"rank {env.rank} (M = {env.sizes[env.rank]}): " + "; ".join(wrong)
+
+
+MEMORY_SIZES = {2: (64, 256), 3: (64, 0, 256)}
+
+
+def check_memory_per_rank(env):
+    """Beyond O(N·D) buffers and the kernels' workspace, nothing: with a workspace that holds one
+    64-row panel, no allocation (and not all of them alive at once) reaches a block row of S."""
+    env = Rank(env.rank, env.world_size, MEMORY_SIZES[env.world_size], env.seed)
+    A, B, scale, bias = env.batch(d=4)
+    n, m = A.shape[0], env.sizes[env.rank]
+    workspace = _kernels.panel_bytes(64, n, 4, torch.float32, A.device, True, True, torch.float32)
+    block_row = m * n * 4
+    for kind in ("clip", "siglip"):
+        with OpTrace() as trace:
+            loss, grads = run_loss(kind, A, B, scale, bias, env.rows, workspace_bytes=workspace)
+        assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                      dtype=torch.float32)
+        if m > 64:
+            assert trace.largest_allocation <= workspace < block_row, (kind, trace.largest_allocation, block_row)
+            assert trace.peak_bytes < block_row, (kind, trace.peak_bytes, block_row)
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as err:  # the check below says which
+        return err
+    return None
+
+
+def check_errors_raise_on_every_rank(env):
+    """Each mismatch raises on every rank (no rank left in a collective), and the group still works."""
+    A, B, scale, bias = env.batch()
+    a, b = A[env.rows], B[env.rows]
+    first, last = env.rank == 0, env.rank == env.world_size - 1
+    cases = {
+        "D": (lambda: mmd.clip_loss(a[:, : 4 if first else D], b[:, : 4 if first else D], scale),
+              ValueError, "same embedding dimension D on every rank, got D = 4 on rank 0"),
+        "dtype": (lambda: mmd.siglip_loss(a.double() if first else a, b.double() if first else b, scale, bias),
+                  TypeError, "same dtype on every rank"),
+        "device": (lambda: mmd.clip_loss(a.to("meta") if first else a, b.to("meta") if first else b, scale),
+                   ValueError, "got meta on rank 0, cpu on rank"),
+        "op": (lambda: mmd.clip_loss(a, b, scale) if first else mmd.siglip_loss(a, b, scale, bias),
+               ValueError, "same distributed loss"),
+        "normalize": (lambda: mmd.clip_loss(a, b, scale, normalize=first), ValueError, "same normalize on every rank"),
+        "label_smoothing": (lambda: mmd.clip_loss(a, b, scale, label_smoothing=0.1 if first else 0.0),
+                            ValueError, "same label_smoothing"),
+        "grad_scaling": (lambda: mmd.clip_loss(a, b, scale, grad_scaling="mean"), ValueError, "grad_scaling"),
+        "local shape": (lambda: mmd.clip_loss(a[None] if last else a, b, scale),
+                        ValueError, "expected image_local to be 2-D" if last else "rejected"),
+        "empty batch": (lambda: mmd.siglip_loss(a[:0], b[:0], scale, bias), ValueError,
+                        "at least one pair in the global batch"),
+        "scale shape": (lambda: mmd.clip_loss(a, b, torch.ones(2) if first else scale),
+                        ValueError, "logit_scale to be a scalar" if first else "rejected"),
+    }
+    failures = []
+    for name, (call, exc, match) in cases.items():
+        err = _raised(call)
+        if not isinstance(err, exc) or match not in str(err):
+            failures.append(f"{name}: expected {exc.__name__} matching {match!r}, got {err!r}")
+    # The ranks stayed in step: a valid call after all of that is right.
+    loss, grads = run_loss("clip", A, B, scale, bias, env.rows)
+    assert_matches_single_process(env, "clip", loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                  dtype=torch.float32)
+    assert not failures, "\n".join(failures)
+
+
+def check_small_workspace_raises_on_every_rank(env):
+    """A workspace that holds the smallest rank's block but not the largest's: every rank raises
+    (naming the rank and the minimum) before the heavy collectives, none waits for the others."""
+    env = Rank(env.rank, env.world_size, {2: (8, 64), 3: (8, 0, 64)}[env.world_size], env.seed)
+    A, B, scale, bias = env.batch()
+    n, small = A.shape[0], min(m for m in env.sizes if m)
+    big = env.sizes.index(max(env.sizes))
+    workspace = max(_kernels.stats_panel_bytes(small, n, D, torch.float32, A.device),
+                    _kernels.panel_bytes(small, n, D, torch.float32, A.device, True, True, torch.float32))
+    for kind in ("clip", "siglip"):
+        err = _raised(lambda: run_loss(kind, A, B, scale, bias, env.rows, workspace_bytes=workspace))
+        assert isinstance(err, ValueError) and f"rank {big} (M = {max(env.sizes)} rows" in str(err) \
+            and "expected workspace_bytes >=" in str(err), repr(err)
+    enough = max(_kernels.stats_panel_bytes(max(env.sizes), n, D, torch.float32, A.device),
+                 _kernels.panel_bytes(max(env.sizes), n, D, torch.float32, A.device, True, True, torch.float32))
+    loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=enough)
+    assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                  dtype=torch.float32)
+
+
+# (check, paths it runs on): "reference" is the CPU path, "triton" the kernels under the interpreter.
+CHECKS = {
+    "clip": (check_clip, ("reference", "triton")),
+    "clip_normalize_smoothing_unscaled": (check_clip_normalize_smoothing_unscaled, ("reference", "triton")),
+    "clip_frozen_towers": (check_clip_frozen_towers, ("reference", "triton")),
+    "clip_fp16": (check_clip_fp16, ("triton",)),
+    "siglip": (check_siglip, ("reference", "triton")),
+    "siglip_normalize_unscaled": (check_siglip_normalize_unscaled, ("reference", "triton")),
+    "siglip_frozen_towers": (check_siglip_frozen_towers, ("reference", "triton")),
+    "siglip_fp16": (check_siglip_fp16, ("triton",)),
+    "non_finite": (check_non_finite, ("reference", "triton")),
+    "work_per_rank": (check_work_per_rank, ("reference", "triton")),
+    "memory_per_rank": (check_memory_per_rank, ("triton",)),
+    "errors_raise_on_every_rank": (check_errors_raise_on_every_rank, ("reference",)),
+    "small_workspace_raises_on_every_rank": (check_small_workspace_raises_on_every_rank, ("triton",)),
+}
+CASES = [(name, path) for name, (_, paths) in CHECKS.items() for path in paths]
+
+
+@contextlib.contextmanager
+def on_path(path):
+    """CPU tensors take the reference path unless TRITON_INTERPRET=1 (tests/conftest.py sets it)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if path == "triton" else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def job(rank, world_size, sizes, seed, cases):
+    """Every case on one process group: {(check, path): None or the failure's traceback}."""
+    outcomes = {}
+    for index, (name, path) in enumerate(cases):
+        env = Rank(rank, world_size, sizes, seed + index)
+        try:
+            with on_path(path):
+                CHECKS[name][0](env)
+            outcomes[name, path] = None
+        except Exception:
+            outcomes[name, path] = traceback.format_exc()
+    return outcomes
+
+
+TRITON_CPU = HAS_TRITON and interpreting() and not CUDA
+
+
+def _runnable(cases):
+    return [(name, path) for name, path in cases if path == "reference" or TRITON_CPU]
+
+
+@pytest.fixture(scope="module")
+def job_outcomes():
+    """world_size -> (seed, per-rank outcomes); each job runs once per module, its failure is kept."""
+    done = {}
+
+    def get(world_size):
+        if world_size not in done:
+            seed = fresh_seed()
+            try:
+                done[world_size] = (seed, run_ranks(job, world_size, SIZES[world_size], seed, _runnable(CASES),
+                                                    timeout_s=JOB_TIMEOUT_S))
+            except Exception as err:
+                done[world_size] = (seed, err)
+        return done[world_size]
+
+    return get
+
+
+@pytest.mark.parametrize("world_size", sorted(SIZES))
+@pytest.mark.parametrize("check,path", CASES, ids=[f"{n}-{p}" for n, p in CASES])
+def test_distributed_matches_single_process(job_outcomes, world_size, check, path):
+    if path == "triton" and not TRITON_CPU:
+        pytest.skip("the Triton path on CPU needs triton and TRITON_INTERPRET=1 (the GPU test covers CUDA)")
+    seed, outcome = job_outcomes(world_size)
+    if isinstance(outcome, Exception):
+        raise AssertionError(f"the {world_size}-rank job failed (seed {seed})") from outcome
+    failures = [f"rank {r}:\n{res[check, path]}" for r, res in enumerate(outcome) if res[check, path]]
+    assert not failures, f"seed {seed} (+{_runnable(CASES).index((check, path))}):\n" + "\n".join(failures)
+
+
+def test_missing_process_group_raises():
+    assert not dist.is_initialized()
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="needs a torch.distributed process group"):
+        mmd.clip_loss(a, b, 1.0)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mmd.siglip_loss(a, b, 1.0, 0.0)
+
+
+# --------------------------------------------------------------------------- GPU (NCCL)
+
+
+def gpu_job(rank, world_size, seed):
+    """On each GPU of an NCCL group: both losses in fp32 and bf16, sizes off the tiles, a small
+    workspace (several panels), against the single-process loss of the concatenated batch."""
+    failures = []
+    for index, (n_per_rank, d, dtype, workspace) in enumerate([
+        (1000, 256, torch.float32, None), (1031, 768, torch.bfloat16, None), (4096, 512, torch.bfloat16, 2**22),
+    ]):
+        sizes = tuple(n_per_rank + 37 * r for r in range(world_size))  # unequal where there are several GPUs
+        env = Rank(rank, world_size, sizes, seed + index)
+        A, B, scale, bias = env.batch(dtype, d=d)
+        A, B = A.cuda(), B.cuda()
+        for kind in ("clip", "siglip"):
+            try:
+                loss, grads = run_loss(kind, A, B, scale, bias, env.rows, normalize=True, workspace_bytes=workspace)
+                assert loss.is_cuda and all(g.is_cuda for g in grads.values())
+                assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=world_size,
+                                              dtype=dtype, normalize=True)
+            except Exception:
+                failures.append(f"{kind} N/rank={n_per_rank} D={d} {dtype}:\n{traceback.format_exc()}")
+    return failures
+
+
+@pytest.mark.gpu
+def test_nccl_every_gpu_matches_single_process():
+    """World size 1 on a one-GPU machine (all a single GPU can show), every GPU where there are more."""
+    seed = fresh_seed()
+    world_size = torch.cuda.device_count()
+    per_rank = run_ranks(gpu_job, world_size, seed, backend="nccl", timeout_s=300.0)
+    failures = [f"rank {r}: {f}" for r, fs in enumerate(per_rank) for f in fs]
+    assert not failures, f"seed {seed}:\n" + "\n".join(failures)
