@@ -4,7 +4,8 @@
 
 Providers, each timed on one training step's attention (forward, then the gradients of q, k, v):
 - mmkernels: `cross_attention(q, k, v, kv_lens=...)`: padded keys are skipped.
-- eager: Hugging Face LXMERT's matmul → + additive padding mask → softmax → matmul.
+- eager: Hugging Face's eager attention (tests/toolkit.py's `eager_attention`, the tests' baseline):
+  matmul → + additive (B, 1, 1, Lk) padding mask → softmax → matmul.
 - eager_compiled: the same under torch.compile (CUDA only).
 - sdpa: `F.scaled_dot_product_attention` without a mask (computes the padded keys too: the speed a
   mask-free kernel would give, not a correct result for padded batches).
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from mmkernels.ops.attention import cross_attention
 from timing import CUDA, time_step
+from toolkit import eager_attention
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -48,14 +50,6 @@ SHAPES = (
     ]
 )
 PROVIDERS = ["mmkernels", "eager", "eager_compiled", "sdpa", "sdpa_mask", "flex", "varlen"]
-
-
-def eager_attention(q, k, v, additive_mask, scale):
-    """Hugging Face LXMERT's attention: scores, + (B, 1, 1, Lk) additive mask, softmax, matmul."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if additive_mask is not None:
-        scores = scores + additive_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 def make_problem(batch, heads, len_q, len_k, head_dim, padded):
@@ -87,7 +81,7 @@ def step_for(provider, q, k, v, kv_lens, padded):
         attend = torch.compile(eager_attention) if provider == "eager_compiled" else eager_attention
 
         def forward():
-            return attend(*leaves, additive, scale)
+            return attend(*leaves, attn_mask=additive, scale=scale)
     elif provider == "sdpa":
 
         def forward():

@@ -18,8 +18,9 @@ fp32 partial text gradient (N, D), O(W·N) column statistics, and the kernels' w
 
 Communication per rank and call, W ranks, M = max_r M_r (each an ordinary torch.distributed
 collective, so gloo on CPU and NCCL on GPU both run it):
-1. The check: one all_gather of 12 int64 per rank (sizes, dtype, device, options), before any heavy
-   collective, so that mismatched ranks raise a clear error on every rank instead of hanging.
+1. The check: one all_gather of 13 int64 per rank (sizes, dtype, device type, which gradients,
+   options, workspace), before any heavy collective, so that mismatched ranks or a workspace too
+   small for one rank's block raise a clear error on every rank instead of leaving one waiting.
 2. The text rows: one all_gather of (M, D) in the embeddings' dtype (rows past M_r are padding
    when the M_r differ). The image rows never travel: the column statistics CLIP needs are
    reductions over rows, so each rank reduces its own rows and sends O(N) numbers.
@@ -29,6 +30,8 @@ collective, so gloo on CPU and NCCL on GPU both run it):
 4. When some rank needs the text gradient: one reduce-scatter of the (N, D) fp32 partial text
    gradients (padded to W·M rows when the M_r differ), each rank receiving its own rows' sum.
    (gloo implements reduce-scatter as an all-reduce, twice the bytes; NCCL as a reduce-scatter.)
+5. Only for the open_clip variants that give every rank the whole dL/dlogit_scale (nn.ClipLoss
+   with local_loss=False): one all_gather of the ranks' scalar shares (one fp32 each).
 
 The gradients are finished inside the forward, when some input needs them; the backward only
 multiplies them by the upstream gradient and runs no collective, so a rank that skips the backward
@@ -44,7 +47,8 @@ import torch
 import torch.distributed as dist
 
 from mmkernels.ops import contrastive as _blocks
-from mmkernels.ops._common import check_float_tensor, scalar_tensor
+from mmkernels.ops import contrastive_kernels as _kernels
+from mmkernels.ops._common import check_float_tensor, scalar_tensor, triton_enabled
 
 __all__ = ["clip_loss", "siglip_loss"]
 
@@ -98,8 +102,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 _OPS = ("clip_loss", "siglip_loss")
 # The check's fields, one int64 each, per rank.
-_FIELDS = ("op", "rejected", "M", "D", "dtype", "device", "text_grad", "scalar_grad", "normalize",
-           "label_smoothing", "grad_scaling", "spare")
+_FIELDS = ("op", "rejected", "M", "D", "dtype", "device", "image_grad", "text_grad", "scalar_grad", "normalize",
+           "label_smoothing", "grad_scaling", "workspace")
 
 
 @dataclass(frozen=True)
@@ -180,14 +184,24 @@ def _float_bits(x: float) -> int:
 
 
 def _describe(values, fmt=str) -> str:
-    return ", ".join(f"{fmt(v)} on rank {r}" for r, v in enumerate(values))
+    """"D = 8 on ranks 0, 2, D = 16 on rank 1": each value seen, with the ranks that passed it."""
+    ranks: dict = {}
+    for r, v in enumerate(values):
+        ranks.setdefault(v, []).append(r)
+
+    def listed(rs):
+        shown = ", ".join(map(str, rs[:8])) + (f", … ({len(rs)} ranks)" if len(rs) > 8 else "")
+        return f"rank{'s' if len(rs) > 1 else ''} {shown}"
+
+    return ", ".join(f"{fmt(v)} on {listed(rs)}" for v, rs in ranks.items())
 
 
-def _check(caller: str, op: str, group, image, text, local_checks, *, text_grad: bool, scalar_grad: bool,
-           normalize, label_smoothing, grad_scaling: str) -> _Plan:
+def _check(caller: str, op: str, group, image, text, local_checks, *, image_grad: bool, text_grad: bool,
+           scalar_grad: bool, normalize, label_smoothing, grad_scaling: str, workspace_bytes) -> _Plan:
     """Run this rank's input checks, then one small all_gather of what every rank passed, and
-    raise the same kind of error on every rank if any rank's inputs are invalid or the ranks
-    disagree (embedding width, dtype, device type, options, the loss called). Returns the plan.
+    raise the same kind of error on every rank if any rank's inputs are invalid, the ranks
+    disagree (embedding width, dtype, device type, options, the loss called) or a rank's kernel
+    workspace cannot hold one block of its rows against the N columns. Returns the plan.
 
     A rank whose own inputs fail still joins the all_gather before raising its own error, so that
     no other rank is left waiting in a collective.
@@ -201,8 +215,8 @@ def _check(caller: str, op: str, group, image, text, local_checks, *, text_grad:
         meta[1:] = [
             0, image.shape[0], image.shape[1], _DTYPES.index(image.dtype),
             _DEVICE_TYPES.index(image.device.type) if image.device.type in _DEVICE_TYPES else len(_DEVICE_TYPES),
-            int(text_grad), int(scalar_grad), int(bool(normalize)), _float_bits(label_smoothing),
-            _SCALING_CODES[grad_scaling], 0,
+            int(image_grad), int(text_grad), int(scalar_grad), int(bool(normalize)), _float_bits(label_smoothing),
+            _SCALING_CODES[grad_scaling], _blocks.resolve_workspace_bytes(workspace_bytes),
         ]
     except Exception as err:  # re-raised below, after the other ranks have heard of it
         local_error = err
@@ -252,10 +266,40 @@ def _check(caller: str, op: str, group, image, text, local_checks, *, text_grad:
             raise ValueError(f"expected the same {name} on every rank, got " + _describe(col[name], fmt))
     if sum(col["M"]) == 0:
         raise ValueError("expected at least one pair in the global batch, got M = 0 on every rank")
-    return _Plan(
+    plan = _Plan(
         group=group, world_size=world_size, rank=rank, sizes=tuple(col["M"]),
         text_grad=any(col["text_grad"]), scalar_grad=any(col["scalar_grad"]),
     )
+    if triton_enabled(image):
+        _check_workspaces(caller, op, plan, col, image, SCALINGS[grad_scaling])
+    return plan
+
+
+def _check_workspaces(caller: str, op: str, plan: _Plan, col: dict, image, scaling: "Scaling") -> None:
+    """Every rank evaluates, for every rank's rows, the workspace checks the block functions make
+    before their launches (plain arithmetic on shapes), so a workspace too small for one rank's
+    block raises on all ranks here, before any heavy collective, instead of on that rank alone."""
+    n, d = plan.n_total, image.shape[1]
+    for r, m in enumerate(plan.sizes):
+        image_grad, scalar_grad, workspace = bool(col["image_grad"][r]), bool(col["scalar_grad"][r]), col["workspace"][r]
+        runs = _runs_gradient_pass(image_grad, scalar_grad, plan, scaling)
+        try:
+            if op == "clip_loss":
+                _kernels.stats_workspace(m, n, d, image.dtype, image.device, workspace)
+                if runs:
+                    _kernels.panel_workspace(m, n, d, image.dtype, image.device, image_grad, plan.text_grad,
+                                             torch.float32, workspace)
+            else:
+                _kernels.panel_workspace(m, n, d, image.dtype, image.device, runs and image_grad,
+                                         runs and plan.text_grad, torch.float32, workspace)
+        except ValueError as err:
+            raise ValueError(f"{caller}: rank {r} (M = {m} rows against N = {n} columns): {err}") from None
+
+
+def _runs_gradient_pass(image_grad: bool, scalar_grad: bool, plan: _Plan, scaling: "Scaling") -> bool:
+    """Whether a rank computes its block's gradients: for its own inputs, or because another rank
+    needs what it contributes (text partials; scalar shares summed over ranks)."""
+    return image_grad or plan.text_grad or scalar_grad or (scaling.scalar_total and plan.scalar_grad)
 
 
 def _embedding_checks(image, text):
@@ -277,6 +321,8 @@ def _embedding_checks(image, text):
         raise TypeError(f"expected image_local and text_local to share a dtype, got {image.dtype} and {text.dtype}")
     if image.shape[1] == 0:
         raise ValueError("expected an embedding dimension D >= 1, got D = 0")
+    if image.dtype not in _DTYPES:
+        raise TypeError(f"expected image_local and text_local in one of {_DTYPES}, got {image.dtype}")
 
 
 # --------------------------------------------------------------------------- communication
@@ -324,11 +370,21 @@ def _scalar_grads(shares: list, needed: tuple, plan: _Plan, scaling: Scaling, fa
     """The scalars' gradients on this rank: its own shares × factor, or (scalar_total) the sum of
     every rank's shares, which every rank then sends, needed or not (one all_gather of k fp32)."""
     if scaling.scalar_total:
+        if not plan.scalar_grad:  # no rank needs them; every rank skips the all_gather alike
+            return [None for _ in shares]
         local = torch.stack([s.float().reshape(()) for s in shares])
         total = _gather_scalars(local, plan).double().sum(0).float()
         shares = list(total.unbind())
         factor = 1.0
     return [s * factor if need else None for s, need in zip(shares, needed)]
+
+
+def _public_scaling(grad_scaling):
+    """The public functions take "ddp" and "none" (the open_clip variants are the modules')."""
+    def check(_group):
+        if grad_scaling not in GRAD_SCALINGS:
+            raise ValueError(f"expected grad_scaling to be one of {GRAD_SCALINGS}, got {grad_scaling!r}")
+    return check
 
 
 def _needs_grad(t) -> bool:
@@ -345,10 +401,7 @@ class _Options:
     scalar_grads: tuple   # which scalars (logit_scale[, logit_bias]) need a gradient on this rank
 
     def runs_gradient_pass(self, plan: _Plan) -> bool:
-        """Whether this rank computes its block's gradients: for its own inputs, or because another
-        rank needs what it contributes (text partials; scalar shares summed over ranks)."""
-        return (self.image_grad or plan.text_grad or any(self.scalar_grads)
-                or (self.scaling.scalar_total and plan.scalar_grad))
+        return _runs_gradient_pass(self.image_grad, any(self.scalar_grads), plan, self.scaling)
 
 
 class _FinishedGradients(torch.autograd.Function):
@@ -425,12 +478,12 @@ def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, 
         if not 0.0 <= float(label_smoothing) <= 1.0:
             raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
         if scaling not in SCALINGS:
-            raise ValueError(f"expected grad_scaling to be one of {GRAD_SCALINGS}, got {scaling!r}")
-        _blocks.resolve_workspace_bytes(workspace_bytes)
+            raise ValueError(f"expected scaling to be one of {tuple(SCALINGS)}, got {scaling!r}")
 
     image_grad, text_grad, scale_grad = (_needs_grad(t) for t in (image_local, text_local, logit_scale))
-    plan = _check(caller, "clip_loss", group, image_local, text_local, local_checks, text_grad=text_grad,
-                  scalar_grad=scale_grad, normalize=normalize, label_smoothing=label_smoothing, grad_scaling=scaling)
+    plan = _check(caller, "clip_loss", group, image_local, text_local, local_checks, image_grad=image_grad,
+                  text_grad=text_grad, scalar_grad=scale_grad, normalize=normalize, label_smoothing=label_smoothing,
+                  grad_scaling=scaling, workspace_bytes=workspace_bytes)
     if SCALINGS[scaling].local_value and not plan.equal_sizes:
         # open_clip's local loss weights rank r's rows and columns by 1/M_r; with unequal M_r that
         # is not a per-block-row weighting, and open_clip itself needs equal local batches.
@@ -483,7 +536,8 @@ def clip_loss(image_local, text_local, logit_scale, *, group=None, normalize: bo
     (D, dtype, device type, options); RuntimeError when no process group is initialised.
     """
     return clip_loss_scaled(image_local, text_local, logit_scale, group=group, normalize=normalize,
-                            label_smoothing=label_smoothing, workspace_bytes=workspace_bytes, scaling=grad_scaling)
+                            label_smoothing=label_smoothing, workspace_bytes=workspace_bytes, scaling=grad_scaling,
+                            extra_checks=_public_scaling(grad_scaling))
 
 
 # --------------------------------------------------------------------------- SigLIP
@@ -533,14 +587,13 @@ def siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, *, grou
         scalars.append(scalar_tensor("logit_scale", logit_scale, image_local))
         scalars.append(scalar_tensor("logit_bias", logit_bias, image_local))
         if scaling not in SCALINGS:
-            raise ValueError(f"expected grad_scaling to be one of {GRAD_SCALINGS}, got {scaling!r}")
-        _blocks.resolve_workspace_bytes(workspace_bytes)
+            raise ValueError(f"expected scaling to be one of {tuple(SCALINGS)}, got {scaling!r}")
 
     image_grad, text_grad, scale_grad, bias_grad = (
         _needs_grad(t) for t in (image_local, text_local, logit_scale, logit_bias))
-    plan = _check(caller, "siglip_loss", group, image_local, text_local, local_checks, text_grad=text_grad,
-                  scalar_grad=scale_grad or bias_grad, normalize=normalize, label_smoothing=0.0,
-                  grad_scaling=scaling)
+    plan = _check(caller, "siglip_loss", group, image_local, text_local, local_checks, image_grad=image_grad,
+                  text_grad=text_grad, scalar_grad=scale_grad or bias_grad, normalize=normalize, label_smoothing=0.0,
+                  grad_scaling=scaling, workspace_bytes=workspace_bytes)
     if SCALINGS[scaling].block == "rows" and 0 in plan.sizes:
         raise ValueError(
             f"{caller}: open_clip's SigLIP loss divides each rank's loss by its local batch size, got M = "
@@ -570,4 +623,5 @@ def siglip_loss(image_local, text_local, logit_scale, logit_bias, *, group=None,
     (from its block row of S) for logit_scale and logit_bias; "none": the unscaled shares).
     """
     return siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, group=group, normalize=normalize,
-                              workspace_bytes=workspace_bytes, scaling=grad_scaling)
+                              workspace_bytes=workspace_bytes, scaling=grad_scaling,
+                              extra_checks=_public_scaling(grad_scaling))

@@ -2,8 +2,8 @@
 
 TRITON_INTERPRET must be set before triton is first imported, so this runs before mmkernels loads;
 so must MMKERNELS_POISON_OUTPUTS, which makes the kernels' output buffers start as NaN (an element a
-kernel never writes then fails the test). Every seed a test draws with `toolkit.fresh_seed()` is
-printed in its failure report.
+kernel never writes then fails the test), and OPENBLAS_NUM_THREADS. Every seed a test draws with
+`toolkit.fresh_seed()` is printed in its failure report.
 torch.compile's on-disk caches go to a fresh folder: a cached graph that calls one of our ops with
 an older schema would otherwise be replayed (seen with torch 2.13 after an op gained arguments).
 """
@@ -13,7 +13,12 @@ import shutil
 import sys
 import tempfile
 
-import torch
+# The interpreter runs each tl.dot as a numpy matmul; with OpenBLAS's threads on a small, shared
+# machine a 128×128 block product took ~20 ms of spinning instead of ~50 µs. One thread, set before
+# numpy loads OpenBLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmkernels-test-inductor-")

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 import mmkernels
 from contrastive_oracle import check_clip, check_siglip, random_leaves
-from mmkernels.ops import contrastive, reference
+from mmkernels.ops import reference
 from mmkernels.ops import contrastive_kernels as kernels
+from mmkernels.ops._common import triton_enabled
 from toolkit import OpTrace, eager_siglip_loss, fresh_seed, needs_triton, value_and_grads
 
 LOSS_CASES = [
@@ -330,17 +331,19 @@ def test_bad_workspace_raises(fn, device):
         _call(fn, a, b, workspace_bytes=1e6)
     with pytest.raises(ValueError, match="workspace_bytes > 0, got -1"):
         _call(fn, a, b, workspace_bytes=-1)
-    if device.type == "cpu":
-        return  # the reference path (no interpreter here) materialises S and uses no workspace
-    needed = kernels.panel_bytes(64, 300, 40, torch.float32, device, False, False, torch.float32)
-    if fn == "clip":
-        needed = max(needed, kernels.stats_panel_bytes(64, 300, 40, torch.float32, device))
+    if not triton_enabled(a):
+        return  # the reference path materialises S and uses no workspace
+    block = kernels.tile_config(40, torch.float32, device)["BLOCK_M"]
+    if fn == "clip":  # without gradients: the statistics pass only
+        needed = kernels.stats_panel_bytes(block, 300, 40, torch.float32, device)
+    else:
+        needed = kernels.panel_bytes(block, 300, 40, torch.float32, device, False, False, torch.float32)
     with pytest.raises(ValueError, match=f"expected workspace_bytes >= {needed} .*got {needed - 1}"):
         _call(fn, a, b, workspace_bytes=needed - 1)
     _call(fn, a, b, workspace_bytes=needed)
     # needing gradients needs W's rows too, and the error comes at the forward call
     a.requires_grad_()
-    grad_needed = kernels.panel_bytes(64, 300, 40, torch.float32, device, True, False, torch.float32)
+    grad_needed = kernels.panel_bytes(block, 300, 40, torch.float32, device, True, False, torch.float32)
     with pytest.raises(ValueError, match=f"expected workspace_bytes >= {grad_needed} "):
         _call(fn, a, b, workspace_bytes=grad_needed - 1)
 
@@ -371,17 +374,16 @@ def test_opcheck(device):
     s, bias = torch.tensor(2.5, device=device), torch.tensor(-1.5, device=device)
     g, ws = torch.tensor(1.5, device=device), 1 << 20
     ops = torch.ops.mmkernels
-    for normalize in (False, True):
-        torch.library.opcheck(ops.clip_loss_fwd.default, (a, b, s, normalize, 0.1, ws))
-        torch.library.opcheck(ops.clip_block_stats.default, (a[3:9], b, s, 2, normalize, ws))
+    grad_leaves = [t.clone().requires_grad_() for t in (a, b, s, bias)]
+    torch.library.opcheck(ops.clip_loss_fwd.default, (*grad_leaves[:3], True, 0.1, ws))
+    torch.library.opcheck(ops.clip_block_stats.default, (a[3:9], b, s, 2, False, ws))
     _, row_lse, col_lse = ops.clip_loss_fwd(a, b, s, False, 0.0, ws)
-    for image_grad, text_grad in [(True, True), (False, True), (True, False), (False, False)]:
+    for image_grad, text_grad in [(True, True), (False, True)]:
         torch.library.opcheck(ops.clip_block_grads.default, (
             a, b, s, row_lse, col_lse, g, 0, 13, 0.1, True, image_grad, text_grad, torch.float32, ws))
-        torch.library.opcheck(ops.siglip_block.default, (
-            a[2:7], b, s, bias, 4, 13, True, image_grad, text_grad, True, a.dtype, ws))
-    leaves = [t.clone().requires_grad_() for t in (a, b, s, bias)]
-    torch.library.opcheck(ops.siglip_block.default, (*leaves, 0, 13, False, True, True, True, a.dtype, ws))
+    torch.library.opcheck(ops.siglip_block.default, (a[2:7], b, s, bias, 4, 13, True, True, False, True, a.dtype, ws))
+    torch.library.opcheck(ops.siglip_block.default, (a, b, s, bias, 0, 13, False, False, False, False, a.dtype, ws))
+    torch.library.opcheck(ops.siglip_block.default, (*grad_leaves, 0, 13, False, True, True, True, a.dtype, ws))
 
 
 @needs_triton
@@ -410,7 +412,7 @@ def test_torch_compile_fullgraph(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n,d", [(4096, 512), (16384, 768), (65536, 256), (2048, 2048), (1023, 1152)])
+@pytest.mark.parametrize("n,d", [(4096, 512), (16384, 768), (20000, 256), (2048, 2048), (1023, 1152)])
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_gpu_matches_reference(loss_name, n, d, dtype):
     _run_case(loss_name, n, d, n % 2 == 1, 0.0, dtype, torch.device("cuda"))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from contrastive_oracle import check_clip, check_siglip, random_leaves
-from mmkernels.ops import contrastive, reference
+from mmkernels.ops import contrastive
+from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops._common import HAS_TRITON
 from toolkit import fresh_seed
 
@@ -82,6 +83,26 @@ def test_siglip_blocks_compose_the_global_loss(path_device, n, d, normalize, smo
     leaves = random_leaves(n, d, torch.float32, path_device, with_bias=True)
     got = compose_siglip(*leaves, split_rows(n, cuts), normalize)
     check_siglip(got, leaves, torch.float32, f"SigLIP blocks N={n} D={d} cuts={cuts}", normalize)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_blocks_with_a_workspace_of_one_block(loss_name, device):
+    """Block rows with offsets, each processed in panels of one block of rows (the kernels' path)."""
+    if not HAS_TRITON:
+        pytest.skip("needs triton")
+    n, d, cuts = 200, 24, [70, 130]
+    fresh_seed()
+    block = kernels.tile_config(d, torch.float32, device)["BLOCK_M"]
+    workspace = max(kernels.stats_panel_bytes(block, n, d, torch.float32, device),
+                    kernels.panel_bytes(block, n, d, torch.float32, device, True, True, torch.float32))
+    assert kernels.panel_workspace(70, n, d, torch.float32, device, True, True, torch.float32, workspace) == block
+    leaves = random_leaves(n, d, torch.float32, device, with_bias=loss_name == "siglip")
+    if loss_name == "clip":
+        got = compose_clip(*leaves, split_rows(n, cuts), True, 0.1, workspace_bytes=workspace)
+        check_clip(got, leaves, torch.float32, "CLIP blocks, one-block workspace", True, 0.1)
+    else:
+        got = compose_siglip(*leaves, split_rows(n, cuts), True, workspace_bytes=workspace)
+        check_siglip(got, leaves, torch.float32, "SigLIP blocks, one-block workspace", True)
 
 
 def test_blocks_are_not_the_whole_batch(path_device):

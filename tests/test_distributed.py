@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mmkernels.distributed as mmd
+from mmkernels.ops import contrastive_kernels as _kernels
 from mmkernels.ops._common import HAS_TRITON, interpreting
 from toolkit import CUDA, OpTrace, assert_within_rule, fresh_seed, run_ranks
 
@@ -42,7 +43,8 @@ def siglip_from_logits(logits):
 def single_process(kind, A, B, scale, bias, rows: slice, *, normalize=False, eps=0.0, dtype=None):
     """What one process computes on the global batch (A, B) (N, D), in `dtype` (float64: the oracle;
     the inputs' dtype: the eager formula): the loss, dL/dA and dL/dB for `rows`, and the shares of
-    dL/dscale and dL/dbias that come from those rows of S, with the size of their summands."""
+    dL/dscale and dL/dbias that come from those rows of S, each gradient with the size of its
+    summands (the floor of DESIGN.md's rule scales with it)."""
     dtype = dtype or A.dtype
     A, B = (t.detach().to(dtype).requires_grad_() for t in (A, B))
     scale, bias = (torch.as_tensor(t, dtype=dtype).detach().requires_grad_() for t in (scale, bias))
@@ -53,9 +55,24 @@ def single_process(kind, A, B, scale, bias, rows: slice, *, normalize=False, eps
     loss = clip_from_logits(logits, eps) if kind == "clip" else siglip_from_logits(logits)
     loss.backward()
     g = logits.grad[rows]
+    with torch.no_grad():
+        # Every gradient is a sum over logits of dL/dS_ij times something, and CLIP's
+        # dL/dS_ij = (P^row_ij - t_ij + P^col_ij - t_ij) / (2N) itself cancels where a positive
+        # dominates its row or column: the rule's floor scales with the terms' size, not the result's.
+        n = logits.shape[0]
+        if kind == "clip":
+            targets = (1 - eps) * torch.eye(n, dtype=dtype, device=logits.device) + eps / n
+            terms = (torch.softmax(logits, 1) + torch.softmax(logits, 0) + 2 * targets) / (2 * n)
+        else:
+            terms = logits.grad.abs()
+        image_terms, text_terms = scale * terms @ b.abs(), scale * terms.T @ a.abs()
+        if normalize:  # the normalisation's Jacobian divides by the row's norm
+            image_terms = image_terms / A.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            text_terms = text_terms / B.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return dict(loss=loss.detach(), image=A.grad[rows], text=B.grad[rows],
                 scale=(g * products[rows]).sum().detach(), bias=g.sum(),
-                scale_size=(g * products[rows]).abs().sum().item(), bias_size=g.abs().sum().item())
+                image_size=image_terms[rows].norm().item(), text_size=text_terms[rows].norm().item(),
+                scale_size=(terms[rows] * products[rows].abs()).sum().item(), bias_size=terms[rows].sum().item())
 
 
 # --------------------------------------------------------------------------- one rank's view
@@ -79,7 +96,8 @@ class Rank:
         return A, B, scale, bias
 
 
-def run_loss(kind, A, B, scale, bias, rows, *, image_grad=True, text_grad=True, scale_grad=True, **kw):
+def run_loss(kind, A, B, scale, bias, rows, *, image_grad=True, text_grad=True, scale_grad=True, bias_grad=True,
+             **kw):
     """This rank's loss and the gradients of the inputs that require them ({name: grad})."""
     leaves = {"image": A[rows].clone().requires_grad_(image_grad), "text": B[rows].clone().requires_grad_(text_grad)}
     s = torch.tensor(scale, requires_grad=True) if scale_grad else scale
@@ -88,7 +106,7 @@ def run_loss(kind, A, B, scale, bias, rows, *, image_grad=True, text_grad=True, 
     if kind == "clip":
         loss = mmd.clip_loss(leaves["image"], leaves["text"], s, **kw)
     else:
-        leaves["bias"] = torch.tensor(bias, requires_grad=True)
+        leaves["bias"] = torch.tensor(bias, requires_grad=bias_grad)
         loss = mmd.siglip_loss(leaves["image"], leaves["text"], s, leaves["bias"], **kw)
     needed = {k: v for k, v in leaves.items() if v.requires_grad}
     grads = dict(zip(needed, torch.autograd.grad(loss, list(needed.values())))) if needed else {}
@@ -191,20 +209,55 @@ def check_non_finite(env):
 
 
 
+# Whole 64-row tiles of the interpreter's 64×64×64 tiling (an M_r = 0 rank too), so that the count
+# of interpreted tl.dot has no padding in it.
+WORK_SIZES = {2: (64, 128), 3: (64, 0, 128)}
+WORK = {  # (loss, what needs a gradient): the block row's matrix products (2·M_r·N·D each)
+    ("clip", "all"): 4, ("clip", "text frozen"): 3, ("clip", "image frozen"): 3, ("clip", "none"): 1,
+    ("siglip", "all"): 3, ("siglip", "text frozen"): 2, ("siglip", "image frozen"): 2, ("siglip", "none"): 1,
+}
+NEEDS = {"all": {}, "text frozen": {"text_grad": False}, "image frozen": {"image_grad": False},
+         "none": {"image_grad": False, "text_grad": False, "scale_grad": False, "bias_grad": False}}
+
+
 def check_work_per_rank(env):
-    """Each rank's matrix work is its block row's: CLIP 2·M_r·N·D for the statistics and 6·M_r·N·D for
-    the gradients, SigLIP 6·M_r·N·D; none at all without gradients beyond the forward's 2·M_r·N·D."""
-    A, B, scale, bias = env.batch()
-    unit = 2 * env.sizes[env.rank] * sum(env.sizes) * D  # one product of the block row: 2·M_r·N·D
-    cases = [("clip", {}, 4), ("siglip", {}, 3), ("clip", {"image_grad": False, "text_grad": False,
-                                                           "scale_grad": False}, 1)]
-    measured = []
-    for kind, needs, products in cases:
+    """Each rank's matrix work is its block row's: CLIP 8·M_r·N·D (2 for the statistics, 6 for the
+    gradients), SigLIP 6·M_r·N·D, 2·M_r·N·D less per frozen tower (the reference path computes both
+    sides whatever is frozen), 2·M_r·N·D without gradients."""
+    env = Rank(env.rank, env.world_size, WORK_SIZES[env.world_size], env.seed)
+    d = 64
+    A, B, scale, bias = env.batch(d=d)
+    unit = 2 * env.sizes[env.rank] * sum(env.sizes) * d
+    wrong = []
+    for (kind, needs), products in WORK.items():
+        if not interpreting() and needs in ("text frozen", "image frozen"):
+            continue
         with OpTrace() as trace:
-            run_loss(kind, A, B, scale, bias, env.rows, **needs)
-        measured.append((kind, needs, trace.matmul_flops, products * unit))
-    wrong = [m for m in measured if m[2] != m[3]]
-    assert not wrong, f"rank {env.rank}: (loss, needs, FLOPs, expected): {wrong}"
+            run_loss(kind, A, B, scale, bias, env.rows, **NEEDS[needs])
+        if trace.matmul_flops != products * unit:
+            wrong.append(f"{kind}, {needs}: {trace.matmul_flops / unit} products, expected {products}")
+    assert not wrong, f"rank {env.rank} (M = {env.sizes[env.rank]}): " + "; ".join(wrong)
+
+
+MEMORY_SIZES = {2: (64, 256), 3: (64, 0, 256)}
+
+
+def check_memory_per_rank(env):
+    """Beyond O(N·D) buffers and the kernels' workspace, nothing: with a workspace that holds one
+    64-row panel, no allocation (and not all of them alive at once) reaches a block row of S."""
+    env = Rank(env.rank, env.world_size, MEMORY_SIZES[env.world_size], env.seed)
+    A, B, scale, bias = env.batch(d=4)
+    n, m = A.shape[0], env.sizes[env.rank]
+    workspace = _kernels.panel_bytes(64, n, 4, torch.float32, A.device, True, True, torch.float32)
+    block_row = m * n * 4
+    for kind in ("clip", "siglip"):
+        with OpTrace() as trace:
+            loss, grads = run_loss(kind, A, B, scale, bias, env.rows, workspace_bytes=workspace)
+        assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                      dtype=torch.float32)
+        if m > 64:
+            assert trace.largest_allocation <= workspace < block_row, (kind, trace.largest_allocation, block_row)
+            assert trace.peak_bytes < block_row, (kind, trace.peak_bytes, block_row)
 
 
 def _raised(fn):
@@ -226,7 +279,7 @@ def check_errors_raise_on_every_rank(env):
         "dtype": (lambda: mmd.siglip_loss(a.double() if first else a, b.double() if first else b, scale, bias),
                   TypeError, "same dtype on every rank"),
         "device": (lambda: mmd.clip_loss(a.to("meta") if first else a, b.to("meta") if first else b, scale),
-                   ValueError, "got meta on rank 0, cpu on rank 1"),
+                   ValueError, "got meta on rank 0, cpu on rank"),
         "op": (lambda: mmd.clip_loss(a, b, scale) if first else mmd.siglip_loss(a, b, scale, bias),
                ValueError, "same distributed loss"),
         "normalize": (lambda: mmd.clip_loss(a, b, scale, normalize=first), ValueError, "same normalize on every rank"),
@@ -252,6 +305,26 @@ def check_errors_raise_on_every_rank(env):
     assert not failures, "\n".join(failures)
 
 
+def check_small_workspace_raises_on_every_rank(env):
+    """A workspace that holds the smallest rank's block but not the largest's: every rank raises
+    (naming the rank and the minimum) before the heavy collectives, none waits for the others."""
+    env = Rank(env.rank, env.world_size, {2: (8, 64), 3: (8, 0, 64)}[env.world_size], env.seed)
+    A, B, scale, bias = env.batch()
+    n, small = A.shape[0], min(m for m in env.sizes if m)
+    big = env.sizes.index(max(env.sizes))
+    workspace = max(_kernels.stats_panel_bytes(small, n, D, torch.float32, A.device),
+                    _kernels.panel_bytes(small, n, D, torch.float32, A.device, True, True, torch.float32))
+    for kind in ("clip", "siglip"):
+        err = _raised(lambda: run_loss(kind, A, B, scale, bias, env.rows, workspace_bytes=workspace))
+        assert isinstance(err, ValueError) and f"rank {big} (M = {max(env.sizes)} rows" in str(err) \
+            and "expected workspace_bytes >=" in str(err), repr(err)
+    enough = max(_kernels.stats_panel_bytes(max(env.sizes), n, D, torch.float32, A.device),
+                 _kernels.panel_bytes(max(env.sizes), n, D, torch.float32, A.device, True, True, torch.float32))
+    loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=enough)
+    assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                  dtype=torch.float32)
+
+
 # (check, paths it runs on): "reference" is the CPU path, "triton" the kernels under the interpreter.
 CHECKS = {
     "clip": (check_clip, ("reference", "triton")),
@@ -263,8 +336,10 @@ CHECKS = {
     "siglip_frozen_towers": (check_siglip_frozen_towers, ("reference", "triton")),
     "siglip_fp16": (check_siglip_fp16, ("triton",)),
     "non_finite": (check_non_finite, ("reference", "triton")),
-    "work_per_rank": (check_work_per_rank, ("reference",)),
+    "work_per_rank": (check_work_per_rank, ("reference", "triton")),
+    "memory_per_rank": (check_memory_per_rank, ("triton",)),
     "errors_raise_on_every_rank": (check_errors_raise_on_every_rank, ("reference",)),
+    "small_workspace_raises_on_every_rank": (check_small_workspace_raises_on_every_rank, ("triton",)),
 }
 CASES = [(name, path) for name, (_, paths) in CHECKS.items() for path in paths]
 
@@ -341,3 +416,38 @@ def test_missing_process_group_raises():
         mmd.clip_loss(a, b, 1.0)
     with pytest.raises(RuntimeError, match="init_process_group"):
         mmd.siglip_loss(a, b, 1.0, 0.0)
+
+
+# --------------------------------------------------------------------------- GPU (NCCL)
+
+
+def gpu_job(rank, world_size, seed):
+    """On each GPU of an NCCL group: both losses in fp32 and bf16, sizes off the tiles, a small
+    workspace (several panels), against the single-process loss of the concatenated batch."""
+    failures = []
+    for index, (n_per_rank, d, dtype, workspace) in enumerate([
+        (1000, 256, torch.float32, None), (1031, 768, torch.bfloat16, None), (4096, 512, torch.bfloat16, 2**22),
+    ]):
+        sizes = tuple(n_per_rank + 37 * r for r in range(world_size))  # unequal where there are several GPUs
+        env = Rank(rank, world_size, sizes, seed + index)
+        A, B, scale, bias = env.batch(dtype, d=d)
+        A, B = A.cuda(), B.cuda()
+        for kind in ("clip", "siglip"):
+            try:
+                loss, grads = run_loss(kind, A, B, scale, bias, env.rows, normalize=True, workspace_bytes=workspace)
+                assert loss.is_cuda and all(g.is_cuda for g in grads.values())
+                assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=world_size,
+                                              dtype=dtype, normalize=True)
+            except Exception:
+                failures.append(f"{kind} N/rank={n_per_rank} D={d} {dtype}:\n{traceback.format_exc()}")
+    return failures
+
+
+@pytest.mark.gpu
+def test_nccl_every_gpu_matches_single_process():
+    """World size 1 on a one-GPU machine (all a single GPU can show), every GPU where there are more."""
+    seed = fresh_seed()
+    world_size = torch.cuda.device_count()
+    per_rank = run_ranks(gpu_job, world_size, seed, backend="nccl", timeout_s=300.0)
+    failures = [f"rank {r}: {f}" for r, fs in enumerate(per_rank) for f in fs]
+    assert not failures, f"seed {seed}:\n" + "\n".join(failures)

@@ -10,15 +10,21 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 import mmkernels
-from contrastive_oracle import magnitudes
 from test_distributed import Rank, on_path, single_process
 from toolkit import assert_within_rule, fresh_seed, run_ranks
 
 # --------------------------------------------------------------------------- open_clip's formulas
+
+
+def all_gather_with_grad(t):
+    """All ranks' rows, concatenated; the backward sums the gradients back to their owners (as
+    open_clip's gather_with_grad does it, with the functional collectives' autograd all_gather)."""
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd  # torch < 2.13
+    return gather(t.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def open_clip_clip_loss(image, text, scale, bias, *, local_loss, gather_with_grad, rank, world_size):
@@ -28,7 +34,7 @@ def open_clip_clip_loss(image, text, scale, bias, *, local_loss, gather_with_gra
     gradient); logits of the local rows (local_loss) or of the whole batch; labels offset by
     M · rank with local_loss; the mean of the two cross-entropies."""
     if gather_with_grad:
-        all_image, all_text = torch.cat(dist_nn.all_gather(image)), torch.cat(dist_nn.all_gather(text))
+        all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)
     else:
         gathered = []
         for t in (image, text):
@@ -62,7 +68,7 @@ def open_clip_siglip_loss(image, text, scale, bias, *, rank, world_size):
         return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 
     loss = part(text, False)
-    for r, other in enumerate(dist_nn.all_gather(text)):
+    for r, other in enumerate(all_gather_with_grad(text).chunk(world_size)):
         if r != rank:
             loss = loss + part(other, True)
     return loss
@@ -110,9 +116,19 @@ def _sum_over_ranks(t):
 NAMES = ("loss", "d image", "d text", "d logit_scale", "d logit_bias")
 
 
+def floors(kind, A, B, scale, bias, rows, factor):
+    """The size each output's rounding scales with (see test_distributed.single_process), for
+    values and gradients up to `factor` times the single-process ones."""
+    mine = single_process(kind, A, B, scale, bias, rows, dtype=torch.float64)
+    whole = single_process(kind, A, B, scale, bias, slice(None), dtype=torch.float64)
+    return {"loss": factor * max(abs(whole["loss"].item()), scale * whole["scale_size"]),
+            "d image": factor * mine["image_size"], "d text": factor * mine["text_size"],
+            "d logit_scale": factor * whole["scale_size"], "d logit_bias": factor * whole["bias_size"]}
+
+
 def check_clip_loss_flags(env):
     A, B, scale, bias = env.batch()
-    sizes = magnitudes("clip", [A.double(), B.double(), torch.tensor(scale, dtype=torch.float64)], False)
+    sizes = floors("clip", A, B, scale, bias, env.rows, env.world_size)
     for local_loss, gather_with_grad in ((False, False), (False, True), (True, True)):
         flags = dict(local_loss=local_loss, gather_with_grad=gather_with_grad)
         criterion = mmkernels.nn.ClipLoss(**flags, cache_labels=True, rank=env.rank, world_size=env.world_size)
@@ -127,15 +143,13 @@ def check_clip_loss_flags(env):
         if local_loss:
             # The ranks split dL/dlogit_scale by rows of S, open_clip by rows and columns: the sums agree.
             got[3], oracle[3], eager[3] = (_sum_over_ranks(x[3]) for x in (got, oracle, eager))
-        floors = {"loss": sizes["loss"], "d logit_scale": sizes["d logit_scale"] * env.world_size}
         for name, g, o, e in list(zip(NAMES, got, oracle, eager))[:4]:
-            assert_within_rule(f"{flags} {name} (rank {env.rank})", g, e, o, torch.float32, size=floors.get(name))
+            assert_within_rule(f"{flags} {name} (rank {env.rank})", g, e, o, torch.float32, size=sizes[name])
 
 
 def check_siglip_loss_equal_batches(env):
     A, B, scale, bias = env.batch()
-    sizes = magnitudes("siglip", [A.double(), B.double(), torch.tensor(scale, dtype=torch.float64),
-                                  torch.tensor(bias, dtype=torch.float64)], False)
+    sizes = floors("siglip", A, B, scale, bias, env.rows, env.world_size)
     for dist_impl in ("bidir", "gather"):
         criterion = mmkernels.nn.SigLipLoss(rank=env.rank, world_size=env.world_size, dist_impl=dist_impl)
         leaves = _leaves(A, B, scale, bias, env.rows, torch.float32)
@@ -144,11 +158,8 @@ def check_siglip_loss_equal_batches(env):
         kw = dict(rank=env.rank, world_size=env.world_size)
         oracle = _open_clip_values(open_clip_siglip_loss, A, B, scale, bias, env.rows, torch.float64, **kw)
         eager = _open_clip_values(open_clip_siglip_loss, A, B, scale, bias, env.rows, torch.float32, **kw)
-        w = env.world_size
-        floors = {"loss": sizes["loss"] * w, "d logit_scale": sizes["d logit_scale"] * w,
-                  "d logit_bias": sizes["d logit_bias"] * w}
         for name, g, o, e in zip(NAMES, got, oracle, eager):
-            assert_within_rule(f"{dist_impl} {name} (rank {env.rank})", g, e, o, torch.float32, size=floors.get(name))
+            assert_within_rule(f"{dist_impl} {name} (rank {env.rank})", g, e, o, torch.float32, size=sizes[name])
 
 
 def check_siglip_loss_unequal_batches(env):
@@ -160,13 +171,32 @@ def check_siglip_loss_unequal_batches(env):
     got = [loss.detach()] + list(torch.autograd.grad(loss, leaves))
     oracle = local_siglip_loss_unequal(A.double(), B.double(), scale, bias, env.sizes, env.rank)
     eager = local_siglip_loss_unequal(A, B, scale, bias, env.sizes, env.rank)
+    sizes = floors("siglip", A, B, scale, bias, env.rows, sum(env.sizes) / min(env.sizes))
     for k, (name, g, o, e) in enumerate(zip(NAMES, got, oracle, eager)):
         if k in (1, 2):
             o, e = o[env.rows], e[env.rows]
-        scalar_size = single_process("siglip", A, B, scale, bias, slice(None), dtype=torch.float64)
-        size = {3: scalar_size["scale_size"], 4: scalar_size["bias_size"]}.get(k)
-        assert_within_rule(f"{name} (rank {env.rank})", g, e, o, torch.float32,
-                           size=None if size is None else size * sum(env.sizes) / min(env.sizes))
+        assert_within_rule(f"{name} (rank {env.rank})", g, e, o, torch.float32, size=sizes[name])
+
+
+def check_ranks_needing_different_gradients(env):
+    """Ranks that need different gradients (a tower frozen on one rank only, logit_scale a float)
+    still meet in the same collectives: every rank returns, with open_clip's gradients."""
+    A, B, scale, bias = env.batch()
+    sizes = floors("clip", A, B, scale, bias, env.rows, env.world_size)
+    for local_loss, gather_with_grad in ((False, False), (False, True), (True, True)):
+        flags = dict(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        criterion = mmkernels.nn.ClipLoss(**flags, rank=env.rank, world_size=env.world_size)
+        image = A[env.rows].clone().requires_grad_(env.rank == 0)
+        text = B[env.rows].clone().requires_grad_(env.rank == 1)
+        loss = criterion(image, text, scale)
+        (grad,) = torch.autograd.grad(loss, image if env.rank == 0 else text)
+        oracle = _open_clip_values(open_clip_clip_loss, A, B, scale, bias, env.rows, torch.float64,
+                                   rank=env.rank, world_size=env.world_size, **flags)
+        eager = _open_clip_values(open_clip_clip_loss, A, B, scale, bias, env.rows, torch.float32,
+                                  rank=env.rank, world_size=env.world_size, **flags)
+        k = 1 if env.rank == 0 else 2
+        assert_within_rule(f"{flags} loss", loss, eager[0], oracle[0], torch.float32, size=sizes["loss"])
+        assert_within_rule(f"{flags} {NAMES[k]}", grad, eager[k], oracle[k], torch.float32, size=sizes[NAMES[k]])
 
 
 def _expect(call, match):
@@ -198,6 +228,7 @@ CHECKS = {
     "siglip_loss_equal_batches": check_siglip_loss_equal_batches,
     "siglip_loss_unequal_batches": check_siglip_loss_unequal_batches,
     "refusals_raise_on_every_rank": check_refusals_raise_on_every_rank,
+    "ranks_needing_different_gradients": check_ranks_needing_different_gradients,
 }
 
 

@@ -281,7 +281,8 @@ def open_clip_run(seed):
     images, text = clip_inputs(seed)
 
     def run(model):
-        image_features, text_features, scale = model(images.to(model.logit_scale.dtype), text)
+        scale = model.logit_scale
+        image_features, text_features, scale = model(images.to(scale.device, scale.dtype), text.to(scale.device))
         loss = eager_clip_loss(image_features, text_features, scale)
         return loss, {"image_features": image_features, "text_features": text_features}
 
@@ -296,6 +297,16 @@ def test_open_clip_shaped_model_matches(batch_first, path):
     assert sorted(r.path for r in handle.records) == [
         "text.transformer.resblocks.0.attn", "text.transformer.resblocks.1.attn", "visual.transformer.resblocks.0.attn"]
     assert not handle.fallbacks and not handle.skipped
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+def test_open_clip_shaped_model_matches_on_the_gpu_in_bf16(batch_first, monkeypatch):
+    fresh_seed()
+    seed = fresh_seed()
+    handle = compare(lambda: OpenClipLike(batch_first).to("cuda", torch.bfloat16), open_clip_run(seed),
+                     ("cuda", use_path(monkeypatch, "cuda")), dict(losses=False))
+    assert len(handle.records) == 3 and not handle.fallbacks
 
 
 def test_open_clip_shaped_model_negative_control(path):

@@ -48,6 +48,7 @@ from toolkit import (  # noqa: E402
     CUDA,
     assert_models_within_rule,
     assert_within_rule,
+    bias_sizes,
     fresh_seed,
     model_outputs_and_grads,
     needs_triton,
@@ -203,22 +204,6 @@ def to(inputs, device, dtype=None):
             for k, v in inputs.items()}
 
 
-def gradient_sizes(oracle_grads):
-    """The floor's size for each parameter's gradient (`assert_models_within_rule`'s "grad <name>"):
-    its own norm, and for a bias at least its weight's. A bias gradient is the sum over rows of the
-    same dY whose outer products with the inputs make the weight's gradient; for a key projection's
-    bias that sum is 0 exactly (shifting every score of a row by the same q·b leaves the softmax
-    as it is), so its own norm is rounding noise and the summands' size is the weight's gradient."""
-    sizes = {}
-    for name, grad in oracle_grads.items():
-        size = grad.norm().item()
-        weight = oracle_grads.get(name[:-len("bias")] + "weight") if name.endswith(".bias") else None
-        if weight is not None:
-            size = max(size, weight.norm().item())
-        sizes["grad " + name] = size
-    return sizes
-
-
 def compare(case: Case, device, dtype=torch.float32):
     """Run the case unpatched in float64 (the oracle) and in `dtype`, and patched (plain
     `mmkernels.patch(model)`) in `dtype`; the loss is Σ random weights · the outputs' kept rows.
@@ -247,7 +232,7 @@ def compare(case: Case, device, dtype=torch.float32):
     handle = mmkernels.patch(patched_model)
     got = on_cpu(model_outputs_and_grads(patched_model, run))
     assert_models_within_rule(got, eager, oracle, dtype, what=type(case.model).__name__,
-                              sizes=gradient_sizes(oracle[1]))
+                              sizes=bias_sizes(case.model))
     return handle
 
 
@@ -270,14 +255,8 @@ def path(request, monkeypatch):
     (TRITON_INTERPRET=0); "kernels" runs the Triton kernels, on CUDA where there is one, else on the
     CPU under the interpreter. The list records every reference-op call."""
     if request.param == "kernels" and CUDA:
-        return request.param, "cuda", use_path_spy_only(monkeypatch)
+        return request.param, "cuda", use_path(monkeypatch, "cuda")
     return request.param, "cpu", use_path(monkeypatch, request.param)
-
-
-def use_path_spy_only(monkeypatch):
-    calls, original = [], reference.cross_attention
-    monkeypatch.setattr(reference, "cross_attention", lambda *a, **k: calls.append("cross_attention") or original(*a, **k))
-    return calls
 
 
 @pytest.fixture
@@ -316,15 +295,11 @@ def test_negative_control_dropped_mask_fails(family, monkeypatch, reference_path
         compare(FAMILIES[family](), "cpu")
 
 
-def test_lxmert_sample_without_regions_gets_eagers_uniform_average(path, request, op_calls):
+def test_lxmert_sample_without_regions_gets_eagers_uniform_average(path, op_calls):
     """A sample with no region: eager adds finfo.min to every visual score of its text queries and
     returns the plain average of all (padded) regions. Skipping those keys through kv_lens would
-    return zeros; the patch keeps them."""
-    name, device, _ = path
-    if name == "kernels":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="issue 11, item 1: the kernels' backward is wrong for rows whose every key is "
-                                "masked by finfo.min (the forward is right)"))
+    return zeros; the patch keeps them (and the kernels' backward gets such rows right: issue 11)."""
+    _, device, _ = path
     case = lxmert(region_lengths=(3, 0, 5))
     compare(case, device)
     to_regions = [c for c in op_calls if c["k"].shape[2] == 5 and c["q"].shape[2] == TEXT_LEN]
@@ -332,6 +307,8 @@ def test_lxmert_sample_without_regions_gets_eagers_uniform_average(path, request
 
 
 def test_negative_control_skipping_an_all_masked_sample_fails(monkeypatch, reference_path):
+    """The same comparison with lengths that skip the padded regions of the sample that has none
+    (which gives its text zeros where eager gives the regions' average) must fail."""
 
     def naive_lengths(mask, batch, len_k):  # one past the last live key, even for a sample with none
         live = (mask > torch.finfo(mask.dtype).min).reshape(mask.shape[0], -1, len_k).any(1)

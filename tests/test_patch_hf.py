@@ -109,9 +109,9 @@ def inputs_for(name, seed, n=N, lengths=LENGTHS, left=False):
     return inputs
 
 
-def cast(inputs, dtype):
+def cast(inputs, dtype, device="cpu"):
     """The inputs for one run: float tensors in `dtype`, the rest cloned (FLAVA writes into its labels)."""
-    return {k: v.to(dtype) if v.is_floating_point() else v.clone() for k, v in inputs.items()}
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device, copy=True) for k, v in inputs.items()}
 
 
 def make_run(name, seed, left=False, **overrides):
@@ -119,14 +119,15 @@ def make_run(name, seed, left=False, **overrides):
     inputs = inputs_for(name, seed, left=left)
 
     def run(model):
-        dtype = next(model.parameters()).dtype
-        args = {**cast(inputs, dtype), **overrides}
+        parameter = next(model.parameters())
+        args = {**cast(inputs, parameter.dtype, parameter.device), **overrides}
+        dtype = parameter.dtype
         if name == "bridgetower":
             out = model(**args)
             text = kept(out.text_features, LENGTHS, left)
             outputs = {"text_features": text, "image_features": out.image_features, "pooler_output": out.pooler_output}
             weights = torch.Generator().manual_seed(seed)
-            loss = sum((t * t * torch.rand(t.shape, generator=weights, dtype=torch.float64).to(dtype)).sum()
+            loss = sum((t * t * torch.rand(t.shape, generator=weights, dtype=torch.float64).to(t.device, dtype)).sum()
                        for t in outputs.values())
             return loss, outputs
         out = model(**args, return_loss=True)
@@ -194,6 +195,17 @@ def test_family_matches_unpatched(name, path):
     assert not handle.fallbacks
     if expected["attention"] is not None:
         assert not handle.skipped
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_matches_unpatched_on_the_gpu_in_bf16(name, monkeypatch):
+    fresh_seed()
+    seed = fresh_seed()
+    handle = compare_patched(lambda: make(name)().to("cuda", torch.bfloat16), make_run(name, seed),
+                             lambda m: mmkernels.patch(m, **patch_kwargs(name)), "cuda",
+                             use_path(monkeypatch, "cuda"), sizes=floor_sizes)
+    assert handle.records and not handle.fallbacks
 
 
 def broken_losses(monkeypatch):

@@ -1,10 +1,14 @@
 """The transformers backend: attn_implementation="mmkernels" computes what "eager" computes.
 
-Tiny random models built in code (nothing is downloaded). Without CUDA the fp32 CPU tensors take
-the Triton kernels under the interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay tiny.
-Padded batches are compared with eager row by row on the kept (non-padding) rows; negative
-controls show that the comparisons fail when the padding mask is dropped or causality changes.
+Tiny random models built in code (nothing is downloaded), from a fresh seed per test. Without CUDA
+the fp32 CPU tensors take the Triton kernels under the interpreter (conftest sets
+TRITON_INTERPRET=1), so shapes stay tiny. Padded batches are compared with eager row by row on the
+kept (non-padding) rows; negative controls show that the comparisons fail when the padding mask is
+dropped or causality changes. transformers' own `test_attention_outputs` and
+`test_retain_grad_hidden_states_attentions` scenarios (which failed with this backend when it
+returned no weights) are reproduced for CLIP, SigLIP and SigLIP2.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +45,7 @@ from mmkernels.integrations.transformers import (  # noqa: E402
     register,
 )
 from mmkernels.ops import reference  # noqa: E402
+from toolkit import fresh_seed  # noqa: E402
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
 TEXT = dict(vocab_size=99, max_position_embeddings=16, pad_token_id=1, bos_token_id=0, eos_token_id=2, **TOWER)
@@ -53,6 +58,12 @@ CONTROL_GAP = 1e-2
 @pytest.fixture(autouse=True, scope="module")
 def registered():
     register()
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test's random weights and inputs come from a fresh seed (printed if it fails)."""
+    return fresh_seed()
 
 
 @pytest.fixture
@@ -267,9 +278,9 @@ def test_forward_dropout_only_while_training_and_seeded(device):
     out, _ = mmkernels_attention_forward(module, q, k, v, None, dropout=0.5)
     torch.testing.assert_close(out, sdpa(q, k, v), atol=ATOL, rtol=RTOL)
     module.train()
-    torch.manual_seed(1)
+    seed = fresh_seed()
     first, _ = mmkernels_attention_forward(module, q, k, v, None, dropout=0.5)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     second, _ = mmkernels_attention_forward(module, q, k, v, None, dropout=0.5)
     assert torch.equal(first, second)
     assert (first - out).abs().max() > CONTROL_GAP
@@ -291,11 +302,60 @@ def test_forward_rejects_what_it_does_not_compute(kwargs, message):
 
 
 def test_forward_rejects_masks_it_cannot_read():
-    q, k, v = qkv("cpu")
+    q, k, v = qkv("cpu")  # B = 2, Lq = 5, Lk = 6
     with pytest.raises(TypeError, match="torch.Tensor or None, got list"):
         mmkernels_attention_forward(Attention(), q, k, v, [[1, 1]])
     with pytest.raises(TypeError, match="2-D attention mask .* got dtype torch.int64"):
         mmkernels_attention_forward(Attention(), q, k, v, torch.ones(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"causal key mask \(B, Lk\).* expected \(2, 6\) \(or \(1, 6\)\), got \(2, 7\)"):
+        mmkernels_attention_forward(Attention(), q, k, v, torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(B, 1, 1, Lk\) = \(2, 1, 1, 6\) \(or B = 1\), got \(1, 1, 1, 7\)"):
+        mmkernels_attention_forward(Attention(), q, k, v, torch.ones(1, 1, 1, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(B, 1, 1, Lk\) = \(2, 1, 1, 6\) \(or B = 1\), got \(3, 1, 1, 6\)"):
+        mmkernels_attention_forward(Attention(), q, k, v, torch.ones(3, 1, 1, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"2-D \(B, Lk\) or 4-D \(B, 1, Lq, Lk\) attention mask, got shape \(2, 5, 6\)"):
+        mmkernels_attention_forward(Attention(), q, k, v, torch.ones(2, 5, 6, dtype=torch.bool))
+    for output_attentions in (False, True):  # the kernels and the weights path alike
+        with pytest.raises(ValueError, match=r"broadcastable to \(B, heads, Lq, Lk\) = \(2, 2, 5, 6\), got shape \(2, 1, 4, 6\)"):
+            mmkernels_attention_forward(Attention(), q, k, v, torch.zeros(2, 1, 4, 6),
+                                        output_attentions=output_attentions)
+
+
+def test_forward_rejects_inputs_that_are_not_4d():
+    q, k, v = qkv("cpu")
+    with pytest.raises(ValueError, match=r"query of shape \(B, heads, L, head_dim\), got \(2, 5, 16\)"):
+        mmkernels_attention_forward(Attention(), q[:, 0], k, v, None)
+    with pytest.raises(ValueError, match=r"value of shape \(B, heads, L, head_dim\), got NoneType"):
+        mmkernels_attention_forward(Attention(), q, k, None, None)
+
+
+def test_forward_accepts_numpy_bools(device):
+    q, k, v = qkv(device, q_length=6)
+    out, _ = mmkernels_attention_forward(Attention(), q, k, v, None, is_causal=np.bool_(True))
+    torch.testing.assert_close(out, sdpa(q, k, v, is_causal=True), atol=ATOL, rtol=RTOL)
+    with pytest.raises(TypeError, match=r"is_causal to be a bool \(or numpy.bool_\), got str"):
+        mmkernels_attention_forward(Attention(), q, k, v, None, is_causal="yes")
+
+
+def test_forward_with_output_attentions_returns_eager_weights(device, op_calls):
+    """Asked for weights, the call computes eager attention's formula for the masks it was given
+    (causal plus left padding here, so rows 0-2 of sample 1 have no key: eager attends all keys
+    uniformly there) and returns them, instead of silently returning None."""
+    q, k, v = qkv(device, q_length=6, kv_length=6)
+    keep = padding_mask([6, 3], 6, left=True, device=device).bool()
+    module = Attention()
+    out, weights = mmkernels_attention_forward(module, q, k, v, keep, output_attentions=True)
+    allowed = keep[:, None, None, :] & torch.ones(6, 6, dtype=torch.bool, device=device).tril()
+    additive = torch.zeros(2, 1, 6, 6, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    scores = q @ k.transpose(-1, -2) * 16**-0.5 + additive
+    expected = torch.softmax(scores, -1)
+    assert weights.shape == (2, 2, 6, 6) and op_calls == []
+    torch.testing.assert_close(weights, expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(weights[1, :, :3], torch.full_like(weights[1, :, :3], 1 / 6))
+    torch.testing.assert_close(out, (expected @ v).transpose(1, 2), atol=ATOL, rtol=RTOL)
+    # Without the request: the kernels, no weights, and zeros for the rows with no key.
+    out, weights = mmkernels_attention_forward(module, q, k, v, keep)
+    assert weights is None and len(op_calls) == 1 and bool((out[1, :3] == 0).all())
 
 
 def test_forward_sliding_window_inside_a_full_mask_is_applied(device):
@@ -313,7 +373,6 @@ def test_forward_sliding_window_inside_a_full_mask_is_applied(device):
 
 
 def test_clip_text_and_vision_match_eager(device, op_calls):
-    torch.manual_seed(0)
     vision = dict(image_size=16, patch_size=4, **TOWER)
     config = CLIPConfig(text_config=TEXT, vision_config=vision, projection_dim=16)
     model = CLIPModel(config).to(device).eval()
@@ -336,7 +395,6 @@ def test_clip_text_and_vision_match_eager(device, op_calls):
 
 @pytest.mark.parametrize("left", [False, True], ids=["right_padding", "left_padding"])
 def test_siglip_text_tower_keeps_the_padding_mask(left, device, op_calls, reference_calls):
-    torch.manual_seed(0)
     model = SiglipTextModel(SiglipTextConfig(**TEXT)).to(device).eval()
     ids, pad = text_inputs(device, left)
     eager = run(model, "eager", input_ids=ids, attention_mask=pad).last_hidden_state
@@ -354,7 +412,6 @@ def test_siglip_text_tower_keeps_the_padding_mask(left, device, op_calls, refere
 def test_siglip_text_tower_on_the_reference_path(monkeypatch, reference_calls):
     """CPU tensors without TRITON_INTERPRET take the plain-PyTorch path (a laptop without a GPU)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    torch.manual_seed(0)
     model = SiglipTextModel(SiglipTextConfig(**TEXT)).eval()
     ids, pad = text_inputs("cpu")
     eager = run(model, "eager", input_ids=ids, attention_mask=pad).last_hidden_state
@@ -364,7 +421,6 @@ def test_siglip_text_tower_on_the_reference_path(monkeypatch, reference_calls):
 
 
 def test_siglip_vision_tower_matches_eager(device):
-    torch.manual_seed(0)
     model = SiglipVisionModel(SiglipVisionConfig(image_size=16, patch_size=4, **TOWER)).to(device).eval()
     pixels = torch.randn(2, 3, 16, 16, device=device)
     eager = run(model, "eager", pixel_values=pixels)
@@ -374,7 +430,6 @@ def test_siglip_vision_tower_matches_eager(device):
 
 
 def test_siglip_text_gradients_match_eager(device):
-    torch.manual_seed(0)
     model = SiglipTextModel(SiglipTextConfig(**TEXT)).to(device)
     ids, pad = text_inputs(device)
     weight = torch.randn(len(TEXT_LENGTHS), 7, TOWER["hidden_size"], device=device)
@@ -396,7 +451,6 @@ def test_siglip_text_gradients_match_eager(device):
 
 
 def test_siglip2_text_and_patch_padding_match_eager(device):
-    torch.manual_seed(0)
     config = Siglip2Config(text_config=TEXT, vision_config=dict(num_patches=16, patch_size=4, **TOWER))
     model = Siglip2Model(config).to(device).eval()
     ids, pad = text_inputs(device)
@@ -419,8 +473,81 @@ def test_siglip2_text_and_patch_padding_match_eager(device):
     torch.testing.assert_close(ours.image_embeds, eager.image_embeds, atol=ATOL, rtol=RTOL)
 
 
+def _model_with_padded_inputs(name, device):
+    """A tiny CLIP, SigLIP (text) or SigLIP2 model and a padded batch for it."""
+    ids, pad = text_inputs(device)
+    if name == "clip":
+        config = CLIPConfig(text_config=TEXT, vision_config=dict(image_size=16, patch_size=4, **TOWER))
+        inputs = dict(input_ids=ids, attention_mask=pad, pixel_values=torch.randn(3, 3, 16, 16, device=device))
+        return CLIPModel(config).to(device), inputs, ("text_model_output", "vision_model_output")
+    if name == "siglip":
+        return SiglipTextModel(SiglipTextConfig(**TEXT)).to(device), dict(input_ids=ids, attention_mask=pad), (None,)
+    config = Siglip2Config(text_config=TEXT, vision_config=dict(num_patches=16, patch_size=4, **TOWER))
+    inputs = dict(
+        input_ids=ids, attention_mask=pad, pixel_values=torch.randn(3, 16, 3 * 4 * 4, device=device),
+        pixel_attention_mask=padding_mask([16, 12, 5], 16, device=device),
+        spatial_shapes=torch.tensor([[4, 4], [3, 4], [1, 5]], device=device),
+    )
+    return Siglip2Model(config).to(device), inputs, ("text_model_output", "vision_model_output")
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "siglip2"])
+def test_attention_outputs_are_returned_when_requested(name, device, op_calls):
+    """transformers' test_attention_outputs scenario: output_attentions=True returns one (B, H, L, L)
+    attention tensor per layer (it returned none), equal to eager's, and the same hidden states."""
+    model, inputs, towers = _model_with_padded_inputs(name, device)
+    model.eval()
+    eager = run(model, "eager", output_attentions=True, **inputs)
+    ours = run(model, BACKEND_NAME, output_attentions=True, **inputs)
+    assert op_calls == []  # every call asked for weights: eager's formula, not the kernels
+    for tower in towers:
+        eager_out, ours_out = (eager, ours) if tower is None else (getattr(eager, tower), getattr(ours, tower))
+        assert len(ours_out.attentions) == TOWER["num_hidden_layers"]
+        for got, expected in zip(ours_out.attentions, eager_out.attentions):
+            assert got.shape == expected.shape and got.shape[1] == TOWER["num_attention_heads"]
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(ours_out.last_hidden_state, eager_out.last_hidden_state, atol=ATOL, rtol=RTOL)
+    run(model, BACKEND_NAME, output_hidden_states=True, **inputs)
+    assert op_calls, "a forward that records hidden states only still runs the kernels"
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "siglip2"])
+def test_attentions_retain_their_gradient(name, device):
+    """transformers' test_retain_grad_hidden_states_attentions scenario (it raised IndexError): the
+    returned attentions are part of the graph and receive a gradient."""
+    model, inputs, towers = _model_with_padded_inputs(name, device)
+    model.set_attn_implementation(BACKEND_NAME)
+    outputs = model(**inputs, output_attentions=True, output_hidden_states=True)
+    tower = outputs if towers[0] is None else getattr(outputs, towers[0])
+    hidden_states, attentions = tower.hidden_states[0], tower.attentions[0]
+    hidden_states.retain_grad()
+    attentions.retain_grad()
+    tower.last_hidden_state.flatten()[0].backward(retain_graph=True)
+    assert hidden_states.grad is not None and attentions.grad is not None
+
+
+def test_attention_weights_keep_eager_dropout(device):
+    """In training, the weights path applies eager attention's dropout to the weights: under one seed
+    it draws what eager draws, so the outputs and weights are eager's."""
+    model = SiglipTextModel(SiglipTextConfig(attention_dropout=0.5, **TEXT)).to(device).train()
+    ids, pad = text_inputs(device)
+    seed = fresh_seed()
+    model.set_attn_implementation("eager")
+    eager = model(input_ids=ids, attention_mask=pad, output_attentions=True)
+    model.set_attn_implementation(BACKEND_NAME)
+    torch.manual_seed(seed)
+    ours = model(input_ids=ids, attention_mask=pad, output_attentions=True)
+    # The dropout did run: about half of the weights of the keys that exist are zero (padded keys'
+    # weights are zero with or without dropout, so they are not counted).
+    existing = pad[:, None, None, :].bool().expand_as(ours.attentions[0])
+    dropped = ours.attentions[0][existing] == 0
+    assert 0.3 < dropped.float().mean().item() < 0.7
+    for got, expected in zip(ours.attentions, eager.attentions):
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(ours.last_hidden_state, eager.last_hidden_state, atol=ATOL, rtol=RTOL)
+
+
 def bridgetower():
-    torch.manual_seed(0)
     config = BridgeTowerConfig(
         text_config=dict(TEXT, max_position_embeddings=24),
         vision_config=dict(image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2),

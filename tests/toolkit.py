@@ -336,26 +336,28 @@ def assert_models_within_rule(got: tuple, eager: tuple, oracle: tuple, dtype: to
     (`model_outputs_and_grads` results): ours, the eager model in `dtype`, and its float64 copy.
     `sizes` gives the floor's size by name ("loss", "grad logit_scale", ...) where a value is a sum
     that cancels (see `assert_within_rule`): a number, or the name of another output or gradient
-    whose oracle norm is the size of the summands (the key bias's gradient, zero in exact arithmetic
-    since softmax ignores a constant shift, sums the same rows dK as the key weight's gradient)."""
+    whose oracle norm (or the value's own, if larger) is the size of the summands (see `bias_sizes`)."""
     sizes = sizes or {}
     for index, kind in ((0, ""), (1, "grad ")):
         assert got[index].keys() == oracle[index].keys(), f"{what}: different {kind or 'output '}names"
         for name, reference in oracle[index].items():
             size = sizes.get(kind + name)
             if isinstance(size, str):
-                size = (oracle[1][size[len("grad "):]] if size.startswith("grad ") else oracle[0][size]).norm().item()
+                other = oracle[1][size[len("grad "):]] if size.startswith("grad ") else oracle[0][size]
+                size = max(other.norm().item(), reference.norm().item())
             assert_within_rule(f"{what} {kind}{name}", got[index][name], eager[index][name], reference, dtype,
                                size=size)
 
 
 def use_path(monkeypatch, name: str) -> list:
     """Send CPU fp32 tensors down one path of mmkernels' ops: "reference" (TRITON_INTERPRET=0) or
-    "kernels" (the Triton kernels under the interpreter). Returns the list that records a name for
-    each call of reference.cross_attention / clip_loss / siglip_loss from then on."""
+    "kernels" (the Triton kernels under the interpreter); "cuda" changes nothing (CUDA tensors take
+    the kernels). Returns the list that records a name for each call of reference.cross_attention /
+    clip_loss / siglip_loss from then on."""
     from mmkernels.ops import reference
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if name == "kernels" else "0")
+    if name != "cuda":
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if name == "kernels" else "0")
     calls = []
     for op in ("cross_attention", "clip_loss", "siglip_loss"):
         original = getattr(reference, op)
@@ -363,14 +365,16 @@ def use_path(monkeypatch, name: str) -> list:
     return calls
 
 
-def key_bias_sizes(model: torch.nn.Module) -> dict:
-    """`assert_models_within_rule` sizes for every key-projection bias of a model (named `*key.bias`
-    or `*k_proj.bias`, as transformers names them): the matching weight's gradient."""
+def bias_sizes(model: torch.nn.Module) -> dict:
+    """`assert_models_within_rule` sizes for every bias that has a weight beside it (`x.bias` and
+    `x.weight`, `in_proj_bias` and `in_proj_weight`): a bias's gradient sums the same upstream rows as
+    its weight's gradient, with cancellation (the key bias's is zero in exact arithmetic, since
+    softmax ignores a constant shift), so its floor scales with the weight's gradient."""
+    names = {name for name, _ in model.named_parameters()}
     sizes = {}
-    for name, _ in model.named_parameters():
-        for bias in ("key.bias", "k_proj.bias"):
-            if name.endswith(bias):
-                sizes[f"grad {name}"] = f"grad {name[:-len('bias')]}weight"
+    for name in names:
+        if name.endswith("bias") and name[: -len("bias")] + "weight" in names:
+            sizes[f"grad {name}"] = f"grad {name[: -len('bias')]}weight"
     return sizes
 
 
@@ -380,9 +384,10 @@ def compare_patched(make_model, run, patch, path: str, reference_calls: list, *,
     `run(model) -> (loss, {name: tensor})` and every parameter gradient. `got_run` replaces `run` for
     the patched model (negative controls); `sizes(model) -> dict` gives floor sizes by name (see
     `assert_models_within_rule`). Checks that the patched run took `path` ("reference": some
-    reference op ran; "kernels": none did and interpreted tl.dot ran). Returns patch's result."""
+    reference op ran; "kernels": none did and interpreted tl.dot ran; "cuda": none did). The rule's
+    floor is the model's parameter dtype's. Returns patch's result."""
     eager = make_model()
-    sizes = {**key_bias_sizes(eager), **(sizes(eager) if sizes is not None else {})}
+    sizes = {**bias_sizes(eager), **(sizes(eager) if sizes is not None else {})}
     oracle = copy.deepcopy(eager).double()
     patched = copy.deepcopy(eager)
     handle = patch(patched)
@@ -392,9 +397,11 @@ def compare_patched(make_model, run, patch, path: str, reference_calls: list, *,
     if path == "reference":
         assert reference_calls, "the patched model ran no mmkernels reference op"
     else:
-        assert not reference_calls and trace.dot_calls > 0, "the patched model ran no Triton kernel"
+        assert not reference_calls, "the patched model ran mmkernels' reference path"
+        assert path == "cuda" or trace.dot_calls > 0, "the patched model ran no Triton kernel"
     results = [got, model_outputs_and_grads(eager, run), model_outputs_and_grads(oracle, run)]
-    assert_models_within_rule(*results, torch.float32, what=type(eager).__name__, sizes=sizes)
+    dtype = next(eager.parameters()).dtype
+    assert_models_within_rule(*results, dtype, what=type(eager).__name__, sizes=sizes)
     return handle
 
 
@@ -420,6 +427,8 @@ def _rank_main(rank, fn, world_size, port, backend, timeout_s, out_dir, args):
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
+        else:
+            torch.set_num_threads(1)  # the ranks share the machine's cores
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         try:

@@ -39,11 +39,18 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
-from mmkernels.ops.attention import cross_attention
+from mmkernels.ops.attention import check_bool, cross_attention
 
 __all__ = ["BACKEND_NAME", "register", "mmkernels_attention_forward", "mmkernels_attention_mask"]
 
+try:  # where transformers records the outputs a forward was asked for (transformers 5.x)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - other transformers versions pass output_attentions down
+    _active_collector = None
+
 BACKEND_NAME = "mmkernels"
+# The recorded outputs that are attention weights.
+_WEIGHT_KEYS = ("attentions", "cross_attentions")
 
 # Keyword arguments some transformers models pass to their attention function that change the math
 # in ways mmkernels' attention does not implement.
@@ -113,13 +120,55 @@ def mmkernels_attention_mask(
     )
 
 
-def _check_inputs(attention_mask, kwargs: dict, q_length: int) -> None:
-    """Raise before any work when the mask is not a tensor or a keyword asks for unsupported math."""
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(
-            "attn_implementation='mmkernels' expects the attention mask as a torch.Tensor or None, "
-            f"got {type(attention_mask).__name__}"
-        )
+def _weights_requested(kwargs: dict) -> bool:
+    """Whether the caller asked for attention weights: `output_attentions=True` reached this call, or
+    transformers' output capturing (`capture_outputs`, which models such as SiglipTextModel use without
+    passing the flag down) is collecting attentions for the running forward."""
+    if kwargs.get("output_attentions"):
+        return True
+    collecting = _active_collector.get() if _active_collector is not None else None
+    return bool(collecting) and any(key in collecting for key in _WEIGHT_KEYS)
+
+
+def _check_inputs(query, key, value, attention_mask, kwargs: dict) -> None:
+    """Raise before any work on what this backend cannot read: not 4-D q/k/v, masks it does not know,
+    keywords that ask for math it does not implement."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            seen = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"attn_implementation='mmkernels' expects {name} of shape (B, heads, L, head_dim), got {seen}"
+            )
+    batch, _, q_length, _ = query.shape
+    kv_length = key.shape[2]
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(
+                "attn_implementation='mmkernels' expects the attention mask as a torch.Tensor or None, "
+                f"got {type(attention_mask).__name__}"
+            )
+        shape = tuple(attention_mask.shape)
+        if attention_mask.dim() == 2 and (shape[0] not in (1, batch) or shape[1] != kv_length):
+            raise ValueError(
+                "attn_implementation='mmkernels' reads a 2-D attention mask as the causal key mask (B, Lk) that "
+                f"its mask function builds, expected ({batch}, {kv_length}) (or (1, {kv_length})), got {shape}"
+            )
+        if attention_mask.dim() == 4 and shape[1:3] == (1, 1) and (shape[0] not in (1, batch) or shape[3] != kv_length):
+            raise ValueError(
+                "attn_implementation='mmkernels' expects a key mask of shape (B, 1, 1, Lk) = "
+                f"({batch}, 1, 1, {kv_length}) (or B = 1), got {shape}"
+            )
+        if attention_mask.dim() not in (2, 4):
+            raise ValueError(
+                "attn_implementation='mmkernels' expects a 2-D (B, Lk) or 4-D (B, 1, Lq, Lk) attention mask, "
+                f"got shape {shape} (query length {q_length}, key length {kv_length})"
+            )
+        full = (batch, query.shape[1], q_length, kv_length)
+        if attention_mask.dim() == 4 and any(n not in (1, m) for n, m in zip(shape, full)):
+            raise ValueError(
+                "attn_implementation='mmkernels' expects a 4-D attention mask broadcastable to (B, heads, Lq, Lk) = "
+                f"{full}, got shape {shape}"
+            )
     for name, feature in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(
@@ -144,11 +193,11 @@ def _key_mask_arguments(keep: torch.Tensor, batch: int, kv_length: int) -> dict:
 
 
 def _mask_arguments(
-    attention_mask: torch.Tensor | None, is_causal: bool | None, batch: int, q_length: int, kv_length: int
+    attention_mask: torch.Tensor | None, is_causal: bool, batch: int, q_length: int, kv_length: int
 ) -> dict:
     """Translate what the mask function built into `cross_attention` keyword arguments."""
     if attention_mask is None:
-        return {"is_causal": bool(is_causal) and q_length > 1}
+        return {"is_causal": is_causal and q_length > 1}
     if attention_mask.dim() == 2:
         if attention_mask.dtype != torch.bool:
             raise TypeError(
@@ -161,6 +210,33 @@ def _mask_arguments(
     return {"attn_mask": attention_mask}
 
 
+def _eager_attention_with_weights(query, key, value, arguments: dict, scaling: float | None, dropout: float,
+                                  training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention (its `eager_attention_forward` formula) for the masks that
+    `arguments` describe: bool masks become the additive finfo(dtype).min mask eager attention
+    receives. Returns (attn_output (B, Lq, H, d), attn_weights (B, H, Lq, Lk))."""
+    len_q, len_k = query.shape[2], key.shape[2]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    allowed = None
+    if arguments.get("key_padding_mask") is not None:
+        allowed = ~arguments["key_padding_mask"][:, None, None, :]
+    if arguments.get("is_causal"):
+        causal = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).tril()
+        allowed = causal if allowed is None else allowed & causal
+    attn_mask = arguments.get("attn_mask")
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = attn_mask if allowed is None else allowed & attn_mask
+    elif attn_mask is not None:
+        weights = weights + attn_mask
+    if allowed is not None:
+        zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+        weights = weights + torch.where(allowed, zero, torch.finfo(weights.dtype).min)
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 def mmkernels_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -171,18 +247,27 @@ def mmkernels_attention_forward(
     dropout: float = 0.0,
     is_causal: bool | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention function for `AttentionInterface`, with the signature transformers calls.
 
     query: (B, H, Lq, d); key, value: (B, Hkv, Lk, d) with H a multiple of Hkv (grouped-query
     attention repeats each key/value head H / Hkv times); attention_mask: what
-    `mmkernels_attention_mask` built, or a 4-D bool or additive float mask broadcastable to
-    (B, H, Lq, Lk). Dropout `dropout` applies only while `module.training`, as in eager attention.
-    Returns (attn_output (B, Lq, H, d), None): no attention weights are ever materialized.
+    `mmkernels_attention_mask` built ((B, Lk) or (B, 1, 1, Lk) bool), or a 4-D bool or additive
+    float mask broadcastable to (B, H, Lq, Lk). Dropout `dropout` applies only while
+    `module.training`, as in eager attention.
+
+    Returns (attn_output (B, Lq, H, d), None): the kernels never materialise the weights. When the
+    caller asks for them (`output_attentions=True`, passed down or being recorded by transformers'
+    output capturing), that call computes eager attention's formula
+    instead (softmax(q·kᵀ·scaling + the additive finfo.min mask eager attention gets), its dropout)
+    and returns (attn_output, attn_weights (B, H, Lq, Lk)), so the weights are never silently
+    missing. There a row with every key masked attends all keys uniformly, as in eager attention,
+    where the kernels return zeros.
     """
+    _check_inputs(query, key, value, attention_mask, kwargs)
+    is_causal = False if is_causal is None else check_bool("is_causal", is_causal)
     batch, heads, q_length, _ = query.shape
     kv_heads, kv_length = key.shape[1], key.shape[2]
-    _check_inputs(attention_mask, kwargs, q_length)
     if kv_heads != heads:
         if heads % kv_heads != 0:
             raise ValueError(
@@ -190,12 +275,9 @@ def mmkernels_attention_forward(
             )
         key = key.repeat_interleave(heads // kv_heads, dim=1)
         value = value.repeat_interleave(heads // kv_heads, dim=1)
-    out = cross_attention(
-        query,
-        key,
-        value,
-        dropout_p=dropout if module.training else 0.0,
-        scale=scaling,
-        **_mask_arguments(attention_mask, is_causal, batch, q_length, kv_length),
-    )
+    arguments = _mask_arguments(attention_mask, is_causal, batch, q_length, kv_length)
+    dropout = dropout if module.training else 0.0
+    if _weights_requested(kwargs):
+        return _eager_attention_with_weights(query, key, value, arguments, scaling, dropout, module.training)
+    out = cross_attention(query, key, value, dropout_p=dropout, scale=scaling, **arguments)
     return out.transpose(1, 2), None

@@ -91,7 +91,8 @@ class ClipLoss(nn.Module):
     `rank` and `world_size` must be the process group's; `cache_labels` has no effect (no labels
     tensor is built); `use_horovod=True` raises. `logit_bias` (open_clip adds it to every logit)
     leaves the value unchanged and gets a zero gradient. `normalize` and `label_smoothing` (not
-    open_clip's; label smoothing not with local_loss=True) are as in `mmkernels.clip_loss`.
+    open_clip's; label smoothing not with local_loss=True) and `workspace_bytes` are as in
+    `mmkernels.clip_loss`.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
@@ -129,8 +130,8 @@ class ClipLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None,
                 output_dict: bool = False):
         if self.world_size == 1:
-            loss = clip_loss(image_features, text_features, logit_scale,
-                             normalize=self.normalize, label_smoothing=self.label_smoothing)
+            loss = clip_loss(image_features, text_features, logit_scale, normalize=self.normalize,
+                             label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes)
         else:
             loss = distributed.clip_loss_scaled(
                 image_features, text_features, logit_scale, group=self.group, normalize=self.normalize,
@@ -197,7 +198,8 @@ class SigLipLoss(nn.Module):
         if logit_bias is None:
             logit_bias = 0.0
         if self.world_size == 1:
-            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, normalize=self.normalize)
+            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, normalize=self.normalize,
+                               workspace_bytes=self.workspace_bytes)
         else:
             loss = distributed.siglip_loss_scaled(
                 image_features, text_features, logit_scale, logit_bias, group=self.group, normalize=self.normalize,

@@ -1,22 +1,19 @@
-"""Cross-modal (and self-) attention with per-sample lengths and masks, fused in Triton.
+"""Cross-modal (and self-) attention with per-sample lengths and masks: launchers, registered ops,
+autograd, input checks and the public function. The Triton kernels are in `attention_kernels.py`.
 
 Name chain: `_cross_attention_fwd_kernel` / `_cross_attention_bwd_dq_kernel` /
 `_cross_attention_bwd_dkdv_kernel` (Triton) → `cross_attention_fwd()` / `cross_attention_bwd()`
 (launchers, registered as `torch.ops.mmkernels.cross_attention_fwd` / `..._bwd`) →
 `cross_attention()` (public function) → `mmkernels.nn.CrossModalAttention` (module).
 
-The forward is FlashAttention's online softmax: one program per (batch, head, block of queries)
-walks the key blocks up to kv_lens[b] (keys past it are never loaded, so their work is skipped,
-not masked) and keeps a running max and sum in fp32; it stores the output and the fp32
-log-sum-exp of each row. The backward recomputes the probabilities from that log-sum-exp: a dq
-pass (one program per query block, which also computes delta = rowsum(dO · O)) and a dk/dv pass
-(one program per key block). Dropout masks come from Philox (`tl.rand`) keyed by the seed and the
-(batch·head, query, key) position, so the backward regenerates the forward's mask without storing
-it. No Lq × Lk tensor is written; a caller's attn_mask is read through its (broadcast) strides.
+CUDA tensors run the kernels (the CPU too, under TRITON_INTERPRET=1); other CPU tensors run
+`reference.cross_attention`. Both compute the function that `cross_attention` documents.
 """
 from __future__ import annotations
 
 import functools
+import numbers
+import sys
 from typing import Optional
 
 import torch
@@ -28,424 +25,25 @@ from mmkernels.ops._common import (
     check_same_device,
     interpreting,
     last_dim_contiguous,
-    tl,
+    new_output,
     triton,
     triton_enabled,
 )
+from mmkernels.ops.attention_kernels import (
+    LOG2E,
+    MASK_ADDITIVE,
+    MASK_BOOL,
+    MASK_NONE,
+    _cross_attention_bwd_dkdv_kernel,
+    _cross_attention_bwd_dq_kernel,
+    _cross_attention_fwd_kernel,
+)
 
-__all__ = ["cross_attention", "LAYOUTS", "MAX_HEAD_DIM"]
+__all__ = ["cross_attention", "check_bool", "check_real", "check_lengths", "describe_type", "draw_dropout_seed",
+           "LAYOUTS", "MAX_HEAD_DIM"]
 
 LAYOUTS = ("bhld", "blhd")
 MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
-# MASK_KIND of the kernels: no attn_mask, bool (True = attend), additive float.
-_MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
-
-
-# --------------------------------------------------------------------------- Triton helpers
-
-
-@triton.jit
-def _lengths(KvLens, QLens, b, Lq, Lk, HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr):
-    """kv_lens[b] and q_lens[b] clamped to [0, Lk] and [0, Lq] (Lk and Lq when not given)."""
-    kv_len = Lk
-    if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.maximum(tl.load(KvLens + b).to(tl.int32), 0), Lk)
-    q_len = Lq
-    if HAS_Q_LENS:
-        q_len = tl.minimum(tl.maximum(tl.load(QLens + b).to(tl.int32), 0), Lq)
-    return kv_len, q_len
-
-
-@triton.jit
-def _key_range(m_start, kv_len, q_len, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys that the query block starting at m_start visits, as (full_end, kv_end): the key blocks in
-    [0, full_end) need no bound or causal check, those in [full_end, kv_end) do. A query block
-    entirely past q_len visits none."""
-    kv_end = kv_len
-    full_end = kv_len
-    if IS_CAUSAL:
-        kv_end = tl.minimum(kv_len, m_start + BLOCK_M)
-        full_end = tl.minimum(kv_len, m_start + 1)
-    kv_end = tl.where(m_start < q_len, kv_end, 0)
-    full_end = tl.where(m_start < q_len, (full_end // BLOCK_N) * BLOCK_N, 0)
-    return full_end, kv_end
-
-
-@triton.jit
-def _load_tile(ptrs, rows, row_limit, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               CHECK_ROWS: tl.constexpr):
-    """Load a (rows, BLOCK_D) tile in the tensor's dtype, zero past row_limit and past HEAD_DIM."""
-    if CHECK_ROWS:
-        if BLOCK_D == HEAD_DIM:
-            tile = tl.load(ptrs, mask=rows[:, None] < row_limit, other=0.0)
-        else:
-            tile = tl.load(ptrs, mask=(rows[:, None] < row_limit) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            tile = tl.load(ptrs)
-        else:
-            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    return tile
-
-
-@triton.jit
-def _scores(qk, offs_q, offs_k, kv_len, Lq, Lk, qk_scale, kpm_row, stride_kpm_n,
-            mask_base, stride_mask_m, stride_mask_n,
-            HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CHECK_KV: tl.constexpr,
-            CAUSAL_TILE: tl.constexpr):
-    """Scores of one tile in log2 units ((scale · q·k + attn_mask) · log2 e), -inf where a key is
-    not attended. offs_q and offs_k broadcast to the tile's shape, in either orientation.
-    MASK_KIND: 0 no attn_mask, 1 bool (True = attend), 2 additive."""
-    s = qk * qk_scale
-    if MASK_KIND == 1:
-        in_bounds = (offs_q < Lq) & (offs_k < Lk)
-        allowed = tl.load(mask_base + offs_q * stride_mask_m + offs_k * stride_mask_n, mask=in_bounds, other=0)
-        s = tl.where(allowed != 0, s, float("-inf"))
-    if MASK_KIND == 2:
-        in_bounds = (offs_q < Lq) & (offs_k < Lk)
-        bias = tl.load(mask_base + offs_q * stride_mask_m + offs_k * stride_mask_n, mask=in_bounds,
-                       other=0.0).to(tl.float32)
-        # Clamp before converting to log2 units so that finite masks such as finfo.min stay finite
-        # (as in the eager formula); -inf stays -inf.
-        s = tl.where(bias == float("-inf"), float("-inf"), s + tl.maximum(bias, -1e38) * 1.4426950408889634)
-    if HAS_KPM:
-        padded = tl.load(kpm_row + offs_k * stride_kpm_n, mask=offs_k < Lk, other=1)
-        s = tl.where(padded == 0, s, float("-inf"))
-    if CHECK_KV:
-        s = tl.where(offs_k < kv_len, s, float("-inf"))
-    if CAUSAL_TILE:
-        s = tl.where(offs_k <= offs_q, s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _dropout_keep(seed, bh, offs_q, offs_k, Lk, dropout_p):
-    """Philox keep mask (uniform ≥ dropout_p) of the (query, key) pairs of head `bh`. The counter
-    is (query · Lk + key, bh, 0, 0): 32-bit lanes, so that the tile needs no 64-bit offsets."""
-    bits, _, _, _ = tl.philox(seed, offs_q * Lk + offs_k, bh, 0, 0)
-    return tl.uint_to_uniform_float(bits) >= dropout_p
-
-
-# --------------------------------------------------------------------------- forward
-
-
-@triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, kv_len, Lq, Lk,
-              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, kpm_row, stride_kpm_n,
-              mask_base, stride_mask_m, stride_mask_n, seed, bh, dropout_p,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KPM: tl.constexpr,
-              MASK_KIND: tl.constexpr, CHECK_KV: tl.constexpr, CAUSAL_TILE: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over the key block at start_n."""
-    offs_n = start_n + offs_n0
-    k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, kv_len,
-                   offs_d, HEAD_DIM, BLOCK_D, CHECK_KV)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = _scores(qk, offs_m[:, None], offs_n[None, :], kv_len, Lq, Lk, qk_scale, kpm_row, stride_kpm_n,
-                mask_base, stride_mask_m, stride_mask_n, HAS_KPM, MASK_KIND, CHECK_KV, CAUSAL_TILE)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
-        p = tl.where(keep, p, 0.0)
-    v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, kv_len,
-                   offs_d, HEAD_DIM, BLOCK_D, CHECK_KV)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _cross_attention_fwd_kernel(
-    Q, K, V, Out, Lse, KvLens, QLens, Kpm, Mask, Seed,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_kpm_b, stride_kpm_n,
-    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    H, Lq, Lk, qk_scale, dropout_p, LQ_BUCKET, LK_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KPM: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Program (query block, head, batch): Out[b, h, rows] and Lse[b, h, rows] (natural log)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * H + h
-    kv_len, q_len = _lengths(KvLens, QLens, b, Lq, Lk, HAS_KV_LENS, HAS_Q_LENS)
-    m_start = pid_m * BLOCK_M
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-
-    full_end, kv_end = _key_range(m_start, kv_len, q_len, IS_CAUSAL, BLOCK_M, BLOCK_N)
-
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    kpm_row = Kpm + b.to(tl.int64) * stride_kpm_b
-    mask_base = Mask + b.to(tl.int64) * stride_mask_b + h.to(tl.int64) * stride_mask_h
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-
-    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, q_len,
-                   offs_d, HEAD_DIM, BLOCK_D, True)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d,
-                                  kv_len, Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                                  kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
-                                  seed, bh, dropout_p, HEAD_DIM, BLOCK_D, HAS_KPM, MASK_KIND,
-                                  False, False, HAS_DROPOUT, DOT_PRECISION)
-    for start_n in range(full_end, kv_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d,
-                                  kv_len, Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                                  kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
-                                  seed, bh, dropout_p, HEAD_DIM, BLOCK_D, HAS_KPM, MASK_KIND,
-                                  True, IS_CAUSAL, HAS_DROPOUT, DOT_PRECISION)
-
-    # Rows with no attended key (l = 0) and rows past q_len: output 0, log-sum-exp +inf, so that
-    # the backward's exp(s - lse) is 0 for them.
-    has_key = (l_i > 0.0) & (offs_m < q_len)
-    inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
-    if HAS_DROPOUT:
-        inv_l = inv_l / (1.0 - dropout_p)
-    out = acc * inv_l[:, None]
-    lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
-                   float("inf"))
-    tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
-    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
-
-
-# --------------------------------------------------------------------------- backward
-
-
-@triton.jit
-def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, kv_len,
-                 Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, kpm_row, stride_kpm_n,
-                 mask_base, stride_mask_m, stride_mask_n, seed, bh, dropout_p,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KPM: tl.constexpr,
-                 MASK_KIND: tl.constexpr, CHECK_KV: tl.constexpr, CAUSAL_TILE: tl.constexpr,
-                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dq += dS @ k over the key block at start_n (dS = P ∘ (dP - delta), unscaled)."""
-    offs_n = start_n + offs_n0
-    k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, kv_len,
-                   offs_d, HEAD_DIM, BLOCK_D, CHECK_KV)
-    v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, kv_len,
-                   offs_d, HEAD_DIM, BLOCK_D, CHECK_KV)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = _scores(qk, offs_m[:, None], offs_n[None, :], kv_len, Lq, Lk, qk_scale, kpm_row, stride_kpm_n,
-                mask_base, stride_mask_m, stride_mask_n, HAS_KPM, MASK_KIND, CHECK_KV, CAUSAL_TILE)
-    p = tl.math.exp2(s - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-    ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _cross_attention_bwd_dq_kernel(
-    Q, K, V, Out, DOut, Lse, Delta, DQ, KvLens, QLens, Kpm, Mask, Seed,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_kpm_b, stride_kpm_n,
-    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    H, Lq, Lk, qk_scale, scale, dropout_p, LQ_BUCKET, LK_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KPM: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Program (query block, head, batch): Delta[rows] = rowsum(dO · O) and DQ[b, h, rows]."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * H + h
-    kv_len, q_len = _lengths(KvLens, QLens, b, Lq, Lk, HAS_KV_LENS, HAS_Q_LENS)
-    m_start = pid_m * BLOCK_M
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-
-    full_end, kv_end = _key_range(m_start, kv_len, q_len, IS_CAUSAL, BLOCK_M, BLOCK_N)
-
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
-    kpm_row = Kpm + b64 * stride_kpm_b
-    mask_base = Mask + b64 * stride_mask_b + h64 * stride_mask_h
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-
-    q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DOut + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    o = _load_tile(Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                   offs_m, q_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
-    lse2 = tl.load(Lse + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < q_len, other=float("inf")) * 1.4426950408889634
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, kv_len,
-                          Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, kpm_row, stride_kpm_n,
-                          mask_base, stride_mask_m, stride_mask_n, seed, bh, dropout_p,
-                          HEAD_DIM, BLOCK_D, HAS_KPM, MASK_KIND, False, False, HAS_DROPOUT, DOT_PRECISION)
-    for start_n in range(full_end, kv_end, BLOCK_N):
-        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, kv_len,
-                          Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, kpm_row, stride_kpm_n,
-                          mask_base, stride_mask_m, stride_mask_n, seed, bh, dropout_p,
-                          HEAD_DIM, BLOCK_D, HAS_KPM, MASK_KIND, True, IS_CAUSAL, HAS_DROPOUT, DOT_PRECISION)
-    dq_ptrs = (DQ + b64 * stride_dqb + h64 * stride_dqh
-               + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, Lse, Delta, start_m, offs_n, offs_m0, offs_d, q_len,
-                   Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, kpm_row, stride_kpm_n,
-                   mask_base, stride_mask_m, stride_mask_n, seed, bh, dropout_p,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KPM: tl.constexpr,
-                   MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """dv += P̃ᵀ @ dO and dk += dSᵀ @ q over the query block at start_m, in (key, query) orientation."""
-    offs_m = start_m + offs_m0
-    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, q_len,
-                   offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, q_len,
-                    offs_d, HEAD_DIM, BLOCK_D, True)
-    lse2 = tl.load(Lse + offs_m, mask=offs_m < q_len, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + offs_m, mask=offs_m < q_len, other=0.0)
-    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    # Keys past kv_len are not masked here: their rows of dk and dv are zeroed at the store.
-    s_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], Lk, Lq, Lk, qk_scale, kpm_row, stride_kpm_n,
-                  mask_base, stride_mask_m, stride_mask_n, HAS_KPM, MASK_KIND, False, CAUSAL_TILE)
-    p_t = tl.math.exp2(s_t - lse2[None, :])
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    if HAS_DROPOUT:
-        keep_t = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
-        dv += tl.dot(tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0).to(do.dtype), do,
-                     input_precision=DOT_PRECISION)
-        dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
-    else:
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _cross_attention_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, KvLens, QLens, Kpm, Mask, Seed,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_kpm_b, stride_kpm_n,
-    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    H, Lq, Lk, qk_scale, scale, dropout_p, LQ_BUCKET, LK_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KPM: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Program (key block, head, batch): DK[b, h, keys] and DV[b, h, keys]."""
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * H + h
-    kv_len, q_len = _lengths(KvLens, QLens, b, Lq, Lk, HAS_KV_LENS, HAS_Q_LENS)
-    n_start = pid_n * BLOCK_N
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-
-    # Causal: query blocks before the diagonal see none of these keys; those on it need the
-    # causal check; those after it see all of them.
-    q_begin = 0
-    diag_end = 0
-    if IS_CAUSAL:
-        q_begin = (n_start // BLOCK_M) * BLOCK_M
-        diag_end = tl.minimum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M) * BLOCK_M, q_len)
-    # A key block entirely past kv_len does no work.
-    q_end = tl.where(n_start < kv_len, q_len, 0)
-    diag_end = tl.where(n_start < kv_len, diag_end, 0)
-
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    do_base = DOut + b64 * stride_dob + h64 * stride_doh
-    lse_row = Lse + bh.to(tl.int64) * Lq
-    delta_row = Delta + bh.to(tl.int64) * Lq
-    kpm_row = Kpm + b64 * stride_kpm_b
-    mask_base = Mask + b64 * stride_mask_b + h64 * stride_mask_h
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-
-    k = _load_tile(K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   offs_n, kv_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V + b64 * stride_vb + h64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                   offs_n, kv_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if IS_CAUSAL:
-        for start_m in range(q_begin, diag_end, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, start_m, offs_n, offs_m0,
-                                    offs_d, q_len, Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                                    kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, seed, bh,
-                                    dropout_p, HEAD_DIM, BLOCK_D, HAS_KPM, MASK_KIND, True, HAS_DROPOUT,
-                                    DOT_PRECISION)
-    for start_m in range(tl.maximum(diag_end, q_begin), q_end, BLOCK_M):
-        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_row, delta_row, start_m, offs_n, offs_m0,
-                                offs_d, q_len, Lq, Lk, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                                kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, seed, bh,
-                                dropout_p, HEAD_DIM, BLOCK_D, HAS_KPM, MASK_KIND, False, HAS_DROPOUT,
-                                DOT_PRECISION)
-    key_valid = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
-    in_bounds = (offs_n[:, None] < Lk) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = (DK + b64 * stride_dkb + h64 * stride_dkh
-               + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
-    dv_ptrs = (DV + b64 * stride_dvb + h64 * stride_dvh
-               + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd)
-    tl.store(dk_ptrs, tl.where(key_valid, dk * scale, 0.0).to(DK.dtype.element_ty), mask=in_bounds)
-    tl.store(dv_ptrs, tl.where(key_valid, dv, 0.0).to(DV.dtype.element_ty), mask=in_bounds)
-
-
-@triton.jit
-def _dropout_keep_kernel(Keep, Seed, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keep[bh, i, j] of the dropout mask the attention kernels draw (for tests)."""
-    bh = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(Seed), bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
-    ptrs = Keep + (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
 
 # --------------------------------------------------------------------------- block sizes
@@ -487,6 +85,8 @@ _BWD_DKDV_CANDIDATES = {
 }
 _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HAS_KV_LENS", "HAS_Q_LENS", "HAS_KPM", "MASK_KIND",
              "IS_CAUSAL", "HAS_DROPOUT"]
+# The backward passes' variants (which gradients they compute) are tuned apart.
+_EXTRA_TUNE_KEY = {"fwd": [], "dq": ["COMPUTE_DQ"], "dkdv": ["COMPUTE_DK", "COMPUTE_DV"]}
 
 
 def _shape_of(config) -> tuple:
@@ -521,7 +121,14 @@ def _tuned(kernel_name: str):
         "dkdv": (_cross_attention_bwd_dkdv_kernel, _BWD_DKDV_CANDIDATES),
     }[kernel_name]
     configs, prune = _candidates_for(table)
-    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
+    key = _TUNE_KEY + _EXTRA_TUNE_KEY[kernel_name]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def _grid(length: int, block: str, batch: int, heads: int):
+    """The launch grid of a kernel whose programs each take `block` rows of `length`: one axis of
+    n_blocks · B · H programs (axes 1 and 2 are capped at 65535 on CUDA; axis 0 at 2^31 - 1)."""
+    return lambda meta: (triton.cdiv(length, meta[block]) * batch * heads,)
 
 
 def _launch(kernel_name: str, kernel, grid_of, args: list, meta: dict) -> None:
@@ -536,19 +143,14 @@ def _launch(kernel_name: str, kernel, grid_of, args: list, meta: dict) -> None:
 # --------------------------------------------------------------------------- launchers
 
 
-def _new_output(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Allocate a kernel output. The tests swap in a NaN-filled allocation to catch unwritten elements."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _grad_buffer(t: Tensor) -> Tensor:
     """A (B, H, L, d) buffer for the gradient of t: in (B, L, H, d) memory order when t is a view
     of such a tensor (its head stride below its length stride), so that the gradient flows back
     into the caller's projection without a transposing copy; contiguous otherwise."""
     batch, heads, length, head_dim = t.shape
     if t.stride(1) < t.stride(2):
-        return _new_output((batch, length, heads, head_dim), t.dtype, t.device).transpose(1, 2)
-    return _new_output((batch, heads, length, head_dim), t.dtype, t.device)
+        return new_output((batch, length, heads, head_dim), t.dtype, t.device).transpose(1, 2)
+    return new_output((batch, heads, length, head_dim), t.dtype, t.device)
 
 
 def _pointer(t: Optional[Tensor], stand_in: Tensor) -> Tensor:
@@ -568,13 +170,13 @@ def _mask_args(q: Tensor, k: Tensor, key_padding_mask, attn_mask):
         kpm = key_padding_mask.view(torch.uint8)
         kpm_strides = kpm.stride()
     if attn_mask is None:
-        mask, mask_strides, mask_kind = q, (0, 0, 0, 0), _MASK_NONE
+        mask, mask_strides, mask_kind = q, (0, 0, 0, 0), MASK_NONE
     else:
         mask = attn_mask.expand(batch, heads, len_q, len_k)
         if mask.dtype == torch.bool:
-            mask, mask_kind = mask.view(torch.uint8), _MASK_BOOL
+            mask, mask_kind = mask.view(torch.uint8), MASK_BOOL
         else:
-            mask_kind = _MASK_ADDITIVE
+            mask_kind = MASK_ADDITIVE
         mask_strides = mask.stride()
     return kpm, kpm_strides, mask, mask_strides, mask_kind
 
@@ -610,34 +212,39 @@ def cross_attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward. q: (B, H, Lq, d), k, v: (B, H, Lk, d), any strides.
 
-    Returns out (B, H, Lq, d), allocated in (B, Lq, H, d) memory order, and the fp32 log-sum-exp
-    (B, H, Lq) of each row's scaled, masked scores (+inf for rows with no key or past q_lens).
+    Returns out (B, H, Lq, d), allocated in (B, Lq, H, d) memory order, and the fp32 softmax
+    statistics (B, H, 2, Lq) of each row in log2 units: [:, :, 0] its largest score M, [:, :, 1]
+    LG = log2 Σ_j exp2(s_j − M); both +inf for rows with no key and rows past q_lens.
     """
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
-    out = _new_output((batch, len_q, heads, head_dim), q.dtype, q.device).transpose(1, 2)
-    lse = _new_output((batch, heads, len_q), torch.float32, q.device)
+    out = new_output((batch, len_q, heads, head_dim), q.dtype, q.device).transpose(1, 2)
+    stats = new_output((batch, heads, 2, len_q), torch.float32, q.device)
     if out.numel() == 0:
-        return out, lse
+        return out, stats
     kpm, kpm_strides, mask, mask_strides, mask_kind = _mask_args(q, k, key_padding_mask, attn_mask)
     args = [
-        q, k, v, out, lse,
+        q, k, v, out, stats,
         _pointer(kv_lens, q), _pointer(q_lens, q), kpm, mask, _pointer(seed, q),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kpm_strides, *mask_strides,
-        heads, len_q, len_k, scale * _LOG2E, dropout_p, _length_bucket(len_q), _length_bucket(len_k),
+        heads, len_q, len_k, scale * LOG2E, dropout_p, _length_bucket(len_q), _length_bucket(len_k),
     ]
     meta = _meta(q, kv_lens, q_lens, key_padding_mask, mask_kind, is_causal, dropout_p)
-    _launch("fwd", _cross_attention_fwd_kernel,
-            lambda m: (triton.cdiv(len_q, m["BLOCK_M"]), heads, batch), args, meta)
-    return out, lse
+    _launch("fwd", _cross_attention_fwd_kernel, _grid(len_q, "BLOCK_M", batch, heads), args, meta)
+    return out, stats
 
 
 @cross_attention_fwd.register_fake
 def _(q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale):
     batch, heads, len_q, head_dim = q.shape
     out = q.new_empty(batch, len_q, heads, head_dim).transpose(1, 2)
-    return out, q.new_empty(batch, heads, len_q, dtype=torch.float32)
+    return out, q.new_empty(batch, heads, 2, len_q, dtype=torch.float32)
+
+
+def _unused_gradient(t: Tensor) -> Tensor:
+    """What cross_attention_bwd returns for a gradient it was not asked for: an empty tensor."""
+    return t.new_empty(0)
 
 
 @torch.library.custom_op("mmkernels::cross_attention_bwd", mutates_args=())
@@ -647,7 +254,7 @@ def cross_attention_bwd(
     k: Tensor,
     v: Tensor,
     out: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     kv_lens: Optional[Tensor],
     q_lens: Optional[Tensor],
     key_padding_mask: Optional[Tensor],
@@ -656,73 +263,76 @@ def cross_attention_bwd(
     is_causal: bool,
     dropout_p: float,
     scale: float,
+    need_dq: bool,
+    need_dk: bool,
+    need_dv: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward: dq (dq pass, which also computes delta), then dk and dv.
+    """Launch the backward passes that the needed gradients take: the dq pass (which computes
+    delta = rowsum(dO · O) too) when dq or dk is needed (delta alone, without dq's three matrix
+    products per tile, when only dk is), then the dk/dv pass when dk or dv is needed (only
+    pᵀ·dO per tile when only dv is).
 
-    dout, out: (B, H, Lq, d); lse: (B, H, Lq) from the forward. Returns dq, dk, dv shaped and
-    strided like q, k, v.
+    dout, out: (B, H, Lq, d); stats: (B, H, 2, Lq) from the forward. Returns dq, dk, dv shaped and
+    strided like q, k, v; a gradient not needed is an empty tensor and costs nothing.
     """
-    dq, dk, dv = _grad_buffer(q), _grad_buffer(k), _grad_buffer(v)
+    dq = _grad_buffer(q) if need_dq else _unused_gradient(q)
+    dk = _grad_buffer(k) if need_dk else _unused_gradient(k)
+    dv = _grad_buffer(v) if need_dv else _unused_gradient(v)
     dout = last_dim_contiguous(dout)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
-    delta = _new_output((batch, heads, len_q), torch.float32, q.device)
     kpm, kpm_strides, mask, mask_strides, mask_kind = _mask_args(q, k, key_padding_mask, attn_mask)
-    lens_and_masks = [
-        _pointer(kv_lens, q), _pointer(q_lens, q), kpm, mask, _pointer(seed, q),
-    ]
-    sizes = [heads, len_q, len_k, scale * _LOG2E, scale, dropout_p, _length_bucket(len_q), _length_bucket(len_k)]
+    lens_and_masks = [_pointer(kv_lens, q), _pointer(q_lens, q), kpm, mask, _pointer(seed, q)]
+    sizes = [heads, len_q, len_k, scale * LOG2E, scale, dropout_p, _length_bucket(len_q), _length_bucket(len_k)]
     meta = _meta(q, kv_lens, q_lens, key_padding_mask, mask_kind, is_causal, dropout_p)
-    if dq.numel() > 0:
-        dq_args = [q, k, v, out, dout, lse, delta, dq, *lens_and_masks,
-                   *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
+    rows = batch * heads
+    delta = stats
+    if (need_dq or need_dk) and rows * len_q > 0:
+        delta = new_output((batch, heads, len_q), torch.float32, q.device)
+        dq_out = dq if need_dq else q
+        dq_args = [q, k, v, out, dout, stats, delta, dq_out, *lens_and_masks,
+                   *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq_out.stride(),
                    *kpm_strides, *mask_strides, *sizes]
-        _launch("dq", _cross_attention_bwd_dq_kernel,
-                lambda m: (triton.cdiv(len_q, m["BLOCK_M"]), heads, batch), dq_args, meta)
-    if dk.numel() > 0:
-        dkdv_args = [q, k, v, dout, lse, delta, dk, dv, *lens_and_masks,
-                     *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        _launch("dq", _cross_attention_bwd_dq_kernel, _grid(len_q, "BLOCK_M", batch, heads), dq_args,
+                dict(meta, COMPUTE_DQ=need_dq))
+    if (need_dk or need_dv) and rows * len_k > 0:
+        dk_out, dv_out = (dk if need_dk else k), (dv if need_dv else v)
+        dkdv_args = [q, k, v, dout, stats, delta, dk_out, dv_out, *lens_and_masks,
+                     *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk_out.stride(), *dv_out.stride(),
                      *kpm_strides, *mask_strides, *sizes]
-        _launch("dkdv", _cross_attention_bwd_dkdv_kernel,
-                lambda m: (triton.cdiv(len_k, m["BLOCK_N"]), heads, batch), dkdv_args, meta)
+        _launch("dkdv", _cross_attention_bwd_dkdv_kernel, _grid(len_k, "BLOCK_N", batch, heads), dkdv_args,
+                dict(meta, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv))
     return dq, dk, dv
 
 
 @cross_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale):
-    return _grad_buffer(q), _grad_buffer(k), _grad_buffer(v)
+def _(dout, q, k, v, out, stats, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale,
+      need_dq, need_dk, need_dv):
+    return tuple(_grad_buffer(t) if needed else _unused_gradient(t)
+                 for t, needed in ((q, need_dq), (k, need_dk), (v, need_dv)))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_lens, q_lens, key_padding_mask, attn_mask, seed)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, kv_lens, q_lens, key_padding_mask, attn_mask, seed)
     ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, kv_lens, q_lens, key_padding_mask, attn_mask, seed = ctx.saved_tensors
+def _backward(ctx, dout, dstats):
+    q, k, v, out, stats, kv_lens, q_lens, key_padding_mask, attn_mask, seed = ctx.saved_tensors
+    need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
     dq, dk, dv = torch.ops.mmkernels.cross_attention_bwd(
-        dout, q, k, v, out, lse, kv_lens, q_lens, key_padding_mask, attn_mask, seed,
-        ctx.is_causal, ctx.dropout_p, ctx.scale,
+        dout, q, k, v, out, stats, kv_lens, q_lens, key_padding_mask, attn_mask, seed,
+        ctx.is_causal, ctx.dropout_p, ctx.scale, need_dq, need_dk, need_dv,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    grads = [g if needed else None for g, needed in zip((dq, dk, dv), (need_dq, need_dk, need_dv))]
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def dropout_keep_mask(seed: Tensor, batch: int, heads: int, len_q: int, len_k: int, dropout_p: float) -> Tensor:
-    """The (B, H, Lq, Lk) bool keep mask that the kernels draw for `seed` (a (1,) int64 tensor
-    from `draw_dropout_seed`). Materialises Lq × Lk per head: for tests on small shapes, where the
-    kernels run (CUDA, or the CPU under TRITON_INTERPRET=1)."""
-    keep = torch.empty(batch * heads, len_q, len_k, dtype=torch.int8, device=seed.device)
-    if keep.numel() > 0:
-        grid = (triton.cdiv(len_q, 32), triton.cdiv(len_k, 32), batch * heads)
-        _dropout_keep_kernel[grid](keep, seed, len_q, len_k, dropout_p, BLOCK_M=32, BLOCK_N=32)
-    return keep.view(batch, heads, len_q, len_k).bool()
 
 
 def draw_dropout_seed(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
@@ -733,7 +343,32 @@ def draw_dropout_seed(generator: Optional[torch.Generator], device: torch.device
     return seed.to(device, non_blocking=True)
 
 
-# --------------------------------------------------------------------------- public function
+# --------------------------------------------------------------------------- input checks
+
+
+def describe_type(value) -> str:
+    """A value's type as an error message names it: `int`, `numpy.int64`, `torch.Tensor`."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__qualname__}"
+
+
+def check_bool(name: str, value) -> bool:
+    """`value` as a Python bool: a bool or a numpy.bool_ (numpy bools are bools); TypeError otherwise."""
+    if isinstance(value, bool):
+        return value
+    numpy = sys.modules.get("numpy")  # a numpy bool can only exist where numpy is imported
+    if numpy is not None and isinstance(value, numpy.bool_):
+        return bool(value)
+    raise TypeError(f"expected {name} to be a bool (or numpy.bool_), got {describe_type(value)}")
+
+
+def check_real(name: str, value, *, optional: bool = False) -> None:
+    """Raise TypeError unless `value` is a real number (Python or numpy; not a bool), or None if optional."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        expected = "a float or None" if optional else "a float"
+        raise TypeError(f"expected {name} to be {expected}, got {describe_type(value)}")
 
 
 def check_lengths(name: str, lens, batch: int, limit: int, limit_name: str, device: torch.device) -> None:
@@ -793,8 +428,7 @@ def _check_masks(key_padding_mask, attn_mask, batch: int, heads: int, len_q: int
         _check_on_device("attn_mask", attn_mask, device)
 
 
-def _check_inputs(q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, is_causal, dropout_p, scale, layout,
-                  generator) -> None:
+def _check_inputs(q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, dropout_p, scale, layout, generator) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"expected layout to be one of {LAYOUTS}, got {layout!r}")
     doc = "(B, H, L, d)" if layout == "bhld" else "(B, L, H, d)"
@@ -821,16 +455,15 @@ def _check_inputs(q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, is_caus
     check_lengths("kv_lens", kv_lens, batch, len_k, "Lk", q.device)
     check_lengths("q_lens", q_lens, batch, len_q, "Lq", q.device)
     _check_masks(key_padding_mask, attn_mask, batch, heads, len_q, len_k, q.device)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"expected is_causal to be a bool, got {type(is_causal).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"expected dropout_p to be a float, got {type(dropout_p).__name__}")
+    check_real("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"expected dropout_p in [0, 1), got {dropout_p}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"expected scale to be a float or None, got {type(scale).__name__}")
+    check_real("scale", scale, optional=True)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"expected generator to be a torch.Generator, got {type(generator).__name__}")
+        raise TypeError(f"expected generator to be a torch.Generator, got {describe_type(generator)}")
+
+
+# --------------------------------------------------------------------------- public function
 
 
 def cross_attention(
@@ -857,26 +490,50 @@ def cross_attention(
     it is a permuted view, so `out.transpose(1, 2)` is contiguous at no cost (what a Hugging Face
     attention function must return).
 
-    - kv_lens: (B,) int32/int64; keys at positions ≥ kv_lens[b] do not exist (their blocks are
-      never loaded). q_lens: (B,); output rows at positions ≥ q_lens[b] are zeros and pass no
-      gradient. Either may live on the CPU; values are validated there, while lengths already on
-      the GPU are clamped to [0, L] by the kernels (checking them would need a sync).
+    - kv_lens: (B,) int32/int64, keys at positions ≥ kv_lens[b] do not exist (their blocks are
+      never loaded); q_lens: (B,), query rows at positions ≥ q_lens[b] do not exist. Either may
+      live on the CPU; values are validated there, while lengths already on the GPU are clamped
+      to [0, L] by the kernels (checking them would need a sync).
     - key_padding_mask: (B, Lk) bool, True = padding (nn.MultiheadAttention's convention).
     - attn_mask: bool (True = attend, SDPA's convention) or additive float, broadcastable to
       (B, H, Lq, Lk); read through broadcast strides, never expanded. No gradient flows to it.
-    - is_causal: query i attends keys j ≤ i, aligned top-left as SDPA does when Lq ≠ Lk.
-    - A query row left with no key to attend (all masked, kv_lens[b] = 0, an additive -inf
-      everywhere) returns zeros and passes zero gradients, never NaN.
+    - is_causal: a bool (or numpy.bool_); query i attends keys j ≤ i, aligned top-left as SDPA
+      does when Lq ≠ Lk.
     - dropout_p: dropout on the attention probabilities, Philox-driven from a seed drawn from
       `generator` (or the default generator of q's device) without a GPU sync; the same seed gives
       the same result, and the backward regenerates the mask instead of storing it.
     - scale: defaults to d ** -0.5.
 
-    CUDA tensors (fp16, bf16, fp32) run the Triton kernels; CPU tensors run the PyTorch reference
-    (the kernels, under TRITON_INTERPRET=1).
+    What each row computes (both paths, the kernels and the CPU reference, compute exactly this):
+
+    - Rows and keys that do not exist (past q_lens / kv_lens) are never read: nothing they hold,
+      NaN included, changes any result. A row that does not exist returns zeros and passes no
+      gradient; keys that do not exist get zero gradients.
+    - An existing row i *attends* key j when j exists and no mask removes it: key_padding_mask[b, j]
+      is False, a bool attn_mask is True, an additive attn_mask is not -inf, and j ≤ i if is_causal.
+      A finite additive mask removes nothing, however negative: a row whose keys all carry
+      finfo(dtype).min attends them all (uniformly, as eager attention and nn.MultiheadAttention do).
+    - *A row with no key* is an existing row that attends no key. Masks and lengths alone decide
+      it, never the values. It returns zeros and passes zero gradient to its query, never NaN.
+    - Any other row returns softmax over its attended keys of (scale · q_i·k_j + attn_mask_ij),
+      times v. *A row whose scores are NaN* (NaN in q_i, in an attended k_j or mask entry, or a
+      +inf score; also attended scores that are all -inf from the data, an Inf in q_i, as 0 / 0)
+      returns NaN in every element, whatever dropout drops, and passes NaN to its query's
+      gradient. A NaN or Inf in the value of an attended key makes the row non-finite.
+    - The value of a key that exists but that row i does not attend enters as 0 · v_j, as in eager
+      attention and nn.MultiheadAttention, where 0 · NaN = NaN: a NaN or Inf there may make row i
+      NaN (eager: always; the kernels: where they read that key's block, never past the causal
+      diagonal's). Likewise a non-finite input reaches the gradients of other rows and keys through
+      zero probabilities, as in eager's backward. To have padding never read, pass it as kv_lens.
+
+    Work: 4·d FLOPs per visited (query, key) pair forward, 14·d backward (the score and dO·vᵀ
+    products are recomputed: q·kᵀ three times per step, dO·vᵀ twice). Key blocks past kv_lens and
+    past the causal diagonal are skipped. The backward runs only the passes that the gradients
+    asked for need: frozen k and v cost no dk/dv pass, a frozen q no dq products.
     """
-    _check_inputs(q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, is_causal, dropout_p, scale, layout,
-                  generator)
+    _check_inputs(q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, dropout_p, scale, layout, generator)
+    is_causal = check_bool("is_causal", is_causal)
+    dropout_p = float(dropout_p)
     if layout == "blhd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -885,7 +542,7 @@ def cross_attention(
         q_lens = q_lens.to(q.device, non_blocking=True) if q_lens is not None else None
         seed = draw_dropout_seed(generator, q.device) if dropout_p > 0 else None
         out, _ = torch.ops.mmkernels.cross_attention_fwd(
-            q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, float(dropout_p), scale
+            q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale
         )
     else:
         out = reference.cross_attention(

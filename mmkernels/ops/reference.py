@@ -173,48 +173,61 @@ def cross_attention(
     generator=None,
     compute_dtype=None,
 ) -> torch.Tensor:
-    """softmax(scale · q @ k.T + attn_mask) @ v over the keys each query may attend, (B, H, Lq, d).
+    """softmax(scale · q @ k.T + attn_mask) @ v over the keys each query row attends, (B, H, Lq, d).
 
-    q: (B, H, Lq, d); k, v: (B, H, Lk, d). A key is not attended when its position is ≥ kv_lens[b]
-    ((B,) int), when key_padding_mask[b, j] is True ((B, Lk) bool), when a bool attn_mask is False
-    there, when an additive attn_mask is -inf there (both broadcastable to (B, H, Lq, Lk)), or when
-    is_causal and j > i (top-left aligned, as SDPA). A query row with no key left returns zeros and
-    passes no gradient; rows at positions ≥ q_lens[b] are zeros. Dropout zeroes probabilities where
-    `dropout_keep` ((B, H, Lq, Lk) bool) is False, drawn from `generator` when not given, and
-    rescales the kept ones by 1 / (1 - dropout_p). Computes in `compute_dtype` (default float32,
-    float64 for float64 inputs; the tests pass the inputs' dtype to get the plain eager formula).
+    q: (B, H, Lq, d); k, v: (B, H, Lk, d). The definition is `mmkernels.cross_attention`'s: keys at
+    positions ≥ kv_lens[b] and rows at positions ≥ q_lens[b] ((B,) int) do not exist; an existing
+    row attends the existing keys that key_padding_mask ((B, Lk) bool, True = padding), attn_mask
+    (bool True = attend, or additive, -inf = removed; broadcastable to (B, H, Lq, Lk)) and
+    is_causal (j ≤ i, top-left) leave it. A row that does not exist or attends no key returns zeros
+    and passes no gradient, whatever its inputs hold; a row with a NaN score returns NaN. Dropout
+    zeroes probabilities where `dropout_keep` ((B, H, Lq, Lk) bool) is False, drawn from `generator`
+    when not given, and rescales the kept ones by 1 / (1 - dropout_p). Computes in `compute_dtype`
+    (default float32, float64 for float64 inputs; the tests pass the inputs' dtype to get the plain
+    eager formula); an additive mask is added in its own precision if that is wider.
     """
     dtype = compute_dtype or _compute_dtype(q)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     batch, _, len_q, head_dim = q.shape
     len_k = k.shape[2]
+    device = q.device
     scale = head_dim**-0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)) * scale
-    allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        allowed = allowed & attn_mask
-    elif attn_mask is not None:
-        scores = scores + attn_mask.to(dtype)
-    key_pos = torch.arange(len_k, device=q.device)
+
+    # Which keys each row attends, (B or 1, H or 1, Lq or 1, Lk), decided by lengths and masks only.
+    attended = torch.ones(1, 1, 1, len_k, dtype=torch.bool, device=device)
+    key_exists = None
     if kv_lens is not None:
-        allowed = allowed & (key_pos < kv_lens.to(q.device).view(batch, 1, 1, 1))
+        key_exists = torch.arange(len_k, device=device) < kv_lens.to(device).view(batch, 1, 1, 1)
+        attended = attended & key_exists
     if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask.view(batch, 1, 1, len_k)
+        attended = attended & ~key_padding_mask.view(batch, 1, 1, len_k)
+    if attn_mask is not None:
+        attended = attended & (attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf"))
     if is_causal:
-        allowed = allowed & torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    row_has_key = (scores > float("-inf")).any(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
+        attended = attended & torch.ones(len_q, len_k, dtype=torch.bool, device=device).tril()
+    row_attends = attended.any(dim=-1, keepdim=True)
+    if q_lens is not None:
+        row_exists = torch.arange(len_q, device=device) < q_lens.to(device).view(batch, 1, 1)
+        row_attends = row_attends & row_exists[..., None]
+    row_attends = row_attends.expand(-1, -1, len_q, 1)
+
+    # What does not exist, and the queries of rows with no key, are replaced by zeros: a select, not
+    # a product, so that a NaN there reaches nothing and their gradients are exactly zero.
+    q = torch.where(row_attends, q, 0.0)
+    if key_exists is not None:
+        k = torch.where(key_exists.transpose(-1, -2), k, 0.0)
+        v = torch.where(key_exists.transpose(-1, -2), v, 0.0)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask
+    scores = scores.masked_fill(~attended, float("-inf")).masked_fill(~row_attends, 0.0)
+    probs = torch.softmax(scores, dim=-1).to(dtype)
     if dropout_p > 0:
         if dropout_keep is None:
-            uniform = torch.rand(probs.shape, generator=generator, device=q.device, dtype=dtype)
+            uniform = torch.rand(probs.shape, generator=generator, device=device, dtype=dtype)
             dropout_keep = uniform >= dropout_p
         probs = probs * dropout_keep / (1.0 - dropout_p)
-    out = probs @ v
-    if q_lens is not None:
-        query_pos = torch.arange(len_q, device=q.device)
-        out = out * (query_pos < q_lens.to(q.device).view(batch, 1, 1)).unsqueeze(-1)
-    return out
+    return torch.where(row_attends, probs @ v, 0.0)
 
 
 # --------------------------------------------------------------------------- region masking
