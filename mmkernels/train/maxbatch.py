@@ -22,19 +22,19 @@ def _tile(template: dict, rows: int) -> dict:
 
 
 def _fits(trainer, template: dict, rows: int) -> bool:
-    batch = None
     try:
-        batch = _tile(template, rows)
-        trainer.step(batch, 0)
+        trainer.step(_tile(template, rows), 0)
         torch.cuda.synchronize()
         return True
     except torch.cuda.OutOfMemoryError:
-        return False
+        pass
     finally:
-        del batch
         trainer.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+    # out of memory: the failed step's tensors became garbage when the exception (whose frames held
+    # them) was dropped; hand that memory back before the next try
+    gc.collect()
+    torch.cuda.empty_cache()
+    return False
 
 
 def largest_batch(build, template: dict, start: int) -> tuple[int | None, str]:
