@@ -18,9 +18,10 @@ from mmkernels.train.options import build_parser, explicit_options
 from mmkernels.train.retrieval import recall_at_k
 from toolkit import assert_within_rule, fresh_seed
 
-# 100 steps of batch 64 on the tiny preset: the loss falls from log(64) ≈ 4.16 to about 3 and
-# held-out R@1 over 64 pairs reaches several times chance (1/64).
-AB = ["--model", "tiny", "--steps", "100", "--batch-size", "64", "--eval-size", "64", "--save-every", "0"]
+# 150 steps of batch 64 on the tiny preset: the loss falls from log(64) ≈ 4.16 to about 2.3 and
+# held-out R@1 over 64 pairs reaches about 15 times chance (1/64). (At 100 steps the loss is still
+# near 3 and one seed in a few left text→image R@1 under 5 times chance.)
+AB = ["--model", "tiny", "--steps", "150", "--batch-size", "64", "--eval-size", "64", "--save-every", "0"]
 
 
 @pytest.fixture
@@ -43,13 +44,14 @@ def test_default_command_ab_report_and_learning(tmp_path, reference_path):
     assert on_disk["ratios"]["samples_per_s"] == pytest.approx(report["ratios"]["samples_per_s"])
     md = (out / "report.md").read_text()
     assert "| samples/s" in md and "R@1 image→text" in md and "curves.png" in md
+    assert "reference path" in md  # on the CPU the report says the speed is not the point
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     machine = on_disk["machine"]
     assert machine["torch"] == torch.__version__ and machine["cpu"] and machine["gpu"] is None
 
     for name in ("baseline", "mmkernels"):
         v = report["variants"][name]
-        assert len(v["losses"]) == 100 and len(v["step_seconds"]) == 100
+        assert len(v["losses"]) == 150 and len(v["step_seconds"]) == 150
         assert v["samples_per_s"] > 0 and v["peak_memory_bytes"] > 2**20
         assert v["memory_kind"].startswith("peak RSS")
         # learning: the loss falls and held-out retrieval is far above chance, both directions

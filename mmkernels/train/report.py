@@ -106,6 +106,9 @@ def markdown(report: dict) -> str:
         if cfg["task"] == "fusion":
             lines.append("(The fusion variants draw different region masks, eager torch.rand against "
                          "region_mask's counter-based hash: their curves agree in distribution, not step by step.)")
+    if compare and report["machine"]["gpu"] is None:
+        lines.append("(On the CPU the patched model runs mmkernels' plain-PyTorch reference path: the kernels "
+                     "need a GPU, so this run shows the same function and learning, not the speed-up.)")
     notes = [f"- {n}: {variants[n]['max_batch_note']}" for n in names if variants[n]["max_batch_note"]]
     if notes:
         lines += ["", "Largest batch:"] + notes
