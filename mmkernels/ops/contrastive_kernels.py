@@ -183,7 +183,7 @@ def _panel_kernel(
 ):
     """Program (r, c): one tile of S, computed once, turned into W.
 
-    CLIP: W = P^row + P^col - 2(1-eps)·[j = offset+i] - 2·eps/n_total (= 2·n_total·dL/dS).
+    CLIP: W = (P^row - t) + (P^col - t), t = (1-eps)·[j = offset+i] + eps/n_total (= 2·n_total·dL/dS).
     SigLIP: W = -label·σ(-label·S) (= n_total·dL/dS), and the loss terms softplus(-label·S).
     part[0, r, c] = Σ loss terms (SigLIP; CLIP: 0), part[1, r, c] = Σ W, part[2, r, c] = Σ W·U over
     the tile (SCALARS; else 0); WRITE_W: w[i, j] = coef·W_ij·ra_i·rb_j for the panel's rows i (row stride stride_w).
@@ -206,9 +206,10 @@ def _panel_kernel(
     if MODE == 0:
         lse_r = tl.load(row_lse_ptr + offs_i, mask=mask_i, other=0.0)
         lse_c = tl.load(col_lse_ptr + offs_j, mask=mask_j, other=0.0)
-        w = tl.exp(s - lse_r[:, None]) + tl.exp(s - lse_c[None, :])
-        # the targets, subtracted before the products as the eager backward does (no cancellation there)
-        w = tl.where(positive, w - 2.0 * (1.0 - label_smoothing), w) - 2.0 * label_smoothing / n_total
+        # each direction's target t = (1-eps)·[positive] + eps/n_total off its own softmax, as the eager
+        # backward subtracts it: P^row + P^col ≈ 2 at a dominant positive would lose the low bits first
+        t = tl.where(positive, 1.0 - label_smoothing, 0.0) + label_smoothing / n_total
+        w = (tl.exp(s - lse_r[:, None]) - t) + (tl.exp(s - lse_c[None, :]) - t)
         tl.store(part, 0.0)
     else:
         z = tl.where(positive, s, -s)  # label · S

@@ -112,8 +112,10 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset:
                      grad_output=None):
     """This block's share of the gradients of the global CLIP loss over n_total pairs.
 
-    dL/dS_ij = (P^row_ij + P^col_ij - 2(1-eps)·[j = offset+i] - 2·eps/n_total) / (2·n_total), with
-    P^row_ij = exp(S_ij - row_lse_i), P^col_ij = exp(S_ij - col_lse_j), times grad_output (default 1).
+    dL/dS_ij = ((P^row_ij - t_ij) + (P^col_ij - t_ij)) / (2·n_total), with P^row_ij = exp(S_ij - row_lse_i),
+    P^col_ij = exp(S_ij - col_lse_j), t_ij = (1-eps)·[j = offset+i] + eps/n_total, times grad_output
+    (default 1). Each direction's target comes off its own softmax, in that order, as the eager
+    cross-entropy's backward does it (P^row + P^col ≈ 2 at a dominant positive would round first).
     Returns (d image_emb (M, D) or None, d text_emb (N, D) or None, d logit_scale ()).
     """
     dtype = _compute_dtype(image_emb)
@@ -123,10 +125,11 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset:
         m, n = logits.shape
         rows = torch.arange(m, device=logits.device)
         with torch.no_grad():
-            eps = label_smoothing
-            w = torch.exp(logits - row_lse.to(dtype)[:, None]) + torch.exp(logits - col_lse.to(dtype)[None, :])
-            w[rows, offset + rows] -= 2 * (1 - eps)
-            d_logits = (w - 2 * eps / n_total) / (2 * n_total)
+            targets = torch.full_like(logits, label_smoothing / n_total)
+            targets[rows, offset + rows] += 1 - label_smoothing
+            w = ((torch.exp(logits - row_lse.to(dtype)[:, None]) - targets)
+                 + (torch.exp(logits - col_lse.to(dtype)[None, :]) - targets))
+            d_logits = w / (2 * n_total)
             if grad_output is not None:
                 d_logits = d_logits * grad_output.to(dtype)
         d_image, d_text, d_scale = torch.autograd.grad(logits, (a, b, scale), d_logits, allow_unused=True)
