@@ -451,7 +451,8 @@ def test_torch_compile_fullgraph(device):
     scale_param = torch.tensor(1.5, device=device, requires_grad=True)
 
     def step(a, b, log_scale):
-        return mmkernels.clip_loss(a, b, log_scale.exp()) + mmkernels.siglip_loss(a, b, log_scale.exp(), -2.0)
+        return (mmkernels.clip_loss(a, b, log_scale.exp()) + mmkernels.siglip_loss(a, b, log_scale.exp(), -2.0)
+                + mmkernels.info_nce_loss(b, a, log_scale.exp(), label_smoothing=0.1))
 
     compiled = torch.compile(step, fullgraph=True)
     got = compiled(a, b, scale_param)

@@ -65,6 +65,15 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize: bool = 
     return -F.logsigmoid(_siglip_labels(n, n, 0, logits) * logits).sum() / n
 
 
+def info_nce_loss(query, keys, logit_scale, normalize: bool = False, label_smoothing: float = 0.0):
+    """One-directional InfoNCE: mean_i CE(logit_scale · query_i @ keys.T, target i), F.cross_entropy's
+    value (label smoothing included). query, keys: (N, D); logit_scale: 0-dim tensor. Returns a scalar.
+    """
+    logits = clip_logits(query, keys, logit_scale, normalize)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
 # The block-row functions: rows offset .. offset+M-1 of the global batch (image_emb (M, D)) against
 # all columns (text_emb (N, D)); the positive of row i sits at column offset + i. The CPU path of
 # mmkernels.ops.contrastive's block API and the tests' oracle for its kernels. No autograd graph
