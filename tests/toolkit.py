@@ -362,13 +362,13 @@ def use_path(monkeypatch, name: str) -> list:
     """Send CPU fp32 tensors down one path of mmkernels' ops: "reference" (TRITON_INTERPRET=0) or
     "kernels" (the Triton kernels under the interpreter); "cuda" changes nothing (CUDA tensors take
     the kernels). Returns the list that records a name for each call of reference.cross_attention /
-    clip_loss / siglip_loss from then on."""
+    clip_loss / siglip_loss / info_nce_loss from then on."""
     from mmkernels.ops import reference
 
     if name != "cuda":
         monkeypatch.setenv("TRITON_INTERPRET", "1" if name == "kernels" else "0")
     calls = []
-    for op in ("cross_attention", "clip_loss", "siglip_loss"):
+    for op in ("cross_attention", "clip_loss", "siglip_loss", "info_nce_loss"):
         original = getattr(reference, op)
         monkeypatch.setattr(reference, op, lambda *a, _op=op, _original=original, **k: calls.append(_op) or _original(*a, **k))
     return calls
