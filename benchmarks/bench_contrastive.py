@@ -4,10 +4,12 @@
     MMKERNELS_BENCH_HUGE=1 pytest benchmarks/bench_contrastive.py --benchmark-only -k huge   # N = 2^20
 
 Providers, each timed on one training step's loss (forward, then the gradients of both embeddings
-and of the learnable log logit scale, and of logit_bias for SigLIP):
-- mmkernels: `mmkernels.clip_loss` / `mmkernels.siglip_loss` (no N×N logits; default 256 MiB workspace).
-- eager: the formula Hugging Face (`CLIPModel`, `SiglipModel`) and open_clip (`ClipLoss`) run, from
-  tests/toolkit.py: the full N×N logit matrix, then cross-entropy over rows and columns (or log-sigmoid).
+and of the learnable log logit scale, and of logit_bias for SigLIP), for CLIP, SigLIP and the
+one-directional InfoNCE (BridgeTower's contrastive terms):
+- mmkernels: `mmkernels.clip_loss` / `siglip_loss` / `info_nce_loss` (no N×N logits; default 256 MiB workspace).
+- eager: the formula Hugging Face (`CLIPModel`, `SiglipModel`, `BridgeTowerForContrastiveLearning`) and
+  open_clip (`ClipLoss`) run, from tests/toolkit.py: the full N×N logit matrix, then cross-entropy over
+  rows and columns (InfoNCE: rows only, `F.cross_entropy(scale · q @ k.T, arange(N))`), or log-sigmoid.
 - compile: `torch.compile` of eager (CUDA only).
 - siglip-kernel (SigLIP) and memeff (CLIP): the public peers, where they import (`pip install
   siglip-kernel memeff`; skipped otherwise). memeff's loss has a fixed temperature (no logit_scale
@@ -35,12 +37,15 @@ import torch.nn.functional as F
 
 import mmkernels
 from timing import CUDA, time_step
-from toolkit import eager_clip_loss, eager_siglip_loss
+from toolkit import eager_clip_loss, eager_info_nce_loss, eager_siglip_loss
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SIZES = [(n, d) for n in (4096, 16384, 32768, 65536) for d in (512, 768)] if CUDA else [(256, 64), (1024, 128)]
 PROVIDERS = ["mmkernels", "eager", "compile", "siglip-kernel", "memeff"]
+LOSSES = ["clip", "siglip", "info_nce"]
+OURS = {"clip": mmkernels.clip_loss, "siglip": mmkernels.siglip_loss, "info_nce": mmkernels.info_nce_loss}
+EAGER = {"clip": eager_clip_loss, "siglip": eager_siglip_loss, "info_nce": eager_info_nce_loss}
 SCALE, BIAS = 14.3, -10.0
 HUGE_N, HUGE_D, HUGE_WORKSPACE = 2**20, 512, 2 * 2**30
 
@@ -66,17 +71,11 @@ def _provider(provider: str, loss_name: str):
         return lambda a, b, log_scale: loss(a, b)
     if provider == "compile" and not CUDA:
         pytest.skip("torch.compile is benchmarked on CUDA only")
-    if loss_name == "clip":
-        fn = mmkernels.clip_loss if provider == "mmkernels" else eager_clip_loss
+    fn = (OURS if provider == "mmkernels" else EAGER)[loss_name]
 
-        def clip(a, b, log_scale):
-            return fn(a, b, log_scale.exp())
-        return torch.compile(clip) if provider == "compile" else clip
-    fn = mmkernels.siglip_loss if provider == "mmkernels" else eager_siglip_loss
-
-    def siglip(a, b, log_scale, bias):
-        return fn(a, b, log_scale.exp(), bias)
-    return torch.compile(siglip) if provider == "compile" else siglip
+    def loss(a, b, log_scale, *bias):  # bias: SigLIP's only
+        return fn(a, b, log_scale.exp(), *bias)
+    return torch.compile(loss) if provider == "compile" else loss
 
 
 def _leaves(loss_name: str, n: int, d: int):
@@ -103,7 +102,7 @@ def _record(benchmark, provider, n, d, seconds, **extra):
 
 @pytest.mark.parametrize("n,d", SIZES, ids=[f"N{n}-D{d}" for n, d in SIZES])
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+@pytest.mark.parametrize("loss_name", LOSSES)
 def test_contrastive_loss_fwd_bwd(benchmark, loss_name, provider, n, d):
     loss_fn = _provider(provider, loss_name)
     leaves = _leaves(loss_name, n, d)

@@ -1,8 +1,9 @@
-"""The numerics rule for the contrastive losses, shared by tests/test_contrastive*.py.
+"""The numerics rule for the contrastive losses, shared by tests/test_contrastive*.py and test_info_nce.py.
 
-`check_clip` / `check_siglip` take what a path computed (the loss and the gradients of its leaves)
-and hold each output to DESIGN.md's rule against the float64 reference, with the eager formula in
-the inputs' dtype as the baseline (tests/toolkit.py's eager_clip_loss / eager_siglip_loss).
+`check_clip` / `check_siglip` / `check_info_nce` take what a path computed (the loss and the gradients
+of its leaves) and hold each output to DESIGN.md's rule against the float64 reference, with the eager
+formula in the inputs' dtype as the baseline (tests/toolkit.py's eager_clip_loss / eager_siglip_loss /
+eager_info_nce_loss).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkernels.ops import reference
-from toolkit import assert_within_rule, eager_clip_loss, eager_siglip_loss, value_and_grads
+from toolkit import assert_within_rule, eager_clip_loss, eager_info_nce_loss, eager_siglip_loss, value_and_grads
 
 NAMES = ["loss", "d image_emb", "d text_emb", "d logit_scale", "d logit_bias"]
 
@@ -35,7 +36,8 @@ def magnitudes(loss_name: str, leaves64, normalize: bool, smoothing: float = 0.0
     - d logit_scale = Σ_ij dL/dS_ij · S_ij / logit_scale and d logit_bias = Σ_ij dL/dS_ij: sums of
       N² terms; their rounding errors scale with Σ|terms|, not with the result.
     - The loss moves by Σ_ij |dL/dS_ij · S_ij| · u when each logit is rounded by a relative u; CLIP's
-      row terms lse_i - target_i cancel (to 0 exactly for N = 1), so its size is at least their mean |·|.
+      row terms lse_i - target_i cancel (to 0 exactly for N = 1), so its size is at least their mean |·|;
+      so do InfoNCE's (its rows only).
     - With normalize, d emb_i = r_i · (g_i - x_i (x_i · g_i)) for g = dL/dx: the projection cancels
       (to 0 exactly for D = 1), so the embeddings' gradients have at least the size of r·g.
     """
@@ -54,6 +56,11 @@ def magnitudes(loss_name: str, leaves64, normalize: bool, smoothing: float = 0.0
         lse = torch.logsumexp(logits, 1).abs() + torch.logsumexp(logits, 0).abs()
         targets = (1 - smoothing) * logits.diagonal() + smoothing * logits.mean(1)
         sizes["loss"] = ((lse + 2 * targets.abs()) / 2).mean().item()
+    elif loss_name == "info_nce":
+        labels = torch.arange(a.shape[0])
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        targets = (1 - smoothing) * logits.diagonal() + smoothing * logits.mean(1)
+        sizes["loss"] = (torch.logsumexp(logits, 1).abs() + targets.abs()).mean().item()
     else:
         signs = 2 * torch.eye(a.shape[0], dtype=torch.float64) - 1
         loss = -F.logsigmoid(signs * (logits + leaves64[3])).sum() / a.shape[0]
@@ -74,6 +81,10 @@ def _check(loss_name, got, leaves, dtype, what, normalize, smoothing, ours_names
         eager = value_and_grads(lambda a, b, s: eager_clip_loss(a, b, s, normalize, smoothing), leaves)
         oracle = value_and_grads(lambda a, b, s: reference.clip_loss(a, b, s, normalize, smoothing),
                                  [t.detach().double() for t in leaves])
+    elif loss_name == "info_nce":
+        eager = value_and_grads(lambda a, b, s: eager_info_nce_loss(a, b, s, normalize, smoothing), leaves)
+        oracle = value_and_grads(lambda a, b, s: reference.info_nce_loss(a, b, s, normalize, smoothing),
+                                 [t.detach().double() for t in leaves])
     else:
         eager = value_and_grads(lambda a, b, s, c: eager_siglip_loss(a, b, s, c, normalize), leaves)
         oracle = value_and_grads(lambda a, b, s, c: reference.siglip_loss(a, b, s, c, normalize),
@@ -92,6 +103,13 @@ def check_clip(got, leaves, dtype, what, normalize=False, smoothing=0.0):
     """got = [loss, d image, d text, d logit_scale] (entries may be None: not checked)."""
     names = [n for n, g in zip(NAMES, got) if g is not None]
     _check("clip", [g if g is not None else torch.zeros(()) for g in got], leaves, dtype, what, normalize,
+           smoothing, names)
+
+
+def check_info_nce(got, leaves, dtype, what, normalize=False, smoothing=0.0):
+    """got = [loss, d query, d keys, d logit_scale] (entries may be None: not checked)."""
+    names = [n for n, g in zip(NAMES, got) if g is not None]
+    _check("info_nce", [g if g is not None else torch.zeros(()) for g in got], leaves, dtype, what, normalize,
            smoothing, names)
 
 

@@ -1,16 +1,20 @@
 """clip_loss and siglip_loss: the Triton kernels (interpreter on CPU) and the CPU path against the
 float64 reference under DESIGN.md's rule, workspaces from one block to all of S, the work a frozen
-tower saves, the reference against Hugging Face's models, error paths, opcheck, compile."""
+tower saves, CLIP's gradient where a positive dominates, the reference against Hugging Face's models,
+error paths, opcheck, compile."""
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mmkernels
 from contrastive_oracle import check_clip, check_siglip, random_leaves
-from mmkernels.ops import reference
+from mmkernels.ops import contrastive, reference
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops._common import triton_enabled
-from toolkit import OpTrace, eager_siglip_loss, fresh_seed, needs_triton, value_and_grads
+from toolkit import OpTrace, eager_siglip_loss, fresh_seed, needs_triton, seeded_generator, value_and_grads
 
 LOSS_CASES = [
     # (N, D, normalize, label_smoothing)
@@ -95,6 +99,58 @@ def test_statistics_split_over_columns(device, monkeypatch):
     monkeypatch.setattr(kernels, "tile_config", split_columns)
     assert kernels._column_splits(3, 300, split_columns(40, torch.float32, device))[0] > 1
     _run_case("clip", 300, 40, False, 0.1, torch.float32, device)
+
+
+def _exactly_rounded_log_probabilities(n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n,) fp32 x in [log 0.55, log 0.97) whose fp32 exp p is exact: the float64 exp lies within 0.05 ulp
+    of p, torch's and numpy's (the interpreter's) fp32 exp both return p, and p's last bit (2^-24) is 1."""
+    x = torch.empty(4000).uniform_(math.log(0.55), math.log(0.97), generator=gen)
+    e = torch.exp(x.double())
+    p = e.float()
+    keep = ((e - p.double()).abs() < 0.05 * 2.0**-24) & ((p.double() * 2**24).round().long() % 2 == 1)
+    keep &= (torch.exp(x) == p) & (torch.from_numpy(np.exp(x.numpy())) == p)
+    assert keep.sum() >= n, "too few candidates: widen the draw"
+    return x[keep][:n]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.5])
+@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
+def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(path, smoothing, device, monkeypatch):
+    """W = (P^row - t) + (P^col - t), each target off its own softmax as the eager backward does: where a
+    positive dominates one direction (P = 1) and not quite the other (P = p in [0.55, 0.97)), W_ii =
+    p - 1 keeps p's last bit. Summing P^row + P^col ≈ 2 first rounds that bit away (2^-24, half of a
+    grid of 2^-23): the one-row ranks of mmkernels.distributed saw 5x eager's error from it.
+
+    Inputs that leave the assembly of W as the only rounding: text_emb = I, so S = image_emb and the
+    image gradient is W / (2N) itself (products with I and a power-of-two N are exact); S_ii = 0 and
+    the negatives -30; the statistics chosen so that each P_ii is exactly 1 or an exactly rounded p
+    (even rows: the row's P is p, the column's 1; odd rows the reverse). Block rows of M = 1 at every
+    offset (clip_block_grads), and the whole batch as one block, against the float64 reference on
+    the same inputs. CPU only: the GPU's tl.exp is an approximation, so P would not be exact there.
+    """
+    if device.type == "cuda":
+        pytest.skip("the exact-P premise holds for the CPU's exp (the kernels: the interpreter's numpy)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "kernels" else "0")
+    n = 16
+    x = _exactly_rounded_log_probabilities(n, seeded_generator())
+    a = torch.full((n, n), -30.0).fill_diagonal_(0.0)
+    b = torch.eye(n)
+    row_side = torch.arange(n) % 2 == 0
+    row_lse, col_lse = torch.where(row_side, -x, 0.0), torch.where(row_side, 0.0, -x)
+    oracle = reference.clip_block_grads(a.double(), b.double(), torch.tensor(1.0, dtype=torch.float64),
+                                        row_lse.double(), col_lse.double(), 0, n, smoothing, False, True, False)[0]
+    bound = 0.25 * 2.0**-24 / (2 * n)  # a quarter of P's last bit, in the gradient's units
+    for p0, p1 in [(i, i + 1) for i in range(n)] + [(0, n)]:
+        got = contrastive.clip_block_grads(a[p0:p1], b, 1.0, row_lse[p0:p1], col_lse, offset=p0, n_total=n,
+                                           label_smoothing=smoothing, normalize=False, image_grad=True,
+                                           text_grad=False).image_grad
+        error = (got.double() - oracle[p0:p1]).abs().max().item()
+        assert error <= bound, f"rows {p0}..{p1 - 1}: error {error:.3e} > {bound:.3e}"
+    # negative control: the old order, P^row + P^col - 2(1-eps)·[positive] - 2·eps/N, on the same P's
+    old = torch.exp(a - row_lse[:, None]) + torch.exp(a - col_lse[None, :])
+    old.diagonal().sub_(2 * (1 - smoothing))
+    old = (old - 2 * smoothing / n) / (2 * n)
+    assert (old.double() - oracle).abs().max().item() > 3 * bound
 
 
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
@@ -395,7 +451,8 @@ def test_torch_compile_fullgraph(device):
     scale_param = torch.tensor(1.5, device=device, requires_grad=True)
 
     def step(a, b, log_scale):
-        return mmkernels.clip_loss(a, b, log_scale.exp()) + mmkernels.siglip_loss(a, b, log_scale.exp(), -2.0)
+        return (mmkernels.clip_loss(a, b, log_scale.exp()) + mmkernels.siglip_loss(a, b, log_scale.exp(), -2.0)
+                + mmkernels.info_nce_loss(b, a, log_scale.exp(), label_smoothing=0.1))
 
     compiled = torch.compile(step, fullgraph=True)
     got = compiled(a, b, scale_param)

@@ -1,7 +1,7 @@
 """`mmkernels.patch` on transformers models: the attention of CLIP, SigLIP, SigLIP2 and BridgeTower
 (the registry backend with private configs; nn.MultiheadAttention in BridgeTower's vision tower and
 SigLIP's pooling heads) and the contrastive losses of CLIPModel, SiglipModel, Siglip2Model,
-BlipModel and FlavaForPreTraining.
+BlipModel, FlavaForPreTraining and BridgeTowerForContrastiveLearning.
 
 Tiny random models built in code, nothing downloaded. Each family: padded text (and SigLIP2's
 padded patches), the patched model in fp32 against the unpatched one in fp32 and in float64 under
@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import mmkernels  # noqa: E402
 from mmkernels.integrations import hf_common, hf_losses  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
-from mmkernels import clip_loss, siglip_loss  # noqa: E402
+from mmkernels import clip_loss, info_nce_loss, siglip_loss  # noqa: E402
 from toolkit import OpTrace, compare_patched, fresh_seed, needs_triton, use_path  # noqa: E402
 
 hf_logging.set_verbosity_error()  # tiny vocabularies make transformers warn about token ids
@@ -131,6 +131,10 @@ def make_run(name, seed, left=False, **overrides):
                        for t in outputs.values())
             return loss, outputs
         out = model(**args, return_loss=True)
+        if name == "bridgetower-contrastive":
+            return out.loss, {"text_embeds": out.text_embeds, "image_embeds": out.image_embeds,
+                              "cross_embeds": out.cross_embeds,
+                              "text_hidden": kept(out.hidden_states[0][-1], LENGTHS, left)}
         if name == "flava":
             return out.loss, {"text_embeddings": kept(out.text_embeddings, LENGTHS, left), "image_embeddings":
                               out.image_embeddings, "global_contrastive": out.loss_info.global_contrastive}
@@ -159,12 +163,15 @@ def floor_sizes(model):
     return {name: 2 * scale * getattr(model, "global_contrastive_weight", 1.0)}
 
 
-# What each family's patch covers: attention records (registry or nn.MultiheadAttention) and the loss.
+# What each family's patch covers: attention records (registry or nn.MultiheadAttention) and the loss;
+# "negative": what the negative control breaks (default: the padding mask where attention is patched).
 FAMILIES = {
     "clip": dict(attention=2, mha=0, loss="mmkernels.clip_loss"),
     "siglip": dict(attention=2, mha=1, loss="mmkernels.siglip_loss"),
     "siglip2": dict(attention=2, mha=1, loss="mmkernels.siglip_loss"),
     "bridgetower": dict(attention=5, mha=1, loss=None),
+    "bridgetower-contrastive": dict(attention=5, mha=1, negative="loss",
+                                    loss="mmkernels.info_nce_loss for its three one-directional terms"),
     "blip": dict(attention=None, mha=0, loss="mmkernels.clip_loss"),  # BLIP's attention: hand-written
     "flava": dict(attention=None, mha=0, loss="mmkernels.clip_loss for the global contrastive term"),
 }
@@ -209,22 +216,24 @@ def test_family_matches_unpatched_on_the_gpu_in_bf16(name, monkeypatch):
 
 
 def broken_losses(monkeypatch):
-    """A loss patch with the classic bug: image i paired with text i + 1."""
+    """A loss patch with the classic bug: image i paired with text i + 1 (query i with key i + 1)."""
     monkeypatch.setattr(hf_losses, "clip_loss", lambda a, b, s: clip_loss(a, b.roll(1, 0), s))
     monkeypatch.setattr(hf_losses, "siglip_loss", lambda a, b, s, t: siglip_loss(a, b.roll(1, 0), s, t))
+    monkeypatch.setattr(hf_losses, "info_nce_loss", lambda q, k, s: info_nce_loss(q, k.roll(1, 0), s))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_negative_control(name, monkeypatch):
     """Attention families: the patched model runs without its padding mask (text; SigLIP2: patches;
     CLIP's causal text tower, left-padded: right padding comes after every kept token);
-    loss-only families: a loss patch that misaligns the pairs. The same comparison then fails."""
+    loss-only families and BridgeTower's contrastive head: a loss patch that misaligns the pairs. The
+    same comparison then fails."""
     fresh_seed()
     seed = fresh_seed()
     left = name == "clip"
     overrides = {"pixel_attention_mask": None} if name == "siglip2" else {"attention_mask": None}
     got_run = make_run(name, seed, left, **overrides)
-    if FAMILIES[name]["attention"] is None:
+    if FAMILIES[name]["attention"] is None or FAMILIES[name].get("negative") == "loss":
         broken_losses(monkeypatch)
         got_run = make_run(name, seed)
     with pytest.raises(AssertionError, match="eager error"):
@@ -240,7 +249,7 @@ def square_allocations(trace, n):
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("name", ["clip", "siglip", "bridgetower-contrastive"])
 def test_keep_logits_false_builds_no_n_by_n_tensor(name, monkeypatch):
     use_path(monkeypatch, "kernels")
     fresh_seed()
@@ -254,7 +263,8 @@ def test_keep_logits_false_builds_no_n_by_n_tensor(name, monkeypatch):
     with OpTrace() as patched:
         out = model(**inputs, return_loss=True)
         out.loss.backward()
-    assert out.logits_per_image is None and out.logits_per_text is None
+    fields = ("logits",) if name.startswith("bridgetower") else ("logits_per_image", "logits_per_text")
+    assert all(getattr(out, field) is None for field in fields)
     assert not square_allocations(patched, n), square_allocations(patched, n)
     assert "no logits, no N x N tensor" in str(handle)
 
@@ -309,16 +319,30 @@ def test_flava_falls_back_where_the_loss_is_not_square(monkeypatch):
         model(**cast(mixed, torch.float32))
 
 
-def test_bridgetower_loss_is_listed_not_patched():
+def test_bridgetower_contrastive_output(monkeypatch):
+    """The model's own output class and fields; `logits` (the (N, 3, D) stack of the three embeddings)
+    the model's values without autograd; return_dict=False; no return_loss: the model's own forward."""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
     model = build("bridgetower-contrastive").eval()
+    inputs = cast(inputs_for("bridgetower", fresh_seed()), torch.float32)
+    reference = model(**inputs, return_loss=True)
     handle = mmkernels.patch(model)
-    assert [(s.path, s.kind) for s in handle.skipped] == [("", "loss")]
-    assert "one-directional" in handle.skipped[0].reason
-    assert "forward" not in model.__dict__
+    assert not handle.skipped and [r.kind for r in handle.records].count("loss") == 1
+    out = model(**inputs, return_loss=True)
+    assert type(out) is type(reference) and list(out.keys()) == list(reference.keys())
+    assert out.loss.dtype == reference.loss.dtype and out.loss.shape == reference.loss.shape
+    torch.testing.assert_close(out.loss, reference.loss)
+    assert not out.logits.requires_grad and reference.logits.requires_grad
+    torch.testing.assert_close(out.logits, reference.logits)
+    as_tuple = model(**inputs, return_loss=True, return_dict=False)
+    assert [t.shape for t in as_tuple if isinstance(t, torch.Tensor)] == [
+        t.shape for t in reference.to_tuple() if isinstance(t, torch.Tensor)]
+    no_loss = model(**inputs)
+    assert no_loss.loss is None and no_loss.logits.requires_grad
+    assert not handle.fallbacks
     handle.undo()
-    with pytest.raises(StrictPatchError, match="one-directional"):
-        mmkernels.patch(model, strict=True)
-    assert not mmkernels.patch(model, losses=False, strict=True).skipped
+    assert not mmkernels.patch(model, strict=True).skipped
 
 
 # --------------------------------------------------------------------------- instances only, exact undo

@@ -142,6 +142,15 @@ def eager_clip_loss(image_emb, text_emb, logit_scale, normalize=False, label_smo
             + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
 
 
+def eager_info_nce_loss(query, keys, logit_scale, normalize=False, label_smoothing=0.0):
+    """One-directional InfoNCE as BridgeTower's contrastive head writes it: CE(S, arange(N)), S = scale · q @ k.T."""
+    q, k = query, keys
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    logits = logit_scale.to(q.dtype) * q @ k.T
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device), label_smoothing=label_smoothing)
+
+
 def eager_siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize=False):
     """HF's SiglipModel loss: -Σ log σ(label · S) / N, S = scale · a @ b.T + bias."""
     a, b = image_emb, text_emb
@@ -353,13 +362,13 @@ def use_path(monkeypatch, name: str) -> list:
     """Send CPU fp32 tensors down one path of mmkernels' ops: "reference" (TRITON_INTERPRET=0) or
     "kernels" (the Triton kernels under the interpreter); "cuda" changes nothing (CUDA tensors take
     the kernels). Returns the list that records a name for each call of reference.cross_attention /
-    clip_loss / siglip_loss from then on."""
+    clip_loss / siglip_loss / info_nce_loss from then on."""
     from mmkernels.ops import reference
 
     if name != "cuda":
         monkeypatch.setenv("TRITON_INTERPRET", "1" if name == "kernels" else "0")
     calls = []
-    for op in ("cross_attention", "clip_loss", "siglip_loss"):
+    for op in ("cross_attention", "clip_loss", "siglip_loss", "info_nce_loss"):
         original = getattr(reference, op)
         monkeypatch.setattr(reference, op, lambda *a, _op=op, _original=original, **k: calls.append(_op) or _original(*a, **k))
     return calls

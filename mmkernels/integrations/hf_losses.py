@@ -1,9 +1,13 @@
 """The loss patches for transformers' contrastive models: the image-text contrastive loss computed
-with `mmkernels.clip_loss` / `mmkernels.siglip_loss` from the embeddings, never through an N x N
-logit matrix that autograd keeps.
+with `mmkernels.clip_loss` / `mmkernels.siglip_loss` / `mmkernels.info_nce_loss` from the embeddings,
+never through an N x N logit matrix that autograd keeps.
 
 - CLIPModel, BlipModel: `clip_loss(image_embeds, text_embeds, logit_scale.exp())`.
 - SiglipModel, Siglip2Model: `siglip_loss(image_embeds, text_embeds, logit_scale.exp(), logit_bias)`.
+- BridgeTowerForContrastiveLearning: its three one-directional cross-entropies, text to image, text
+  to cross-modal and image to cross-modal, each `info_nce_loss(query, keys, logit_scale.exp())`,
+  averaged. Its `logits` field is the (N, 3, D) stack of the three normalised embeddings (the model
+  returns no N x N matrix); it follows keep_logits as the other families' logits do.
 - FlavaForPreTraining: its global contrastive term, `clip_loss(...) * global_contrastive_weight`;
   the rest of its forward (MIM, MLM, ITM, MMM) runs as the model's own code (the patched forward
   runs it with the contrastive weight at 0 for that call, then adds the term).
@@ -23,11 +27,8 @@ embeddings of every process), `itm_labels` with both matching and non-matching p
 takes the contrastive loss over the matching rows only, against every column, which is not a
 square contrastive loss; deciding this reads itm_labels on the host, one sync).
 
-Left as they are, and listed in the handle: BridgeTowerForContrastiveLearning (its loss is three
-one-directional cross-entropies, text to image, text to cross-modal and image to cross-modal;
-`mmkernels.clip_loss` is symmetric and mmkernels has no one-directional contrastive op). Not loss
-patches at all: BlipForImageTextRetrieval computes no loss (its `use_itm_head=False` output is the
-similarity matrix the caller asked for).
+Not loss patches at all: BlipForImageTextRetrieval computes no loss (its `use_itm_head=False` output
+is the similarity matrix the caller asked for).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from transformers import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from mmkernels import clip_loss, siglip_loss  # the public functions: their kernels may change, not their API
+from mmkernels import clip_loss, info_nce_loss, siglip_loss  # the public functions: kernels may change, not the API
 from mmkernels.integrations.hf_common import untested_version_reason
 from mmkernels.integrations.patching import PatchContext, call_original, patch_state, register_patcher
 
@@ -164,6 +165,41 @@ def _blip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, 
                    text_outputs, vision_outputs)
 
 
+@can_return_tuple
+def _bridgetower_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
+                         pixel_mask=None, inputs_embeds=None, image_embeds=None, return_loss=None, **kwargs):
+    """BridgeTowerForContrastiveLearning.forward: the same towers and heads, the loss by info_nce_loss."""
+    if not return_loss:
+        return call_original(self, None, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask,
+                             inputs_embeds, image_embeds, return_loss, **kwargs)
+    kwargs.setdefault("output_hidden_states", True)
+    outputs = self.bridgetower(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                               pixel_values=pixel_values, pixel_mask=pixel_mask, inputs_embeds=inputs_embeds,
+                               image_embeds=image_embeds, **kwargs)
+    hidden_states_txt, hidden_states_img, _ = outputs.hidden_states
+    tower = self.bridgetower
+    image_with_ln = tower.vision_model.visual.forward_post(hidden_states_img[-1])
+    image_type = tower.token_type_embeddings(
+        torch.full((1,), 1, dtype=torch.long, device=tower.token_type_embeddings.weight.device)
+    ).expand_as(image_with_ln)
+    image_hidden = tower.cross_modal_image_transform(image_with_ln) + image_type
+    text_embeds = F.normalize(self.itc_text_head(hidden_states_txt[-1][:, 0, :]), dim=-1, p=2)
+    image_embeds = F.normalize(self.itc_image_head(image_hidden[:, 0, :]), dim=-1, p=2).to(device=text_embeds.device)
+    cross_embeds = F.normalize(self.itc_cross_modal_head(outputs.pooler_output), dim=-1, p=2).to(
+        device=text_embeds.device)
+    scale = self.logit_scale.exp().to(device=text_embeds.device)
+    loss = (info_nce_loss(text_embeds, image_embeds, scale) + info_nce_loss(text_embeds, cross_embeds, scale)
+            + info_nce_loss(image_embeds, cross_embeds, scale)) / 3.0
+    loss = loss.to(_loss_dtype(text_embeds, scale, cross_entropy=True))
+    logits = None
+    if patch_state(self).keep_logits:
+        with torch.no_grad():
+            logits = torch.stack([text_embeds, image_embeds, cross_embeds], dim=-2)
+    return _BRIDGETOWER_OUTPUT(loss=loss, logits=logits, text_embeds=text_embeds, image_embeds=image_embeds,
+                               cross_embeds=cross_embeds, hidden_states=outputs.hidden_states,
+                               attentions=outputs.attentions)
+
+
 def _flava_forward(self, *args, **kwargs):
     """FlavaForPreTraining.forward with the global contrastive term by mmkernels (see the module
     docstring for the calls that fall back)."""
@@ -233,6 +269,9 @@ LOSS_FORWARDS = {
                                       "attention_mask", "position_ids", "return_loss", "kwargs")),
     BlipModel: (_blip_forward, ("self", "input_ids", "pixel_values", "attention_mask", "position_ids",
                                 "return_loss", "interpolate_pos_encoding", "kwargs")),
+    BridgeTowerForContrastiveLearning: (_bridgetower_forward, (
+        "self", "input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask", "inputs_embeds",
+        "image_embeds", "return_loss", "kwargs")),
     FlavaForPreTraining: (_flava_forward, ("self", "input_ids", "input_ids_masked", "pixel_values",
                                            "codebook_pixel_values", "attention_mask", "token_type_ids",
                                            "bool_masked_pos", "position_ids", "image_attention_mask",
@@ -242,23 +281,18 @@ LOSS_FORWARDS = {
 }
 _OUTPUTS = {cls: getattr(sys.modules[cls.__module__], cls.__name__.replace("Model", "Output"))
             for cls in (CLIPModel, SiglipModel, Siglip2Model, BlipModel)}
+_BRIDGETOWER_OUTPUT = sys.modules[BridgeTowerForContrastiveLearning.__module__].BridgeTowerContrastiveOutput
 _PIECES = {
     CLIPModel: "mmkernels.clip_loss", BlipModel: "mmkernels.clip_loss",
     SiglipModel: "mmkernels.siglip_loss", Siglip2Model: "mmkernels.siglip_loss",
     FlavaForPreTraining: "mmkernels.clip_loss for the global contrastive term",
+    BridgeTowerForContrastiveLearning: "mmkernels.info_nce_loss for its three one-directional terms",
 }
 _FALLS_BACK = {FlavaForPreTraining: "return_dict=False, torch.distributed, itm_labels with non-matching pairs"}
-_BRIDGETOWER_REASON = (
-    "its loss is three one-directional cross-entropies (text to image, text to cross-modal, image to "
-    "cross-modal); mmkernels.clip_loss is symmetric and mmkernels has no one-directional contrastive op"
-)
 
 
 @register_patcher("loss")
 def _patch_contrastive_loss(module, path: str, ctx: PatchContext) -> bool:
-    if type(module) is BridgeTowerForContrastiveLearning:
-        ctx.skip(path, "loss", _BRIDGETOWER_REASON)
-        return True
     entry = LOSS_FORWARDS.get(type(module))
     if entry is None:
         return False

@@ -436,7 +436,8 @@ def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, keep
 
     attention: swap the attention of the supported families (nn.MultiheadAttention, transformers'
         CLIP/SigLIP/SigLIP2/BridgeTower, and any family a registered patcher handles).
-    losses: compute the supported models' contrastive losses with mmkernels.clip_loss/siglip_loss.
+    losses: compute the supported models' contrastive losses with mmkernels.clip_loss/siglip_loss/
+        info_nce_loss.
     keep_logits: patched losses still return the logits, computed without autograd; False returns
         None there and never builds the N x N matrix.
     strict: raise StrictPatchError if anything attention- or loss-like is left unpatched, or when a

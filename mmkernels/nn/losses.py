@@ -6,6 +6,8 @@ An open_clip training script swaps its criterion in one line:
                                       rank=args.rank, world_size=args.world_size)
     criterion = mmkernels.nn.SigLipLoss(rank=args.rank, world_size=args.world_size, dist_impl="bidir")
 
+`InfoNCELoss` is the one-directional loss (`mmkernels.info_nce_loss`), single process.
+
 With world_size == 1 they compute the single-process loss with `mmkernels.clip_loss` /
 `mmkernels.siglip_loss`; with world_size > 1 they run `mmkernels.distributed` over the process group
 (no logit block in autograd, no N² communication) and return, for each flag combination, the value
@@ -18,8 +20,9 @@ from torch import nn
 
 from mmkernels import distributed
 from mmkernels.ops.contrastive import clip_loss, siglip_loss
+from mmkernels.ops.info_nce import info_nce_loss
 
-__all__ = ["ClipLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "InfoNCELoss"]
 
 _SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -211,3 +214,26 @@ class SigLipLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, "
                 f"normalize={self.normalize}")
+
+
+class InfoNCELoss(nn.Module):
+    """One-directional InfoNCE, `mmkernels.info_nce_loss` as a module (single process).
+
+    InfoNCELoss(*, normalize=False, label_smoothing=0.0, workspace_bytes=None)
+
+    forward(query (N, D), keys (N, D), logit_scale) -> () float32: mean_i CE(S_i, i) with
+    S = logit_scale · query @ keys.T (key i is query i's positive); logit_scale already exponentiated.
+    """
+
+    def __init__(self, *, normalize: bool = False, label_smoothing: float = 0.0, workspace_bytes: int | None = None):
+        super().__init__()
+        self.normalize = normalize
+        self.label_smoothing = label_smoothing
+        self.workspace_bytes = workspace_bytes
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, logit_scale) -> torch.Tensor:
+        return info_nce_loss(query, keys, logit_scale, normalize=self.normalize,
+                             label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes)
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}, label_smoothing={self.label_smoothing}"

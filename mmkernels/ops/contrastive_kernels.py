@@ -1,4 +1,5 @@
-"""Triton kernels and launchers of the contrastive losses: S in row panels, W in a bounded workspace.
+"""Triton kernels and launchers of the contrastive losses (CLIP, SigLIP, one-directional InfoNCE):
+S in row panels, W in a bounded workspace.
 
 Notation. A block row of the logits: image_emb a (M, D) against text_emb b (N, D), the positive of
 row i at column offset + i. x_i = ra_i·a_i and y_j = rb_j·b_j, where ra, rb are 1 or the inverse L2
@@ -7,12 +8,13 @@ logit that is not finite is NaN (the loss of an Inf input is undefined; see refe
 
 Work (matrix FLOPs; each logit tile is computed exactly once per pass, never per chunk of D):
 - `clip_stats`: one pass over S, 2·M·N·D. `_clip_stats_kernel` computes each tile of S once, keeps
-  the online log-sum-exp of its rows and writes the per-(row block, column) partial column
-  statistics (max, Σ exp) of the panel into the workspace; `_merge_lse_kernel` folds them into the
-  running column statistics in a fixed order (deterministic, no atomics, no bound on |S| assumed).
+  the online log-sum-exp of its rows and (CLIP; InfoNCE needs rows only) writes the per-(row block,
+  column) partial column statistics (max, Σ exp) of the panel into the workspace; `_merge_lse_kernel`
+  folds them into the running column statistics in a fixed order (deterministic, no atomics, no
+  bound on |S| assumed).
 - `panel_pass`: one pass over S, 2·M·N·D, plus one cuBLAS product per side whose gradient is asked,
   2·M·N·D each. `_panel_kernel` computes each tile of S once and turns it into W (CLIP:
-  W = 2·n_total·dL/dS; SigLIP: n_total·dL/dS, with the loss terms), written for the panel's rows
+  W = 2·n_total·dL/dS; InfoNCE and SigLIP: n_total·dL/dS, SigLIP's with the loss terms), written for the panel's rows
   into the workspace as W~ = coef·W·ra_i·rb_j, so that torch.mm(W~, b) = ra_i·dL/dx_i and
   torch.mm(W~.T, a) = rb_j·dL/dy_j; d logit_scale = Σ W·U and d logit_bias = Σ W are reduced in the
   same kernel. `_finish_grad_kernel` applies the L2 normalisation's backward in place (O(N·D)).
@@ -34,6 +36,7 @@ from mmkernels.ops._common import new_output, tl, triton
 
 MODE_CLIP = 0
 MODE_SIGLIP = 1
+MODE_INFONCE = 2  # one-directional: CE over the rows of S only
 NORM_EPS = 1e-12  # F.normalize's eps: x / max(||x||, eps)
 # the row scale of a clamped row, 1 / eps, rounded as row_scales rounds it
 _R_CLAMPED = float(1.0 / torch.tensor(NORM_EPS, dtype=torch.float32))
@@ -91,12 +94,13 @@ def _clip_stats_kernel(
     a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, col_m_ptr, col_l_ptr, row_ptr,
     row0, P, N, D, offset, cols_per_split,
     stride_am, stride_ad, stride_bn, stride_bd, stride_col, stride_row_k, stride_row_s,
+    COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (r, s): panel rows r·BLOCK_M.. (block rows row0 + ...) against columns split s.
 
-    Writes, over its columns, the partial column statistics of its row block: col_m[r, j] =
-    max_i S_ij, col_l[r, j] = Σ_i exp(S_ij - col_m[r, j]); and for its rows over its column split:
+    COLUMNS: writes, over its columns, the partial column statistics of its row block: col_m[r, j] =
+    max_i S_ij, col_l[r, j] = Σ_i exp(S_ij - col_m[r, j]). Always, for its rows over its column split:
     row[0, s, i] = max_j S_ij, row[1, s, i] = Σ_j exp(S_ij - row[0, s, i]) (online over the tiles),
     row[2, s, i] = S[i, offset + i] if that column is in the split (else 0), row[3, s, i] = Σ_j S_ij.
     """
@@ -128,12 +132,12 @@ def _clip_stats_kernel(
         m_i = m_new
         diag += tl.sum(tl.where(offs_j[None, :] == (offs_i + offset)[:, None], s, 0.0), axis=1)
         line_sum += tl.sum(tl.where(mask_j[None, :], s, 0.0), axis=1)
-        # columns: this row block's share, from its valid rows (there is at least one)
-        s_cols = tl.where(mask_i[:, None], s, float("-inf"))
-        col_m = tl.max(s_cols, axis=0)
-        col_l = tl.sum(tl.exp(s_cols - col_m[None, :]), axis=0)
-        tl.store(col_m_ptr + pid_r * stride_col + offs_j, col_m, mask=mask_j)
-        tl.store(col_l_ptr + pid_r * stride_col + offs_j, col_l, mask=mask_j)
+        if COLUMNS:  # this row block's share, from its valid rows (there is at least one)
+            s_cols = tl.where(mask_i[:, None], s, float("-inf"))
+            col_m = tl.max(s_cols, axis=0)
+            col_l = tl.sum(tl.exp(s_cols - col_m[None, :]), axis=0)
+            tl.store(col_m_ptr + pid_r * stride_col + offs_j, col_m, mask=mask_j)
+            tl.store(col_l_ptr + pid_r * stride_col + offs_j, col_l, mask=mask_j)
     row_out = row_ptr + pid_s * stride_row_s + offs_p
     tl.store(row_out, m_i, mask=mask_i)
     tl.store(row_out + stride_row_k, l_i, mask=mask_i)
@@ -183,7 +187,8 @@ def _panel_kernel(
 ):
     """Program (r, c): one tile of S, computed once, turned into W.
 
-    CLIP: W = P^row + P^col - 2(1-eps)·[j = offset+i] - 2·eps/n_total (= 2·n_total·dL/dS).
+    CLIP: W = (P^row - t) + (P^col - t), t = (1-eps)·[j = offset+i] + eps/n_total (= 2·n_total·dL/dS).
+    InfoNCE: W = P^row - t (= n_total·dL/dS).
     SigLIP: W = -label·σ(-label·S) (= n_total·dL/dS), and the loss terms softplus(-label·S).
     part[0, r, c] = Σ loss terms (SigLIP; CLIP: 0), part[1, r, c] = Σ W, part[2, r, c] = Σ W·U over
     the tile (SCALARS; else 0); WRITE_W: w[i, j] = coef·W_ij·ra_i·rb_j for the panel's rows i (row stride stride_w).
@@ -203,12 +208,15 @@ def _panel_kernel(
     positive = offs_j[None, :] == (offs_i + offset)[:, None]
     valid = mask_i[:, None] & mask_j[None, :]
     part = part_ptr + pid_r * stride_part_r + pid_c
-    if MODE == 0:
+    if MODE != 1:  # CLIP and InfoNCE: softmax cross-entropies
         lse_r = tl.load(row_lse_ptr + offs_i, mask=mask_i, other=0.0)
-        lse_c = tl.load(col_lse_ptr + offs_j, mask=mask_j, other=0.0)
-        w = tl.exp(s - lse_r[:, None]) + tl.exp(s - lse_c[None, :])
-        # the targets, subtracted before the products as the eager backward does (no cancellation there)
-        w = tl.where(positive, w - 2.0 * (1.0 - label_smoothing), w) - 2.0 * label_smoothing / n_total
+        # each direction's target t = (1-eps)·[positive] + eps/n_total off its own softmax, as the eager
+        # backward subtracts it: P^row + P^col ≈ 2 at a dominant positive would lose the low bits first
+        t = tl.where(positive, 1.0 - label_smoothing, 0.0) + label_smoothing / n_total
+        w = tl.exp(s - lse_r[:, None]) - t
+        if MODE == 0:
+            lse_c = tl.load(col_lse_ptr + offs_j, mask=mask_j, other=0.0)
+            w = w + (tl.exp(s - lse_c[None, :]) - t)
         tl.store(part, 0.0)
     else:
         z = tl.where(positive, s, -s)  # label · S
@@ -354,24 +362,27 @@ def _column_splits(row_blocks: int, n: int, cfg: dict) -> tuple[int, int]:
     return -(-n // per_split), per_split
 
 
-def _stats_layout(rows: int, n: int, cfg: dict) -> _Layout:
+def _stats_layout(rows: int, n: int, cfg: dict, columns: bool = True) -> _Layout:
     row_blocks = -(-rows // cfg["BLOCK_M"])
     splits, _ = _column_splits(row_blocks, n, cfg)
     f32 = torch.float32
-    return _Layout({"col_m": ((row_blocks, n), f32), "col_l": ((row_blocks, n), f32),
-                    "row": ((4, splits, rows), f32)})
+    col = ((row_blocks, n), f32) if columns else None
+    return _Layout({"col_m": col, "col_l": col, "row": ((4, splits, rows), f32)})
 
 
-def stats_panel_bytes(rows: int, n: int, d: int, dtype, device) -> int:
+def _stats_plan(m: int, n: int, cfg: dict, workspace_bytes: int, columns: bool) -> tuple[int, _Layout]:
+    return _largest_panel(m, cfg["BLOCK_M"], lambda r: _stats_layout(r, n, cfg, columns), workspace_bytes,
+                          "the CLIP statistics" if columns else "the row statistics")
+
+
+def stats_panel_bytes(rows: int, n: int, d: int, dtype, device, columns: bool = True) -> int:
     """Workspace bytes that clip_stats uses for a panel of `rows` rows against n columns."""
-    return _stats_layout(rows, n, tile_config(d, dtype, device)).nbytes
+    return _stats_layout(rows, n, tile_config(d, dtype, device), columns).nbytes
 
 
-def stats_workspace(m: int, n: int, d: int, dtype, device, workspace_bytes: int) -> int:
+def stats_workspace(m: int, n: int, d: int, dtype, device, workspace_bytes: int, columns: bool = True) -> int:
     """Rows per panel of clip_stats; raises ValueError (naming the minimum) if the workspace is too small."""
-    cfg = tile_config(d, dtype, device)
-    return _largest_panel(m, cfg["BLOCK_M"], lambda r: _stats_layout(r, n, cfg), workspace_bytes,
-                          "the CLIP statistics")[0]
+    return _stats_plan(m, n, tile_config(d, dtype, device), workspace_bytes, columns)[0]
 
 
 def _w_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -455,26 +466,26 @@ def _merge_lse(part_m, part_l, run_m=None, run_l=None, lse=None) -> None:
 
 class ClipStats(NamedTuple):
     row_lse: torch.Tensor
-    col_max: torch.Tensor
-    col_sumexp: torch.Tensor
+    col_max: torch.Tensor | None
+    col_sumexp: torch.Tensor | None
     diag: torch.Tensor
     row_sum: torch.Tensor
 
 
-def clip_stats(a, b, ra, rb, scale, offset: int, workspace_bytes: int) -> ClipStats:
-    """CLIP's statistics of the block row a (M, D) against b (N, D) (see ClipBlockStats), fp32.
+def clip_stats(a, b, ra, rb, scale, offset: int, workspace_bytes: int, columns: bool = True) -> ClipStats:
+    """CLIP's statistics of the block row a (M, D) against b (N, D) (see ClipBlockStats), fp32;
+    without `columns` (InfoNCE) the rows' only: col_max and col_sumexp are None.
 
     a, b: last dimension contiguous; ra (M,), rb (N,) row scales; scale: 0-dim fp32 tensor.
     """
     m, d = a.shape
     n = b.shape[0]
     cfg = tile_config(d, a.dtype, a.device)
-    rows, layout = _largest_panel(m, cfg["BLOCK_M"], lambda r: _stats_layout(r, n, cfg), workspace_bytes,
-                                  "the CLIP statistics")
+    rows, layout = _stats_plan(m, n, cfg, workspace_bytes, columns)
     f32 = dict(dtype=torch.float32, device=a.device)
     row_lse, diag, row_sum = (new_output((m,), **f32) for _ in range(3))
-    col_max = torch.full((n,), float("-inf"), **f32)
-    col_sumexp = torch.zeros(n, **f32)
+    col_max = torch.full((n,), float("-inf"), **f32) if columns else None
+    col_sumexp = torch.zeros(n, **f32) if columns else None
     if m == 0:
         return ClipStats(row_lse, col_max, col_sumexp, diag, row_sum)
     ws = layout.carve(a.device)
@@ -483,17 +494,19 @@ def clip_stats(a, b, ra, rb, scale, offset: int, workspace_bytes: int) -> ClipSt
     for p0 in range(0, m, rows):
         p = min(rows, m - p0)
         row_blocks = triton.cdiv(p, cfg["BLOCK_M"])
+        col_m, col_l = (ws["col_m"], ws["col_l"]) if columns else (row_part, row_part)  # unused without
         _clip_stats_kernel[(row_blocks, splits)](
-            a, b, ra, rb, scale, ws["col_m"], ws["col_l"], row_part,
+            a, b, ra, rb, scale, col_m, col_l, row_part,
             p0, p, n, d, offset, per_split,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), ws["col_m"].stride(0),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), col_m.stride(0),
             row_part.stride(0), row_part.stride(1),
-            DOT_PRECISION=_dot_precision(a.dtype), **_launch_options(cfg),
+            COLUMNS=columns, DOT_PRECISION=_dot_precision(a.dtype), **_launch_options(cfg),
         )
         _merge_lse(row_part[0, :, :p], row_part[1, :, :p], lse=row_lse[p0:p0 + p])
         torch.sum(row_part[2, :, :p], 0, out=diag[p0:p0 + p])
         torch.sum(row_part[3, :, :p], 0, out=row_sum[p0:p0 + p])
-        _merge_lse(ws["col_m"][:row_blocks], ws["col_l"][:row_blocks], col_max, col_sumexp)
+        if columns:
+            _merge_lse(col_m[:row_blocks], col_l[:row_blocks], col_max, col_sumexp)
     return ClipStats(row_lse, col_max, col_sumexp, diag, row_sum)
 
 
@@ -540,7 +553,7 @@ def panel_pass(mode: int, a, b, ra, rb, scale, bias, coef, row_lse, col_lse, *, 
 
     The gradients come out as coef·(the matching Σ W products), the normalisation's backward applied:
     image rows complete (M, D); the text side (N, D) summed over this block's rows.
-    row_lse (M,), col_lse (N,): CLIP's statistics (unused by SigLIP).
+    row_lse (M,), col_lse (N,): CLIP's statistics (InfoNCE reads row_lse only; SigLIP neither).
     """
     m, d = a.shape
     n = b.shape[0]

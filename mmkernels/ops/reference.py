@@ -65,6 +65,15 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize: bool = 
     return -F.logsigmoid(_siglip_labels(n, n, 0, logits) * logits).sum() / n
 
 
+def info_nce_loss(query, keys, logit_scale, normalize: bool = False, label_smoothing: float = 0.0):
+    """One-directional InfoNCE: mean_i CE(logit_scale · query_i @ keys.T, target i), F.cross_entropy's
+    value (label smoothing included). query, keys: (N, D); logit_scale: 0-dim tensor. Returns a scalar.
+    """
+    logits = clip_logits(query, keys, logit_scale, normalize)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
 # The block-row functions: rows offset .. offset+M-1 of the global batch (image_emb (M, D)) against
 # all columns (text_emb (N, D)); the positive of row i sits at column offset + i. The CPU path of
 # mmkernels.ops.contrastive's block API and the tests' oracle for its kernels. No autograd graph
@@ -112,8 +121,10 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset:
                      grad_output=None):
     """This block's share of the gradients of the global CLIP loss over n_total pairs.
 
-    dL/dS_ij = (P^row_ij + P^col_ij - 2(1-eps)·[j = offset+i] - 2·eps/n_total) / (2·n_total), with
-    P^row_ij = exp(S_ij - row_lse_i), P^col_ij = exp(S_ij - col_lse_j), times grad_output (default 1).
+    dL/dS_ij = ((P^row_ij - t_ij) + (P^col_ij - t_ij)) / (2·n_total), with P^row_ij = exp(S_ij - row_lse_i),
+    P^col_ij = exp(S_ij - col_lse_j), t_ij = (1-eps)·[j = offset+i] + eps/n_total, times grad_output
+    (default 1). Each direction's target comes off its own softmax, in that order, as the eager
+    cross-entropy's backward does it (P^row + P^col ≈ 2 at a dominant positive would round first).
     Returns (d image_emb (M, D) or None, d text_emb (N, D) or None, d logit_scale ()).
     """
     dtype = _compute_dtype(image_emb)
@@ -123,10 +134,11 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset:
         m, n = logits.shape
         rows = torch.arange(m, device=logits.device)
         with torch.no_grad():
-            eps = label_smoothing
-            w = torch.exp(logits - row_lse.to(dtype)[:, None]) + torch.exp(logits - col_lse.to(dtype)[None, :])
-            w[rows, offset + rows] -= 2 * (1 - eps)
-            d_logits = (w - 2 * eps / n_total) / (2 * n_total)
+            targets = torch.full_like(logits, label_smoothing / n_total)
+            targets[rows, offset + rows] += 1 - label_smoothing
+            w = ((torch.exp(logits - row_lse.to(dtype)[:, None]) - targets)
+                 + (torch.exp(logits - col_lse.to(dtype)[None, :]) - targets))
+            d_logits = w / (2 * n_total)
             if grad_output is not None:
                 d_logits = d_logits * grad_output.to(dtype)
         d_image, d_text, d_scale = torch.autograd.grad(logits, (a, b, scale), d_logits, allow_unused=True)
