@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mmkernels import _ring
 from mmkernels.ops import contrastive as _blocks
 from mmkernels.ops import contrastive_kernels as _kernels
 from mmkernels.ops._common import check_float_tensor, scalar_tensor, triton_enabled
@@ -101,9 +102,10 @@ _SCALING_CODES = {name: i for i, name in enumerate(SCALINGS)}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 _OPS = ("clip_loss", "siglip_loss")
+MODES = ("gather", "ring")
 # The check's fields, one int64 each, per rank.
 _FIELDS = ("op", "rejected", "M", "D", "dtype", "device", "image_grad", "text_grad", "scalar_grad", "normalize",
-           "label_smoothing", "grad_scaling", "workspace")
+           "label_smoothing", "grad_scaling", "workspace", "mode")
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,8 @@ def _describe(values, fmt=str) -> str:
 
 
 def _check(caller: str, op: str, group, image, text, local_checks, *, image_grad: bool, text_grad: bool,
-           scalar_grad: bool, normalize, label_smoothing, grad_scaling: str, workspace_bytes) -> _Plan:
+           scalar_grad: bool, normalize, label_smoothing, grad_scaling: str, workspace_bytes,
+           mode: str = "gather") -> _Plan:
     """Run this rank's input checks, then one small all_gather of what every rank passed, and
     raise the same kind of error on every rank if any rank's inputs are invalid, the ranks
     disagree (embedding width, dtype, device type, options, the loss called) or a rank's kernel
@@ -216,7 +219,7 @@ def _check(caller: str, op: str, group, image, text, local_checks, *, image_grad
             0, image.shape[0], image.shape[1], _DTYPES.index(image.dtype),
             _DEVICE_TYPES.index(image.device.type) if image.device.type in _DEVICE_TYPES else len(_DEVICE_TYPES),
             int(image_grad), int(text_grad), int(scalar_grad), int(bool(normalize)), _float_bits(label_smoothing),
-            _SCALING_CODES[grad_scaling], _blocks.resolve_workspace_bytes(workspace_bytes),
+            _SCALING_CODES[grad_scaling], _blocks.resolve_workspace_bytes(workspace_bytes), MODES.index(mode),
         ]
     except Exception as err:  # re-raised below, after the other ranks have heard of it
         local_error = err
@@ -261,6 +264,7 @@ def _check(caller: str, op: str, group, image, text, local_checks, *, image_grad
         ("normalize", lambda v: f"normalize={bool(v)}"),
         ("label_smoothing", lambda v: f"label_smoothing={struct.unpack('<d', struct.pack('<q', v))[0]}"),
         ("grad_scaling", lambda v: f"{list(SCALINGS)[v]!r} gradient scaling"),
+        ("mode", lambda v: f"mode={MODES[v]!r}"),
     ):
         if len(set(col[name])) > 1:
             raise ValueError(f"expected the same {name} on every rank, got " + _describe(col[name], fmt))
@@ -271,15 +275,16 @@ def _check(caller: str, op: str, group, image, text, local_checks, *, image_grad
         text_grad=any(col["text_grad"]), scalar_grad=any(col["scalar_grad"]),
     )
     if triton_enabled(image):
-        _check_workspaces(caller, op, plan, col, image, SCALINGS[grad_scaling])
+        _check_workspaces(caller, op, plan, col, image, SCALINGS[grad_scaling], mode)
     return plan
 
 
-def _check_workspaces(caller: str, op: str, plan: _Plan, col: dict, image, scaling: "Scaling") -> None:
+def _check_workspaces(caller: str, op: str, plan: _Plan, col: dict, image, scaling: "Scaling", mode: str) -> None:
     """Every rank evaluates, for every rank's rows, the workspace checks the block functions make
     before their launches (plain arithmetic on shapes), so a workspace too small for one rank's
-    block raises on all ranks here, before any heavy collective, instead of on that rank alone."""
-    n, d = plan.n_total, image.shape[1]
+    block raises on all ranks here, before any heavy collective, instead of on that rank alone.
+    The ring's blocks are a rank's rows against one rank's columns at a time (at most max M_r)."""
+    n, d = (plan.max_size if mode == "ring" else plan.n_total), image.shape[1]
     for r, m in enumerate(plan.sizes):
         image_grad, scalar_grad, workspace = bool(col["image_grad"][r]), bool(col["scalar_grad"][r]), col["workspace"][r]
         runs = _runs_gradient_pass(image_grad, scalar_grad, plan, scaling)
@@ -293,7 +298,8 @@ def _check_workspaces(caller: str, op: str, plan: _Plan, col: dict, image, scali
                 _kernels.panel_workspace(m, n, d, image.dtype, image.device, runs and image_grad,
                                          runs and plan.text_grad, torch.float32, workspace)
         except ValueError as err:
-            raise ValueError(f"{caller}: rank {r} (M = {m} rows against N = {n} columns): {err}") from None
+            columns = f"{n} columns (the widest ring block)" if mode == "ring" else f"N = {n} columns"
+            raise ValueError(f"{caller}: rank {r} (M = {m} rows against {columns}): {err}") from None
 
 
 def _runs_gradient_pass(image_grad: bool, scalar_grad: bool, plan: _Plan, scaling: "Scaling") -> bool:
@@ -399,6 +405,7 @@ class _Options:
     scaling: Scaling
     image_grad: bool      # this rank's image rows need their gradient
     scalar_grads: tuple   # which scalars (logit_scale[, logit_bias]) need a gradient on this rank
+    mode: str = "gather"  # how the text rows travel (SigLIP: "gather" or "ring")
 
     def runs_gradient_pass(self, plan: _Plan) -> bool:
         return _runs_gradient_pass(self.image_grad, any(self.scalar_grads), plan, self.scaling)
@@ -546,24 +553,26 @@ def clip_loss(image_local, text_local, logit_scale, *, group=None, normalize: bo
 class _SiglipLoss(_FinishedGradients):
     @staticmethod
     def forward(ctx, image, text, scale, bias, plan: _Plan, opts: _Options):
-        n = plan.n_total
-        text_all = _gather_rows(text, plan)
         passes = opts.runs_gradient_pass(plan)
-        block = _blocks.siglip_block(
-            image, text_all, scale, bias, offset=plan.offset, n_total=n, normalize=opts.normalize,
-            image_grad=passes and opts.image_grad, text_grad=passes and plan.text_grad,
+        flags = dict(
+            n_total=plan.n_total, normalize=opts.normalize, image_grad=passes and opts.image_grad,
+            text_grad=passes and plan.text_grad, workspace_bytes=opts.workspace_bytes,
             scalar_grads=any(opts.scalar_grads) or (opts.scaling.scalar_total and plan.scalar_grad),
-            workspace_bytes=opts.workspace_bytes,
         )
-        del text_all
         factor = opts.scaling.factor(plan)
+        if opts.mode == "ring":
+            block, g_text = _siglip_ring(image, text, scale, bias, plan, flags, factor)
+        else:
+            text_all = _gather_rows(text, plan)
+            block = _blocks.siglip_block(image, text_all, scale, bias, offset=plan.offset, **flags)
+            del text_all
+            g_text = None if block.text_grad is None else _scatter_sum_rows(block.text_grad * factor, plan)
         shares = _gather_scalars(block.loss.float().reshape(1), plan)
         value = block.loss.double() * factor if opts.scaling.local_value else shares.double().sum()
         # Finite inputs give a finite loss; an Inf among them leaves it undefined: NaN, as for CLIP.
         value = torch.where(torch.isinf(value), torch.nan, value)
         grads = (None, None, None, None)
         if passes:
-            g_text = None if block.text_grad is None else _scatter_sum_rows(block.text_grad * factor, plan)
             g_scale, g_bias = _scalar_grads([block.scale_grad, block.bias_grad], opts.scalar_grads, plan,
                                             opts.scaling, factor)
             grads = (None if block.image_grad is None else block.image_grad * factor, g_text, g_scale, g_bias)
@@ -572,9 +581,39 @@ class _SiglipLoss(_FinishedGradients):
         return value.float()
 
 
+def _siglip_ring(image, text, scale, bias, plan: _Plan, flags: dict, factor: float):
+    """This rank's image rows against every rank's text rows as they pass around the ring
+    (mmkernels._ring): its own texts with their positives (offset 0), the others' as negatives
+    only (offset None), one siglip_block each, 2·M_r·M_q·D per product. Returns the block row's
+    SiglipBlock (loss and scalar shares summed over the blocks, image gradient complete, text_grad
+    None) and this rank's text gradient (the contributions of every rank's rows, each × its
+    rank's factor, summed around the ring), or None when no rank needs it."""
+    shares = []  # (loss, scale share, bias share) of each block: O(W) scalars
+    image_grad = {}  # one (M_r, D) fp32 buffer, accumulated in place
+
+    def compute(q: int, text_q: torch.Tensor):
+        part = _blocks.siglip_block(image, text_q, scale, bias, offset=0 if q == plan.rank else None, **flags)
+        shares.append((part.loss, part.scale_grad, part.bias_grad))
+        if part.image_grad is not None:
+            image_grad["sum"] = image_grad["sum"].add_(part.image_grad) if image_grad else part.image_grad
+        return None if part.text_grad is None else part.text_grad * factor
+
+    # compute runs at least once: some rank holds a pair (the check), and every nonempty block comes by
+    g_text = _ring.ring_pass(text, plan.sizes, plan.group, compute, gradients=flags["text_grad"])
+
+    def total(k: int, dtype):
+        if shares[0][k] is None:
+            return None
+        return torch.stack([s[k].double() for s in shares]).sum().to(dtype)
+
+    block = _blocks.SiglipBlock(total(0, torch.float32), image_grad.get("sum"), None, total(1, scale.dtype),
+                                total(2, bias.dtype))
+    return block, g_text
+
 
 def siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, *, group, normalize, workspace_bytes,
-                       scaling: str, caller: str = "mmkernels.distributed.siglip_loss", extra_checks=None):
+                       scaling: str, mode: str = "gather", caller: str = "mmkernels.distributed.siglip_loss",
+                       extra_checks=None):
     """`siglip_loss` with any of SCALINGS by name (mmkernels.nn.SigLipLoss uses "open_clip_siglip");
     `extra_checks` as for `clip_loss_scaled`."""
     group = process_group(group, caller)
@@ -588,23 +627,26 @@ def siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, *, grou
         scalars.append(scalar_tensor("logit_bias", logit_bias, image_local))
         if scaling not in SCALINGS:
             raise ValueError(f"expected scaling to be one of {tuple(SCALINGS)}, got {scaling!r}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"expected mode to be one of {MODES}, got {mode!r}")
 
     image_grad, text_grad, scale_grad, bias_grad = (
         _needs_grad(t) for t in (image_local, text_local, logit_scale, logit_bias))
     plan = _check(caller, "siglip_loss", group, image_local, text_local, local_checks, image_grad=image_grad,
                   text_grad=text_grad, scalar_grad=scale_grad or bias_grad, normalize=normalize, label_smoothing=0.0,
-                  grad_scaling=scaling, workspace_bytes=workspace_bytes)
+                  grad_scaling=scaling, workspace_bytes=workspace_bytes, mode=mode)
     if SCALINGS[scaling].block == "rows" and 0 in plan.sizes:
         raise ValueError(
             f"{caller}: open_clip's SigLIP loss divides each rank's loss by its local batch size, got M = "
             f"{list(plan.sizes)}; mmkernels.distributed.siglip_loss takes empty ranks"
         )
-    opts = _Options(bool(normalize), 0.0, workspace_bytes, SCALINGS[scaling], image_grad, (scale_grad, bias_grad))
+    opts = _Options(bool(normalize), 0.0, workspace_bytes, SCALINGS[scaling], image_grad, (scale_grad, bias_grad),
+                    mode)
     return _SiglipLoss.apply(image_local, text_local, scalars[0], scalars[1], plan, opts)
 
 
 def siglip_loss(image_local, text_local, logit_scale, logit_bias, *, group=None, normalize: bool = False,
-                grad_scaling: str = "ddp", workspace_bytes: int | None = None):
+                grad_scaling: str = "ddp", workspace_bytes: int | None = None, mode: str = "gather"):
     """SigLIP's pairwise sigmoid loss of the global batch, from each rank's local pairs.
 
     Args:
@@ -612,6 +654,28 @@ def siglip_loss(image_local, text_local, logit_scale, logit_bias, *, group=None,
         logit_scale: the multiplier, already exponentiated; a Python float or a 0-dim tensor.
         logit_bias: the additive bias; a Python float or a 0-dim tensor.
         group, normalize, grad_scaling, workspace_bytes: as for `clip_loss`.
+        mode: how the text rows travel; the same value and gradients either way (every rank must
+            pass the same mode).
+            - "gather" (default): one all_gather of the text rows, (N, D) on every rank, and one
+              reduce-scatter of the (N, D) fp32 partial text gradients (module docstring).
+            - "ring": point-to-point, the text blocks pass around the ring of ranks (rank r
+              receives from r-1, sends to r+1), each rank's image rows meet one rank's texts at a
+              time while the next block travels (siglip-kernel's and open_clip's "shift" scheme),
+              and the text-gradient contributions follow the same ring home, summed on the way.
+              Memory per rank: two text blocks (current and next) and three fp32 gradient blocks
+              of at most M = max_r M_r rows, O(M·D), instead of the (N, D) gathered text and (N, D)
+              fp32 partial gradient; the kernels' workspace is sized against M columns instead of
+              N. Communication per rank: W-1 sends of a text block (≤ (W-1)·M·D elements, as the
+              all_gather) and, when some rank needs the text gradient, W-1 sends of an fp32
+              gradient block (≤ (W-1)·M·D fp32, as NCCL's reduce-scatter, half of gloo's), each
+              overlapped with the compute of one block except the last gradient hop; no N-sized
+              buffer. The gradients travel back around the ring rather than by one reduce-scatter
+              at the end because the reduce-scatter needs every rank's (N, D) fp32 partial at
+              once (the memory the ring saves) and starts only after the last block, while the
+              ring sends the same bytes in steps hidden behind the compute. Worth it when the
+              (N, D) text buffers matter (large global batches) or the network is slower than
+              the compute of one block (2·M_r·M_q·D FLOPs per product); the gather mode makes
+              fewer, larger messages (W-1 small-message latencies less per step on NVLink).
 
     Returns:
         () float32, the same value on every rank: -Σ_ij log σ(label_ij · S_ij) / N over the global
@@ -623,5 +687,5 @@ def siglip_loss(image_local, text_local, logit_scale, logit_bias, *, group=None,
     (from its block row of S) for logit_scale and logit_bias; "none": the unscaled shares).
     """
     return siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, group=group, normalize=normalize,
-                              workspace_bytes=workspace_bytes, scaling=grad_scaling,
+                              workspace_bytes=workspace_bytes, scaling=grad_scaling, mode=mode,
                               extra_checks=_public_scaling(grad_scaling))
