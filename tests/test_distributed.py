@@ -306,6 +306,49 @@ def check_ring_memory_per_rank(env):
     assert isinstance(err, ValueError) and "expected workspace_bytes >=" in str(err), repr(err)
 
 
+def check_ring_overlaps_exchange_with_compute(env):
+    """Each step of the ring posts its messages (the next block's rows among them) before it
+    computes on the current block and waits for them after: the exchange runs during the compute.
+    Seen by wrapping batch_isend_irecv, the works' wait and the block function."""
+    A, B, scale, bias = env.batch()
+    events, real_batch, real_block = [], dist.batch_isend_irecv, mmd._blocks.siglip_block
+
+    class Work:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            events.append("wait")
+            return self.work.wait()
+
+    def batch(ops):
+        kinds = [("recv" if op.op is dist.irecv else "send", tuple(op.tensor.shape), op.tensor.dtype) for op in ops]
+        events.append(("post", kinds))
+        return [Work(w) for w in real_batch(ops)]
+
+    def block(*args, **kwargs):
+        events.append("compute")
+        return real_block(*args, **kwargs)
+
+    dist.batch_isend_irecv, mmd._blocks.siglip_block = batch, block
+    try:
+        loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, mode="ring")
+    finally:
+        dist.batch_isend_irecv, mmd._blocks.siglip_block = real_batch, real_block
+    assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                  dtype=torch.float32)
+    w, r = env.world_size, env.rank
+    computes = [i for i, e in enumerate(events) if e == "compute"]
+    steps = [k for k in range(w) if env.sizes[(r - k) % w]]  # the steps that compute: nonempty blocks
+    assert len(computes) == len(steps), events
+    for k, i in zip(steps, computes):
+        post = events[i - 1] if i and isinstance(events[i - 1], tuple) else ("post", [])
+        assert events[i + 1: i + 1 + len(post[1])] == ["wait"] * len(post[1]), (k, events)
+        q_next = (r - k - 1) % w  # the block whose rows arrive during this compute
+        if k < w - 1 and env.sizes[q_next]:
+            assert ("recv", (env.sizes[q_next], D), torch.float32) in post[1], (k, events)
+
+
 def _raised(fn):
     try:
         fn()
@@ -406,6 +449,7 @@ CHECKS = {
     "work_per_rank": (check_work_per_rank, ("reference", "triton")),
     "memory_per_rank": (check_memory_per_rank, ("triton",)),
     "ring_memory_per_rank": (check_ring_memory_per_rank, ("triton",)),
+    "ring_overlaps_exchange_with_compute": (check_ring_overlaps_exchange_with_compute, ("reference",)),
     "errors_raise_on_every_rank": (check_errors_raise_on_every_rank, ("reference",)),
     "small_workspace_raises_on_every_rank": (check_small_workspace_raises_on_every_rank, ("triton",)),
 }
