@@ -162,8 +162,9 @@ def check(caller: str, op: str, group, image, text, local_checks, *, image_grad:
            mode: str = "gather") -> Plan:
     """Run this rank's input checks, then one small all_gather of what every rank passed, and
     raise the same kind of error on every rank if any rank's inputs are invalid, the ranks
-    disagree (embedding width, dtype, device type, options, the loss called) or a rank's kernel
-    workspace cannot hold one block of its rows against the N columns. Returns the plan.
+    disagree (embedding width, dtype, device type, options, mode, the loss called) or a rank's
+    kernel workspace cannot hold one block of its rows against the N columns (mode "ring": against
+    max M_r columns). Returns the plan.
 
     A rank whose own inputs fail still joins the all_gather before raising its own error, so that
     no other rank is left waiting in a collective.
