@@ -8,6 +8,11 @@ N pairs (its M = N / 8 local pairs against all N), the communication aside. Prov
 - mmkernels: the block-row API as mmkernels.distributed calls it. CLIP: clip_block_stats, the
   column statistics of 8 blocks merged (merge_column_stats), clip_block_grads (image rows and the
   partial text gradient). SigLIP: siglip_block with both gradients. No M × N block is stored.
+- mmkernels_ring (SigLIP): what one rank computes in siglip_loss(mode="ring"): 8 siglip_block calls
+  of M × M (its own texts with their positives, 7 others' without), the image gradient summed and
+  each block's text gradient scaled, as the ring does between its messages. The messages are not
+  there: a single GPU cannot show the ring's overlap of communication with compute, only what
+  computing in 8 blocks of M columns costs against one block of N = 8·M columns.
 - open_clip: open_clip's per-rank loss with local_loss=True on features already gathered (CLIP:
   the local images against all N texts and the local texts against all N images; SigLIP: the
   local images against all N texts), autograd through the M × N logit blocks, the gradients of
@@ -18,6 +23,8 @@ On CUDA: bf16, global N in {32768, 65536}, D = 768. Without CUDA: fp32 at small 
 reference path). extra_info: TFLOP/s counted as 6·M·N·D (the block's three products: its logits
 and the two gradient products), and on CUDA the peak memory above the inputs in MiB.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +36,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 RANKS = 8
 SIZES = [(n, 768) for n in (32768, 65536)] if CUDA else [(1024, 64)]
-PROVIDERS = ["mmkernels", "open_clip", "compile"]
+PROVIDERS = ["mmkernels", "mmkernels_ring", "open_clip", "compile"]
 
 
 def mmkernels_clip(image, text_all, scale, offset):
@@ -44,6 +51,18 @@ def mmkernels_clip(image, text_all, scale, offset):
 def mmkernels_siglip(image, text_all, scale, bias, offset):
     return blocks.siglip_block(image, text_all, scale, bias, offset=offset, n_total=text_all.shape[0],
                                normalize=False, image_grad=True, text_grad=True)
+
+
+def mmkernels_siglip_ring(image, text_all, scale, bias, rank):
+    m, n = image.shape[0], text_all.shape[0]
+    image_grad = None
+    for step in range(RANKS):  # the ring's order: own texts first, then rank - 1, rank - 2, ...
+        q = (rank - step) % RANKS
+        part = blocks.siglip_block(image, text_all[q * m: (q + 1) * m], scale, bias, offset=0 if q == rank else None,
+                                   n_total=n, normalize=False, image_grad=True, text_grad=True)
+        image_grad = part.image_grad if image_grad is None else image_grad.add_(part.image_grad)
+        part.text_grad.mul_(RANKS)
+    return image_grad
 
 
 def open_clip_clip(image, text, image_all, text_all, scale, offset):
@@ -69,6 +88,8 @@ def open_clip_siglip(image, text_all, scale, bias, offset):
 def test_one_rank_of_eight_fwd_bwd(benchmark, loss_name, provider, n, d):
     if provider == "compile" and not CUDA:
         pytest.skip("torch.compile is benchmarked on CUDA only")
+    if provider == "mmkernels_ring" and loss_name == "clip":
+        pytest.skip("CLIP has no ring mode")
     m = n // RANKS
     offset = 3 * m  # rank 3 of 8
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -84,6 +105,8 @@ def test_one_rank_of_eight_fwd_bwd(benchmark, loss_name, provider, n, d):
     if provider == "mmkernels":
         step = ((lambda: mmkernels_clip(image, text_all, scale, offset)) if loss_name == "clip"
                 else (lambda: mmkernels_siglip(image, text_all, scale, bias, offset)))
+    elif provider == "mmkernels_ring":
+        step = functools.partial(mmkernels_siglip_ring, image, text_all, scale, bias, offset // m)
     else:
         fn = open_clip_clip if loss_name == "clip" else open_clip_siglip
         fn = torch.compile(fn) if provider == "compile" else fn

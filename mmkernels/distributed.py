@@ -4,6 +4,7 @@ doing 1/world_size of the work.
     import mmkernels.distributed as mmd
     loss = mmd.clip_loss(image_local, text_local, logit_scale)                  # same value on every rank
     loss = mmd.siglip_loss(image_local, text_local, logit_scale, logit_bias)
+    loss = mmd.siglip_loss(image_local, text_local, logit_scale, logit_bias, mode="ring")  # O(M·D) memory
     loss.backward()     # DDP / FSDP then average the gradients: the single-process update
 
 Rank r holds M_r pairs (M_r may differ between ranks). The global batch is their concatenation in
@@ -16,11 +17,19 @@ Work per rank (matrix FLOPs, as the kernels state them): CLIP 8·M_r·N·D (2 fo
 statistics, 6 for the gradients), SigLIP 6·M_r·N·D. Memory per rank: the global text (N, D), the
 fp32 partial text gradient (N, D), O(W·N) column statistics, and the kernels' workspace.
 
+SigLIP's mode="ring" (see siglip_loss) replaces steps 2 and 4 below by point-to-point messages
+around the ring of ranks (mmkernels._ring): rank r's image rows meet one rank's text rows at a time
+(W blocks M_r × M_q, 6·M_r·N·D in all), the next block's exchange overlapping the current block's
+compute, and the text gradients travel home around the same ring; memory O(max_r M_r · D) plus a
+workspace sized against max_r M_r columns. CLIP has no ring mode, and clip_loss no `mode`
+parameter: its gradients need the column log-sum-exps over every rank's rows, so a ring would pass
+every text block around twice (statistics, then gradients), where the gather mode sends 2N fp32.
+
 Communication per rank and call, W ranks, M = max_r M_r (each an ordinary torch.distributed
 collective, so gloo on CPU and NCCL on GPU both run it):
-1. The check: one all_gather of 13 int64 per rank (sizes, dtype, device type, which gradients,
-   options, workspace), before any heavy collective, so that mismatched ranks or a workspace too
-   small for one rank's block raise a clear error on every rank instead of leaving one waiting.
+1. The check: one all_gather of 14 int64 per rank (sizes, dtype, device type, which gradients,
+   options, workspace, mode), before any heavy collective, so that mismatched ranks or a workspace
+   too small for one rank's block raise a clear error on every rank instead of leaving one waiting.
 2. The text rows: one all_gather of (M, D) in the embeddings' dtype (rows past M_r are padding
    when the M_r differ). The image rows never travel: the column statistics CLIP needs are
    reductions over rows, so each rank reduces its own rows and sends O(N) numbers.
@@ -40,314 +49,53 @@ buffer shapes).
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from mmkernels import _ring
+from mmkernels._distributed_plan import (
+    MODES,
+    SCALINGS,
+    Plan,
+    Scaling,
+    all_gather_rows,
+    check,
+    embedding_checks,
+    process_group,
+    reduce_scatter_rows,
+    runs_gradient_pass,
+)
 from mmkernels.ops import contrastive as _blocks
-from mmkernels.ops import contrastive_kernels as _kernels
-from mmkernels.ops._common import check_float_tensor, scalar_tensor, triton_enabled
+from mmkernels.ops._common import scalar_tensor
 
 __all__ = ["clip_loss", "siglip_loss"]
 
 GRAD_SCALINGS = ("ddp", "none")
 
-# --------------------------------------------------------------------------- gradient scaling
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """How one rank's gradients and returned value relate to the single-process loss L of the
-    global batch (the modules in mmkernels.nn use the open_clip variants).
-
-    block: the factor on this rank's block contributions (its image rows' gradients, its partial
-        text gradients, its shares of the scalars' gradients): "world" = W, "one" = 1,
-        "rows" = N / M_r (open_clip's SigLIP, whose local loss divides by M_r).
-    scalar_total: logit_scale / logit_bias get the sum of all ranks' (unscaled) shares, i.e. dL/ds
-        on every rank (one more all_gather of a few scalars), instead of this rank's share × block.
-    local_value: return open_clip's per-rank local loss instead of the global loss.
-    """
-
-    name: str
-    block: str
-    scalar_total: bool = False
-    local_value: bool = False
-
-    def factor(self, plan: "_Plan") -> float:
-        if self.block == "world":
-            return float(plan.world_size)
-        if self.block == "rows":
-            return plan.n_total / plan.sizes[plan.rank]
-        return 1.0
-
-
-SCALINGS = {
-    s.name: s
-    for s in (
-        Scaling("ddp", "world"),
-        Scaling("none", "one"),
-        Scaling("open_clip_gather_with_grad", "world", scalar_total=True),
-        Scaling("open_clip_detached", "one", scalar_total=True),
-        Scaling("open_clip_local_loss", "world", local_value=True),
-        Scaling("open_clip_siglip", "rows", local_value=True),
-    )
-}
-_SCALING_CODES = {name: i for i, name in enumerate(SCALINGS)}
-
-# --------------------------------------------------------------------------- process group and check
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
-_OPS = ("clip_loss", "siglip_loss")
-# The check's fields, one int64 each, per rank.
-_FIELDS = ("op", "rejected", "M", "D", "dtype", "device", "image_grad", "text_grad", "scalar_grad", "normalize",
-           "label_smoothing", "grad_scaling", "workspace")
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What every rank agreed on in the check: the group, the sizes, who needs which gradients."""
-
-    group: object
-    world_size: int
-    rank: int
-    sizes: tuple
-    text_grad: bool     # some rank needs the text gradient: every rank computes its partials
-    scalar_grad: bool   # some rank needs a scalar's gradient
-
-    @property
-    def n_total(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def offset(self) -> int:
-        return sum(self.sizes[: self.rank])
-
-    @property
-    def max_size(self) -> int:
-        return max(self.sizes)
-
-    @property
-    def equal_sizes(self) -> bool:
-        return min(self.sizes) == max(self.sizes)
-
-
-def process_group(group, caller: str):
-    """`group` (default: the world group) after checking that torch.distributed is initialised and
-    that this process belongs to it. Raises on every rank alike (no collective is involved)."""
-    if not dist.is_available():
-        raise RuntimeError(f"{caller}: this PyTorch build has no torch.distributed")
-    if not dist.is_initialized():
-        raise RuntimeError(
-            f"{caller} needs a torch.distributed process group, and none is initialised: call "
-            "torch.distributed.init_process_group(...) on every rank first (gloo for CPU tensors, "
-            "nccl for CUDA tensors)"
-        )
-    if group is None:
-        group = dist.group.WORLD
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"expected group to be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
-    if dist.get_rank(group) < 0:
-        raise ValueError(f"{caller}: this process (global rank {dist.get_rank()}) is not a member of group")
-    return group
-
-
-def _check_device(group, image) -> torch.device:
-    """Where the check's small all_gather runs: the CPU when the group serves CPU tensors (gloo),
-    else this rank's accelerator (NCCL: the embeddings' GPU, or the current one)."""
-    types = {d.type for d in getattr(group, "_device_types", ())}
-    if not types:
-        types = {"cuda"} if "nccl" in str(dist.get_backend(group)) else {"cpu"}
-    if "cpu" in types:
-        return torch.device("cpu")
-    if isinstance(image, torch.Tensor) and image.device.type in types:
-        return image.device
-    kind = sorted(types)[0]
-    return torch.device(kind, getattr(torch, kind).current_device())
-
-
-def _all_gather_rows(out: torch.Tensor, local: torch.Tensor, group) -> None:
-    # all_gather_single is torch >= 2.13's name for all_gather_into_tensor.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, local, group=group)
-
-
-def _reduce_scatter_rows(out: torch.Tensor, full: torch.Tensor, group) -> None:
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    scatter(out, full, op=dist.ReduceOp.SUM, group=group)
-
-
-def _float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-def _describe(values, fmt=str) -> str:
-    """"D = 8 on ranks 0, 2, D = 16 on rank 1": each value seen, with the ranks that passed it."""
-    ranks: dict = {}
-    for r, v in enumerate(values):
-        ranks.setdefault(v, []).append(r)
-
-    def listed(rs):
-        shown = ", ".join(map(str, rs[:8])) + (f", … ({len(rs)} ranks)" if len(rs) > 8 else "")
-        return f"rank{'s' if len(rs) > 1 else ''} {shown}"
-
-    return ", ".join(f"{fmt(v)} on {listed(rs)}" for v, rs in ranks.items())
-
-
-def _check(caller: str, op: str, group, image, text, local_checks, *, image_grad: bool, text_grad: bool,
-           scalar_grad: bool, normalize, label_smoothing, grad_scaling: str, workspace_bytes) -> _Plan:
-    """Run this rank's input checks, then one small all_gather of what every rank passed, and
-    raise the same kind of error on every rank if any rank's inputs are invalid, the ranks
-    disagree (embedding width, dtype, device type, options, the loss called) or a rank's kernel
-    workspace cannot hold one block of its rows against the N columns. Returns the plan.
-
-    A rank whose own inputs fail still joins the all_gather before raising its own error, so that
-    no other rank is left waiting in a collective.
-    """
-    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    local_error = None
-    meta = [-1] * len(_FIELDS)
-    meta[_FIELDS.index("op")] = _OPS.index(op)
-    try:
-        local_checks()
-        meta[1:] = [
-            0, image.shape[0], image.shape[1], _DTYPES.index(image.dtype),
-            _DEVICE_TYPES.index(image.device.type) if image.device.type in _DEVICE_TYPES else len(_DEVICE_TYPES),
-            int(image_grad), int(text_grad), int(scalar_grad), int(bool(normalize)), _float_bits(label_smoothing),
-            _SCALING_CODES[grad_scaling], _blocks.resolve_workspace_bytes(workspace_bytes),
-        ]
-    except Exception as err:  # re-raised below, after the other ranks have heard of it
-        local_error = err
-        meta[_FIELDS.index("rejected")] = 1
-    device = _check_device(group, image)
-    local = torch.tensor(meta, dtype=torch.int64, device=device)
-    gathered = torch.empty(world_size * len(_FIELDS), dtype=torch.int64, device=device)
-    _all_gather_rows(gathered, local, group)
-    rows = gathered.view(world_size, len(_FIELDS)).tolist()  # the one host sync: sizes set the buffers
-    col = {name: [row[i] for row in rows] for i, name in enumerate(_FIELDS)}
-
-    if local_error is not None:
-        raise local_error
-    rejected = [r for r, bad in enumerate(col["rejected"]) if bad]
-    if rejected:
-        raise ValueError(
-            f"{caller}: the inputs on rank(s) {rejected} were rejected (the error raised there says "
-            "why); every rank raises so that none is left waiting in a collective"
-        )
-    if len(set(col["op"])) > 1:
-        raise ValueError(
-            "expected every rank to call the same distributed loss, got "
-            + _describe(col["op"], lambda i: f"mmkernels.distributed.{_OPS[i]}")
-        )
-    if len(set(col["D"])) > 1:
-        raise ValueError(
-            "expected image_local and text_local to have the same embedding dimension D on every rank, got "
-            + _describe(col["D"], lambda d: f"D = {d}")
-        )
-    if len(set(col["dtype"])) > 1:
-        raise TypeError(
-            "expected image_local and text_local to have the same dtype on every rank, got "
-            + _describe(col["dtype"], lambda i: str(_DTYPES[i]))
-        )
-    if len(set(col["device"])) > 1:
-        names = _DEVICE_TYPES + ("another device type",)
-        raise ValueError(
-            "expected the embeddings on the same kind of device on every rank (the collectives of one "
-            "process group run on one device type), got " + _describe(col["device"], lambda i: names[i])
-        )
-    for name, fmt in (
-        ("normalize", lambda v: f"normalize={bool(v)}"),
-        ("label_smoothing", lambda v: f"label_smoothing={struct.unpack('<d', struct.pack('<q', v))[0]}"),
-        ("grad_scaling", lambda v: f"{list(SCALINGS)[v]!r} gradient scaling"),
-    ):
-        if len(set(col[name])) > 1:
-            raise ValueError(f"expected the same {name} on every rank, got " + _describe(col[name], fmt))
-    if sum(col["M"]) == 0:
-        raise ValueError("expected at least one pair in the global batch, got M = 0 on every rank")
-    plan = _Plan(
-        group=group, world_size=world_size, rank=rank, sizes=tuple(col["M"]),
-        text_grad=any(col["text_grad"]), scalar_grad=any(col["scalar_grad"]),
-    )
-    if triton_enabled(image):
-        _check_workspaces(caller, op, plan, col, image, SCALINGS[grad_scaling])
-    return plan
-
-
-def _check_workspaces(caller: str, op: str, plan: _Plan, col: dict, image, scaling: "Scaling") -> None:
-    """Every rank evaluates, for every rank's rows, the workspace checks the block functions make
-    before their launches (plain arithmetic on shapes), so a workspace too small for one rank's
-    block raises on all ranks here, before any heavy collective, instead of on that rank alone."""
-    n, d = plan.n_total, image.shape[1]
-    for r, m in enumerate(plan.sizes):
-        image_grad, scalar_grad, workspace = bool(col["image_grad"][r]), bool(col["scalar_grad"][r]), col["workspace"][r]
-        runs = _runs_gradient_pass(image_grad, scalar_grad, plan, scaling)
-        try:
-            if op == "clip_loss":
-                _kernels.stats_workspace(m, n, d, image.dtype, image.device, workspace)
-                if runs:
-                    _kernels.panel_workspace(m, n, d, image.dtype, image.device, image_grad, plan.text_grad,
-                                             torch.float32, workspace)
-            else:
-                _kernels.panel_workspace(m, n, d, image.dtype, image.device, runs and image_grad,
-                                         runs and plan.text_grad, torch.float32, workspace)
-        except ValueError as err:
-            raise ValueError(f"{caller}: rank {r} (M = {m} rows against N = {n} columns): {err}") from None
-
-
-def _runs_gradient_pass(image_grad: bool, scalar_grad: bool, plan: _Plan, scaling: "Scaling") -> bool:
-    """Whether a rank computes its block's gradients: for its own inputs, or because another rank
-    needs what it contributes (text partials; scalar shares summed over ranks)."""
-    return image_grad or plan.text_grad or scalar_grad or (scaling.scalar_total and plan.scalar_grad)
-
-
-def _embedding_checks(image, text):
-    check_float_tensor("image_local", image, 2, "(M, D)")
-    check_float_tensor("text_local", text, 2, "(M, D)")
-    if image.device != text.device:
-        raise ValueError(f"expected image_local and text_local on one device, got {image.device} and {text.device}")
-    if image.shape[0] != text.shape[0]:
-        raise ValueError(
-            "expected image_local and text_local to hold the same number of local pairs M, "
-            f"got {image.shape[0]} and {text.shape[0]}"
-        )
-    if image.shape[1] != text.shape[1]:
-        raise ValueError(
-            "expected image_local and text_local to have the same last dimension, "
-            f"got {image.shape[1]} and {text.shape[1]}"
-        )
-    if image.dtype != text.dtype:
-        raise TypeError(f"expected image_local and text_local to share a dtype, got {image.dtype} and {text.dtype}")
-    if image.shape[1] == 0:
-        raise ValueError("expected an embedding dimension D >= 1, got D = 0")
-    if image.dtype not in _DTYPES:
-        raise TypeError(f"expected image_local and text_local in one of {_DTYPES}, got {image.dtype}")
-
-
 # --------------------------------------------------------------------------- communication
 
 
-def _gather_rows(local: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _gather_rows(local: torch.Tensor, plan: Plan) -> torch.Tensor:
     """All ranks' (M_r, D) rows concatenated in rank order: (N, D)."""
     local = local.contiguous()
     if plan.equal_sizes:
         out = local.new_empty((plan.n_total, local.shape[1]))
-        _all_gather_rows(out, local, plan.group)
+        all_gather_rows(out, local, plan.group)
         return out
     padded = local.new_zeros((plan.max_size, local.shape[1]))
     padded[: local.shape[0]] = local
     out = local.new_empty((plan.world_size * plan.max_size, local.shape[1]))
-    _all_gather_rows(out, padded, plan.group)
+    all_gather_rows(out, padded, plan.group)
     out = out.view(plan.world_size, plan.max_size, -1)
     return torch.cat([out[r, :m] for r, m in enumerate(plan.sizes)])
 
 
-def _scatter_sum_rows(partial: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _scatter_sum_rows(partial: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Sum the ranks' (N, D) partials and hand each rank its own (M_r, D) rows."""
     if plan.equal_sizes:
         out = partial.new_empty((plan.sizes[plan.rank], partial.shape[1]))
-        _reduce_scatter_rows(out, partial.contiguous(), plan.group)
+        reduce_scatter_rows(out, partial.contiguous(), plan.group)
         return out
     padded = partial.new_zeros((plan.world_size, plan.max_size, partial.shape[1]))
     start = 0
@@ -355,18 +103,18 @@ def _scatter_sum_rows(partial: torch.Tensor, plan: _Plan) -> torch.Tensor:
         padded[r, :m] = partial[start: start + m]
         start += m
     out = partial.new_empty((plan.max_size, partial.shape[1]))
-    _reduce_scatter_rows(out, padded.view(-1, partial.shape[1]), plan.group)
+    reduce_scatter_rows(out, padded.view(-1, partial.shape[1]), plan.group)
     return out[: plan.sizes[plan.rank]]
 
 
-def _gather_scalars(values: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _gather_scalars(values: torch.Tensor, plan: Plan) -> torch.Tensor:
     """(W, k): every rank's (k,) fp32 values, in rank order."""
     out = values.new_empty((plan.world_size * values.numel(),))
-    _all_gather_rows(out, values.reshape(-1).contiguous(), plan.group)
+    all_gather_rows(out, values.reshape(-1).contiguous(), plan.group)
     return out.view(plan.world_size, -1)
 
 
-def _scalar_grads(shares: list, needed: tuple, plan: _Plan, scaling: Scaling, factor: float) -> list:
+def _scalar_grads(shares: list, needed: tuple, plan: Plan, scaling: Scaling, factor: float) -> list:
     """The scalars' gradients on this rank: its own shares × factor, or (scalar_total) the sum of
     every rank's shares, which every rank then sends, needed or not (one all_gather of k fp32)."""
     if scaling.scalar_total:
@@ -399,9 +147,10 @@ class _Options:
     scaling: Scaling
     image_grad: bool      # this rank's image rows need their gradient
     scalar_grads: tuple   # which scalars (logit_scale[, logit_bias]) need a gradient on this rank
+    mode: str = "gather"  # how the text rows travel (SigLIP: "gather" or "ring")
 
-    def runs_gradient_pass(self, plan: _Plan) -> bool:
-        return _runs_gradient_pass(self.image_grad, any(self.scalar_grads), plan, self.scaling)
+    def runs_gradient_pass(self, plan: Plan) -> bool:
+        return runs_gradient_pass(self.image_grad, any(self.scalar_grads), plan, self.scaling)
 
 
 class _FinishedGradients(torch.autograd.Function):
@@ -420,7 +169,7 @@ class _FinishedGradients(torch.autograd.Function):
 
 class _ClipLoss(_FinishedGradients):
     @staticmethod
-    def forward(ctx, image, text, scale, plan: _Plan, opts: _Options):
+    def forward(ctx, image, text, scale, plan: Plan, opts: _Options):
         n, off, m = plan.n_total, plan.offset, image.shape[0]
         eps = opts.label_smoothing
         text_all = _gather_rows(text, plan)
@@ -471,7 +220,7 @@ def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, 
     def local_checks():
         if extra_checks is not None:
             extra_checks(group)
-        _embedding_checks(image_local, text_local)
+        embedding_checks(image_local, text_local)
         scale.append(scalar_tensor("logit_scale", logit_scale, image_local))
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
             raise TypeError(f"expected label_smoothing to be a float, got {type(label_smoothing).__name__}")
@@ -481,7 +230,7 @@ def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, 
             raise ValueError(f"expected scaling to be one of {tuple(SCALINGS)}, got {scaling!r}")
 
     image_grad, text_grad, scale_grad = (_needs_grad(t) for t in (image_local, text_local, logit_scale))
-    plan = _check(caller, "clip_loss", group, image_local, text_local, local_checks, image_grad=image_grad,
+    plan = check(caller, "clip_loss", group, image_local, text_local, local_checks, image_grad=image_grad,
                   text_grad=text_grad, scalar_grad=scale_grad, normalize=normalize, label_smoothing=label_smoothing,
                   grad_scaling=scaling, workspace_bytes=workspace_bytes)
     if SCALINGS[scaling].local_value and not plan.equal_sizes:
@@ -534,6 +283,10 @@ def clip_loss(image_local, text_local, logit_scale, *, group=None, normalize: bo
 
     Raises the same error on every rank when a rank's inputs are invalid or the ranks disagree
     (D, dtype, device type, options); RuntimeError when no process group is initialised.
+
+    No `mode`: unlike siglip_loss, CLIP has no ring mode (its gradients need every rank's rows'
+    column statistics first; module docstring), so `mode=` is a TypeError, raised before any
+    collective.
     """
     return clip_loss_scaled(image_local, text_local, logit_scale, group=group, normalize=normalize,
                             label_smoothing=label_smoothing, workspace_bytes=workspace_bytes, scaling=grad_scaling,
@@ -545,25 +298,27 @@ def clip_loss(image_local, text_local, logit_scale, *, group=None, normalize: bo
 
 class _SiglipLoss(_FinishedGradients):
     @staticmethod
-    def forward(ctx, image, text, scale, bias, plan: _Plan, opts: _Options):
-        n = plan.n_total
-        text_all = _gather_rows(text, plan)
+    def forward(ctx, image, text, scale, bias, plan: Plan, opts: _Options):
         passes = opts.runs_gradient_pass(plan)
-        block = _blocks.siglip_block(
-            image, text_all, scale, bias, offset=plan.offset, n_total=n, normalize=opts.normalize,
-            image_grad=passes and opts.image_grad, text_grad=passes and plan.text_grad,
+        flags = dict(
+            n_total=plan.n_total, normalize=opts.normalize, image_grad=passes and opts.image_grad,
+            text_grad=passes and plan.text_grad, workspace_bytes=opts.workspace_bytes,
             scalar_grads=any(opts.scalar_grads) or (opts.scaling.scalar_total and plan.scalar_grad),
-            workspace_bytes=opts.workspace_bytes,
         )
-        del text_all
         factor = opts.scaling.factor(plan)
+        if opts.mode == "ring":
+            block, g_text = _siglip_ring(image, text, scale, bias, plan, flags, factor)
+        else:
+            text_all = _gather_rows(text, plan)
+            block = _blocks.siglip_block(image, text_all, scale, bias, offset=plan.offset, **flags)
+            del text_all
+            g_text = None if block.text_grad is None else _scatter_sum_rows(block.text_grad * factor, plan)
         shares = _gather_scalars(block.loss.float().reshape(1), plan)
         value = block.loss.double() * factor if opts.scaling.local_value else shares.double().sum()
         # Finite inputs give a finite loss; an Inf among them leaves it undefined: NaN, as for CLIP.
         value = torch.where(torch.isinf(value), torch.nan, value)
         grads = (None, None, None, None)
         if passes:
-            g_text = None if block.text_grad is None else _scatter_sum_rows(block.text_grad * factor, plan)
             g_scale, g_bias = _scalar_grads([block.scale_grad, block.bias_grad], opts.scalar_grads, plan,
                                             opts.scaling, factor)
             grads = (None if block.image_grad is None else block.image_grad * factor, g_text, g_scale, g_bias)
@@ -572,9 +327,39 @@ class _SiglipLoss(_FinishedGradients):
         return value.float()
 
 
+def _siglip_ring(image, text, scale, bias, plan: Plan, flags: dict, factor: float):
+    """This rank's image rows against every rank's text rows as they pass around the ring
+    (mmkernels._ring): its own texts with their positives (offset 0), the others' as negatives
+    only (offset None), one siglip_block each, 2·M_r·M_q·D per product. Returns the block row's
+    SiglipBlock (loss and scalar shares summed over the blocks, image gradient complete, text_grad
+    None) and this rank's text gradient (the contributions of every rank's rows, each × its
+    rank's factor, summed around the ring), or None when no rank needs it."""
+    shares = []  # (loss, scale share, bias share) of each block: O(W) scalars
+    image_grad = {}  # one (M_r, D) fp32 buffer, accumulated in place
+
+    def compute(q: int, text_q: torch.Tensor):
+        part = _blocks.siglip_block(image, text_q, scale, bias, offset=0 if q == plan.rank else None, **flags)
+        shares.append((part.loss, part.scale_grad, part.bias_grad))
+        if part.image_grad is not None:
+            image_grad["sum"] = image_grad["sum"].add_(part.image_grad) if image_grad else part.image_grad
+        return None if part.text_grad is None else part.text_grad.mul_(factor)  # a fresh buffer: scaled in place
+
+    # compute runs at least once: some rank holds a pair (the check), and every nonempty block comes by
+    g_text = _ring.ring_pass(text, plan.sizes, plan.group, compute, gradients=flags["text_grad"])
+
+    def total(k: int, dtype):
+        if shares[0][k] is None:
+            return None
+        return torch.stack([s[k].double() for s in shares]).sum().to(dtype)
+
+    block = _blocks.SiglipBlock(total(0, torch.float32), image_grad.get("sum"), None, total(1, scale.dtype),
+                                total(2, bias.dtype))
+    return block, g_text
+
 
 def siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, *, group, normalize, workspace_bytes,
-                       scaling: str, caller: str = "mmkernels.distributed.siglip_loss", extra_checks=None):
+                       scaling: str, mode: str = "gather", caller: str = "mmkernels.distributed.siglip_loss",
+                       extra_checks=None):
     """`siglip_loss` with any of SCALINGS by name (mmkernels.nn.SigLipLoss uses "open_clip_siglip");
     `extra_checks` as for `clip_loss_scaled`."""
     group = process_group(group, caller)
@@ -583,28 +368,31 @@ def siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, *, grou
     def local_checks():
         if extra_checks is not None:
             extra_checks(group)
-        _embedding_checks(image_local, text_local)
+        embedding_checks(image_local, text_local)
         scalars.append(scalar_tensor("logit_scale", logit_scale, image_local))
         scalars.append(scalar_tensor("logit_bias", logit_bias, image_local))
         if scaling not in SCALINGS:
             raise ValueError(f"expected scaling to be one of {tuple(SCALINGS)}, got {scaling!r}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"expected mode to be one of {MODES}, got {mode!r}")
 
     image_grad, text_grad, scale_grad, bias_grad = (
         _needs_grad(t) for t in (image_local, text_local, logit_scale, logit_bias))
-    plan = _check(caller, "siglip_loss", group, image_local, text_local, local_checks, image_grad=image_grad,
+    plan = check(caller, "siglip_loss", group, image_local, text_local, local_checks, image_grad=image_grad,
                   text_grad=text_grad, scalar_grad=scale_grad or bias_grad, normalize=normalize, label_smoothing=0.0,
-                  grad_scaling=scaling, workspace_bytes=workspace_bytes)
+                  grad_scaling=scaling, workspace_bytes=workspace_bytes, mode=mode)
     if SCALINGS[scaling].block == "rows" and 0 in plan.sizes:
         raise ValueError(
             f"{caller}: open_clip's SigLIP loss divides each rank's loss by its local batch size, got M = "
             f"{list(plan.sizes)}; mmkernels.distributed.siglip_loss takes empty ranks"
         )
-    opts = _Options(bool(normalize), 0.0, workspace_bytes, SCALINGS[scaling], image_grad, (scale_grad, bias_grad))
+    opts = _Options(bool(normalize), 0.0, workspace_bytes, SCALINGS[scaling], image_grad, (scale_grad, bias_grad),
+                    mode)
     return _SiglipLoss.apply(image_local, text_local, scalars[0], scalars[1], plan, opts)
 
 
 def siglip_loss(image_local, text_local, logit_scale, logit_bias, *, group=None, normalize: bool = False,
-                grad_scaling: str = "ddp", workspace_bytes: int | None = None):
+                grad_scaling: str = "ddp", workspace_bytes: int | None = None, mode: str = "gather"):
     """SigLIP's pairwise sigmoid loss of the global batch, from each rank's local pairs.
 
     Args:
@@ -612,6 +400,30 @@ def siglip_loss(image_local, text_local, logit_scale, logit_bias, *, group=None,
         logit_scale: the multiplier, already exponentiated; a Python float or a 0-dim tensor.
         logit_bias: the additive bias; a Python float or a 0-dim tensor.
         group, normalize, grad_scaling, workspace_bytes: as for `clip_loss`.
+        mode: how the text rows travel; the same value and gradients either way (every rank must
+            pass the same mode).
+            - "gather" (default): one all_gather of the text rows, (N, D) on every rank, and one
+              reduce-scatter of the (N, D) fp32 partial text gradients (module docstring).
+            - "ring": point-to-point, the text blocks pass around the ring of ranks (rank r
+              receives from r-1, sends to r+1), each rank's image rows meet one rank's texts at a
+              time while the next block travels (siglip-kernel's and open_clip's "shift" scheme),
+              and the text-gradient contributions follow the same ring home, summed on the way.
+              Memory per rank, M = max_r M_r: two text blocks (the current and the next one) and
+              at most five fp32 blocks of ≤ M rows (the text-gradient sums kept, sent, received
+              and freshly computed; the image gradient's sum and one block's share of it), O(M·D),
+              instead of the (N, D) gathered text and the (N, D) fp32 partial text gradient; the
+              kernels' workspace is sized against M columns instead of N. Communication per rank:
+              W-1 sends of a text block (≤ (W-1)·M·D elements, the all_gather's bytes) and, when
+              some rank needs the text gradient, W-1 sends of an fp32 gradient block (≤ (W-1)·M·D
+              fp32, NCCL's reduce-scatter's bytes, half of gloo's), each overlapped with the
+              compute of one block except the last gradient hop. The gradients go home around the
+              ring rather than by one reduce-scatter at the end because that needs every rank's
+              (N, D) fp32 partial at once (the memory the ring saves) and can start only after
+              the last block, while the ring sends the same bytes in steps hidden behind compute.
+              Use it when the (N, D) text buffers matter (large global batches) or the network is
+              slow next to one block's compute (6·M_r·M_q·D FLOPs with gradients; across nodes);
+              "gather" is the better choice for small local batches on fast links, where the ring's
+              W-1 steps in sequence (one launch and one message latency each) dominate.
 
     Returns:
         () float32, the same value on every rank: -Σ_ij log σ(label_ij · S_ij) / N over the global
@@ -623,5 +435,5 @@ def siglip_loss(image_local, text_local, logit_scale, logit_bias, *, group=None,
     (from its block row of S) for logit_scale and logit_bias; "none": the unscaled shares).
     """
     return siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, group=group, normalize=normalize,
-                              workspace_bytes=workspace_bytes, scaling=grad_scaling,
+                              workspace_bytes=workspace_bytes, scaling=grad_scaling, mode=mode,
                               extra_checks=_public_scaling(grad_scaling))

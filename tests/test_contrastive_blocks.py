@@ -4,11 +4,11 @@ DESIGN.md's rule against the float64 oracle of the whole batch."""
 import pytest
 import torch
 
-from contrastive_oracle import check_clip, check_siglip, random_leaves
+from contrastive_oracle import NAMES, check_clip, check_siglip, random_leaves
 from mmkernels.ops import contrastive
 from mmkernels.ops import contrastive_kernels as kernels
-from mmkernels.ops._common import HAS_TRITON
-from toolkit import fresh_seed
+from mmkernels.ops._common import HAS_TRITON, interpreting
+from toolkit import OpTrace, assert_within_rule, fresh_seed, value_and_grads
 
 PATHS = ["reference", pytest.param("kernels", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton"))]
 
@@ -83,6 +83,109 @@ def test_siglip_blocks_compose_the_global_loss(path_device, n, d, normalize, smo
     leaves = random_leaves(n, d, torch.float32, path_device, with_bias=True)
     got = compose_siglip(*leaves, split_rows(n, cuts), normalize)
     check_siglip(got, leaves, torch.float32, f"SigLIP blocks N={n} D={d} cuts={cuts}", normalize)
+
+
+def negatives_only(a, b, scale, bias, n_total, normalize):
+    """-Σ_ij log σ(-S_ij) / n_total for S = scale · a @ b.T + bias: a block with no positives, in
+    the inputs' dtype (float64: the oracle). Non-finite logits are NaN, as in reference.clip_logits."""
+    if normalize:
+        a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
+    logits = scale.to(a.dtype) * a @ b.T + bias.to(a.dtype)
+    logits = torch.where(torch.isfinite(logits), logits, torch.nan)
+    return -torch.nn.functional.logsigmoid(-logits).sum() / n_total
+
+
+@pytest.mark.parametrize("m,n,d,normalize", [(5, 3, 7, False), (0, 4, 5, True), (70, 66, 24, True), (1, 1, 3, False)])
+def test_siglip_block_without_positives(path_device, m, n, d, normalize):
+    """offset=None: rows against columns that hold none of their positives (any M, N), value and
+    every gradient under DESIGN.md's rule against the float64 sum of -log σ(-S_ij) / n_total."""
+    fresh_seed()
+    a = torch.randn(m, d, device=path_device)
+    b = torch.randn(n, d, device=path_device)
+    scale, bias = torch.tensor(2.5, device=path_device), torch.tensor(-1.5, device=path_device)
+    n_total = m + n + 3
+    got = contrastive.siglip_block(a, b, scale, bias, offset=None, n_total=n_total, normalize=normalize,
+                                   image_grad=True, text_grad=True)
+    leaves = [a, b, scale, bias]
+    oracle = value_and_grads(lambda *x: negatives_only(*x, n_total, normalize), [t.double() for t in leaves])
+    eager = value_and_grads(lambda *x: negatives_only(*x, n_total, normalize), leaves)
+    # d scale = Σ σ(S_ij) · U_ij / n_total cancels: its floor scales with Σ |terms|
+    with torch.no_grad():
+        x, y = (torch.nn.functional.normalize(t.double(), dim=-1) if normalize else t.double() for t in (a, b))
+        unscaled = x @ y.T
+        terms = torch.sigmoid(scale.double() * unscaled + bias.double()) / n_total
+    sizes = [None, None, None, (terms * unscaled.abs()).sum().item(), None]
+    for name, g, e, o, size in zip(NAMES, got, eager, oracle, sizes):
+        assert_within_rule(f"no positives M={m} N={n}: {name}", g, e, o, torch.float32, size=size)
+    # negative control: the same rows with positives give another loss, which the rule catches
+    if m and m <= n:
+        with_positives = contrastive.siglip_block(a, b, scale, bias, offset=0, n_total=n_total, normalize=normalize,
+                                                  image_grad=False, text_grad=False)
+        with pytest.raises(AssertionError):
+            assert_within_rule("with positives", with_positives.loss, eager[0], oracle[0], torch.float32)
+
+
+def test_siglip_block_without_positives_non_finite(path_device):
+    fresh_seed()
+    a, b = torch.randn(4, 3, device=path_device), torch.randn(6, 3, device=path_device)
+    for bad in (float("nan"), float("inf")):
+        b[2, 1] = bad
+        got = contrastive.siglip_block(a, b, 2.0, -1.0, offset=None, n_total=10, normalize=False,
+                                       image_grad=True, text_grad=True)
+        assert torch.isnan(got.loss), (bad, got.loss)
+
+
+@pytest.mark.parametrize("n,d,normalize,cuts", [(9, 7, True, [4]), (70, 24, False, [3, 3, 40])])
+def test_siglip_ring_blocks_compose_the_global_loss(path_device, n, d, normalize, cuts):
+    """The ring's decomposition in one process: each rank's rows against its own texts (offset 0)
+    and against every other rank's texts (offset=None); image gradients summed over a rank's
+    blocks, text gradients over the blocks that saw them: the global loss and its gradients."""
+    fresh_seed()
+    leaves = random_leaves(n, d, torch.float32, path_device, with_bias=True)
+    a, b, scale, bias = leaves
+    ranks = split_rows(n, cuts)
+    loss, d_image, d_text = 0.0, torch.zeros_like(a), torch.zeros_like(b)
+    d_scale, d_bias = torch.zeros((), device=path_device), torch.zeros((), device=path_device)
+    for r0, r1 in ranks:
+        for q0, q1 in ranks:
+            if q0 == q1:
+                continue
+            part = contrastive.siglip_block(a[r0:r1], b[q0:q1], scale, bias, offset=0 if q0 == r0 else None,
+                                            n_total=n, normalize=normalize, image_grad=True, text_grad=True)
+            loss = loss + part.loss
+            d_image[r0:r1] += part.image_grad
+            d_text[q0:q1] += part.text_grad
+            d_scale, d_bias = d_scale + part.scale_grad, d_bias + part.bias_grad
+    check_siglip([loss, d_image, d_text, d_scale, d_bias], leaves, torch.float32,
+                 f"SigLIP ring blocks N={n} D={d} cuts={cuts}", normalize)
+
+
+@pytest.mark.parametrize("offset", [0, None])
+def test_siglip_block_work_with_and_without_positives(device, offset):
+    """A block without positives costs what one with them does: 2·M·N·D per product (whole 64-row
+    tiles, so the interpreter's tl.dot count has no padding in it)."""
+    if device.type == "cpu" and not (HAS_TRITON and interpreting()):
+        pytest.skip("counts the kernels' products: needs triton under TRITON_INTERPRET=1")
+    fresh_seed()
+    m, n, d = 64, 128, 64
+    a, b = torch.randn(m, d, device=device), torch.randn(n, d, device=device)
+    for sides, products in (((True, True), 3), ((True, False), 2), ((False, False), 1)):
+        with OpTrace() as trace:
+            contrastive.siglip_block(a, b, 2.0, -1.0, offset=offset, n_total=n, normalize=False,
+                                     image_grad=sides[0], text_grad=sides[1])
+        assert trace.matmul_flops == products * 2 * m * n * d, (sides, trace.matmul_flops / (2 * m * n * d))
+
+
+def test_siglip_block_op_without_positives_opcheck(device):
+    if device.type == "cpu" and not (HAS_TRITON and interpreting()):
+        pytest.skip("the op runs the kernels: needs triton under TRITON_INTERPRET=1")
+    fresh_seed()
+    a, b = torch.randn(9, 6, device=device), torch.randn(5, 6, device=device)
+    s, bias = torch.tensor(2.0, device=device), torch.tensor(-1.0, device=device)
+    ws = contrastive.resolve_workspace_bytes(None)
+    # offset = N (columns 0..N-1 hold no positive): what siglip_block(offset=None) passes
+    torch.library.opcheck(torch.ops.mmkernels.siglip_block.default,
+                          (a, b, s, bias, 5, 14, True, True, True, True, a.dtype, ws))
 
 
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
@@ -179,6 +282,7 @@ def test_block_grads_scale_with_grad_output(path_device):
     [
         (dict(offset=-1), ValueError, "offset >= 0, got -1"),
         (dict(offset=True), TypeError, "offset to be an int, got bool"),
+        (dict(offset=None), TypeError, "offset to be an int, got NoneType"),  # only SigLIP blocks go without positives
         (dict(offset=3), ValueError, "offset \\+ M <= N.*offset 3, M 4, N 6"),
         (dict(offset=0, normalize=1), TypeError, "normalize to be a bool, got int"),
         (dict(offset=0, workspace_bytes=0), ValueError, "workspace_bytes > 0, got 0"),

@@ -1,6 +1,7 @@
 """mmkernels.distributed over gloo: every rank's loss and gradients against the loss one process
 computes on the concatenated batch (DESIGN.md's rule), on the reference path and with the Triton
-kernels under the interpreter; the work each rank does; errors raised on every rank.
+kernels under the interpreter, SigLIP in both modes (all_gather, and the point-to-point ring); the
+work and memory of each rank; errors raised on every rank.
 
 One spawned job per world size runs every check on one process group (spawning is the slow part);
 each check's outcome is then its own test. Local batch sizes differ between ranks.
@@ -8,7 +9,9 @@ each check's outcome is then its own test. Local batch sizes differ between rank
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import random
 import traceback
 
 import pytest
@@ -17,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mmkernels.distributed as mmd
+from mmkernels._ring import ring_schedule
 from mmkernels.ops import contrastive_kernels as _kernels
 from mmkernels.ops._common import HAS_TRITON, interpreting
 from toolkit import CUDA, OpTrace, assert_within_rule, fresh_seed, run_ranks
@@ -167,44 +171,50 @@ def check_clip_fp16(env):
                                   normalize=True)
 
 
-def check_siglip(env):
+def check_siglip(env, mode="gather"):
     batch = env.batch()
-    loss, grads = run_loss("siglip", *batch, env.rows)
+    loss, grads = run_loss("siglip", *batch, env.rows, mode=mode)
     assert set(grads) == {"image", "text", "scale", "bias"}
     assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
 
 
-def check_siglip_normalize_unscaled(env):
+def check_siglip_normalize_unscaled(env, mode="gather"):
     batch = env.batch()
-    loss, grads = run_loss("siglip", *batch, env.rows, normalize=True, grad_scaling="none")
+    loss, grads = run_loss("siglip", *batch, env.rows, normalize=True, grad_scaling="none", mode=mode)
     assert_matches_single_process(env, "siglip", loss, grads, batch, factor=1, dtype=torch.float32, normalize=True)
 
 
-def check_siglip_frozen_towers(env):
+def check_siglip_frozen_towers(env, mode="gather"):
     batch = env.batch()
-    loss, grads = run_loss("siglip", *batch, env.rows, text_grad=False, scale_grad=False)
+    loss, grads = run_loss("siglip", *batch, env.rows, text_grad=False, scale_grad=False, mode=mode)
     assert set(grads) == {"image", "bias"}
     assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
-    loss, grads = run_loss("siglip", *batch, env.rows, image_grad=False)
+    loss, grads = run_loss("siglip", *batch, env.rows, image_grad=False, mode=mode)
     assert set(grads) == {"text", "scale", "bias"}
+    assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
+    # Only the last rank's text needs its gradient: the others still send their contributions to it.
+    loss, grads = run_loss("siglip", *batch, env.rows, image_grad=False, text_grad=env.rank == env.world_size - 1,
+                           scale_grad=False, bias_grad=False, mode=mode)
+    assert set(grads) == ({"text"} if env.rank == env.world_size - 1 else set())
     assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
 
 
-def check_siglip_fp16(env):
+def check_siglip_fp16(env, mode="gather"):
     batch = env.batch(torch.float16)
-    loss, grads = run_loss("siglip", *batch, env.rows, normalize=True)
+    loss, grads = run_loss("siglip", *batch, env.rows, normalize=True, mode=mode)
     assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float16,
                                   normalize=True)
 
 
 def check_non_finite(env):
     # A NaN in the last rank's image rows, an Inf in the first rank's text rows: NaN on every rank.
+    runs = (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"}))
     A, B, scale, bias = env.batch()
     A[sum(env.sizes[:-1]), 0] = float("nan")
-    losses = [run_loss(kind, A, B, scale, bias, env.rows)[0] for kind in ("clip", "siglip")]
+    losses = [run_loss(kind, A, B, scale, bias, env.rows, **kw)[0] for kind, kw in runs]
     A, B, scale, bias = env.batch()
     B[0, 1] = float("inf")
-    losses += [run_loss(kind, A, B, scale, bias, env.rows)[0] for kind in ("clip", "siglip")]
+    losses += [run_loss(kind, A, B, scale, bias, env.rows, **kw)[0] for kind, kw in runs]
     assert all(torch.isnan(x) for x in losses), losses
 
 
@@ -216,14 +226,16 @@ WORK = {  # (loss, what needs a gradient): the block row's matrix products (2·M
     ("clip", "all"): 4, ("clip", "text frozen"): 3, ("clip", "image frozen"): 3, ("clip", "none"): 1,
     ("siglip", "all"): 3, ("siglip", "text frozen"): 2, ("siglip", "image frozen"): 2, ("siglip", "none"): 1,
 }
+MODES = {"clip": ("gather",), "siglip": ("gather", "ring")}  # the ring: W blocks of 2·M_r·M_q·D, the same sum
 NEEDS = {"all": {}, "text frozen": {"text_grad": False}, "image frozen": {"image_grad": False},
          "none": {"image_grad": False, "text_grad": False, "scale_grad": False, "bias_grad": False}}
 
 
 def check_work_per_rank(env):
     """Each rank's matrix work is its block row's: CLIP 8·M_r·N·D (2 for the statistics, 6 for the
-    gradients), SigLIP 6·M_r·N·D, 2·M_r·N·D less per frozen tower (the reference path computes both
-    sides whatever is frozen), 2·M_r·N·D without gradients."""
+    gradients), SigLIP 6·M_r·N·D in either mode (the ring's W blocks of M_r × M_q add up to it),
+    2·M_r·N·D less per frozen tower (the reference path computes both sides whatever is frozen),
+    2·M_r·N·D without gradients."""
     env = Rank(env.rank, env.world_size, WORK_SIZES[env.world_size], env.seed)
     d = 64
     A, B, scale, bias = env.batch(d=d)
@@ -232,10 +244,11 @@ def check_work_per_rank(env):
     for (kind, needs), products in WORK.items():
         if not interpreting() and needs in ("text frozen", "image frozen"):
             continue
-        with OpTrace() as trace:
-            run_loss(kind, A, B, scale, bias, env.rows, **NEEDS[needs])
-        if trace.matmul_flops != products * unit:
-            wrong.append(f"{kind}, {needs}: {trace.matmul_flops / unit} products, expected {products}")
+        for mode in MODES[kind]:
+            with OpTrace() as trace:
+                run_loss(kind, A, B, scale, bias, env.rows, **NEEDS[needs], **({"mode": mode} if kind == "siglip" else {}))
+            if trace.matmul_flops != products * unit:
+                wrong.append(f"{kind} ({mode}), {needs}: {trace.matmul_flops / unit} products, expected {products}")
     assert not wrong, f"rank {env.rank} (M = {env.sizes[env.rank]}): " + "; ".join(wrong)
 
 
@@ -258,6 +271,82 @@ def check_memory_per_rank(env):
         if m > 64:
             assert trace.largest_allocation <= workspace < block_row, (kind, trace.largest_allocation, block_row)
             assert trace.peak_bytes < block_row, (kind, trace.peak_bytes, block_row)
+
+
+RING_MEMORY_SIZES = {2: (128, 64), 3: (64, 0, 128)}
+RING_BLOCKS_ALIVE = 10  # blocks of max M_r rows alive at once, at most (see check_ring_memory_per_rank)
+
+
+def check_ring_memory_per_rank(env):
+    """mode="ring" holds nothing of the text's size N·D: every allocation but the kernels' workspace
+    is at most one block of max_r M_r rows, the workspace is sized against max M_r columns, and all
+    of it alive at once stays under the workspace + 10 blocks (the inputs' two copies, the current
+    and the incoming text block, the image gradient's sum and one block's share, the text gradient
+    blocks in flight: own, received or sent, fresh, scaled: at most 10, whatever W). The
+    interpreter's launches free their buffers at once (collect_cycles), as a GPU's do. Negative
+    control: mode="gather" allocates the (N, D) gathered text, and that workspace is too small for
+    its blocks."""
+    env = Rank(env.rank, env.world_size, RING_MEMORY_SIZES[env.world_size], env.seed)
+    d = 4
+    A, B, scale, bias = env.batch(d=d)
+    n, widest = A.shape[0], max(env.sizes)
+    workspace = _kernels.panel_bytes(64, widest, d, torch.float32, A.device, True, True, torch.float32)
+    block = widest * d * 4
+    with OpTrace(collect_cycles=True) as trace:
+        loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, mode="ring", workspace_bytes=workspace)
+    assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                  dtype=torch.float32)
+    too_big = [a for a in trace.allocations if a.nbytes > (workspace if a.dtype == torch.uint8 else block)]
+    assert not too_big, f"rank {env.rank}: allocations over one block of {block} bytes: {too_big}"
+    assert trace.peak_bytes <= workspace + RING_BLOCKS_ALIVE * block, (trace.peak_bytes, workspace, block)
+    with OpTrace() as trace:
+        run_loss("siglip", A, B, scale, bias, env.rows)
+    assert any(a.shape == (n, d) for a in trace.allocations), "the gather mode's (N, D) text was not seen"
+    err = _raised(lambda: run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=workspace))
+    assert isinstance(err, ValueError) and "expected workspace_bytes >=" in str(err), repr(err)
+
+
+def check_ring_overlaps_exchange_with_compute(env):
+    """Each step of the ring posts its messages (the next block's rows among them) before it
+    computes on the current block and waits for them after: the exchange runs during the compute.
+    Seen by wrapping batch_isend_irecv, the works' wait and the block function."""
+    A, B, scale, bias = env.batch()
+    events, real_batch, real_block = [], dist.batch_isend_irecv, mmd._blocks.siglip_block
+
+    class Work:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            events.append("wait")
+            return self.work.wait()
+
+    def batch(ops):
+        kinds = [("recv" if op.op is dist.irecv else "send", tuple(op.tensor.shape), op.tensor.dtype) for op in ops]
+        events.append(("post", kinds))
+        return [Work(w) for w in real_batch(ops)]
+
+    def block(*args, **kwargs):
+        events.append("compute")
+        return real_block(*args, **kwargs)
+
+    dist.batch_isend_irecv, mmd._blocks.siglip_block = batch, block
+    try:
+        loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, mode="ring")
+    finally:
+        dist.batch_isend_irecv, mmd._blocks.siglip_block = real_batch, real_block
+    assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                  dtype=torch.float32)
+    w, r = env.world_size, env.rank
+    computes = [i for i, e in enumerate(events) if e == "compute"]
+    steps = [k for k in range(w) if env.sizes[(r - k) % w]]  # the steps that compute: nonempty blocks
+    assert len(computes) == len(steps), events
+    for k, i in zip(steps, computes):
+        post = events[i - 1] if i and isinstance(events[i - 1], tuple) else ("post", [])
+        assert events[i + 1: i + 1 + len(post[1])] == ["wait"] * len(post[1]), (k, events)
+        q_next = (r - k - 1) % w  # the block whose rows arrive during this compute
+        if k < w - 1 and env.sizes[q_next]:
+            assert ("recv", (env.sizes[q_next], D), torch.float32) in post[1], (k, events)
 
 
 def _raised(fn):
@@ -290,6 +379,11 @@ def check_errors_raise_on_every_rank(env):
                         ValueError, "expected image_local to be 2-D" if last else "rejected"),
         "empty batch": (lambda: mmd.siglip_loss(a[:0], b[:0], scale, bias), ValueError,
                         "at least one pair in the global batch"),
+        "mode": (lambda: mmd.siglip_loss(a, b, scale, bias, mode="ring" if last else "gather"), ValueError,
+                 "same mode on every rank, got mode='gather' on rank"),
+        "mode value": (lambda: mmd.siglip_loss(a, b, scale, bias, mode="bidir"), ValueError,
+                       "expected mode to be one of ('gather', 'ring'), got 'bidir'"),
+        "clip ring": (lambda: mmd.clip_loss(a, b, scale, mode="ring"), TypeError, "mode"),  # not a parameter
         "scale shape": (lambda: mmd.clip_loss(a, b, torch.ones(2) if first else scale),
                         ValueError, "logit_scale to be a scalar" if first else "rejected"),
     }
@@ -298,10 +392,11 @@ def check_errors_raise_on_every_rank(env):
         err = _raised(call)
         if not isinstance(err, exc) or match not in str(err):
             failures.append(f"{name}: expected {exc.__name__} matching {match!r}, got {err!r}")
-    # The ranks stayed in step: a valid call after all of that is right.
-    loss, grads = run_loss("clip", A, B, scale, bias, env.rows)
-    assert_matches_single_process(env, "clip", loss, grads, (A, B, scale, bias), factor=env.world_size,
-                                  dtype=torch.float32)
+    # The ranks stayed in step: valid calls after all of that are right.
+    for kind, kw in (("clip", {}), ("siglip", {"mode": "ring"})):
+        loss, grads = run_loss(kind, A, B, scale, bias, env.rows, **kw)
+        assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                      dtype=torch.float32)
     assert not failures, "\n".join(failures)
 
 
@@ -323,6 +418,16 @@ def check_small_workspace_raises_on_every_rank(env):
     loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=enough)
     assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
                                   dtype=torch.float32)
+    # The ring's blocks are M_r rows against at most max M_r columns: so is the check.
+    widest = max(env.sizes)
+    workspace = _kernels.panel_bytes(small, widest, D, torch.float32, A.device, True, True, torch.float32)
+    err = _raised(lambda: run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=workspace, mode="ring"))
+    assert isinstance(err, ValueError) and f"rank {big} (M = {widest} rows against {widest} columns (the widest " \
+        "ring block))" in str(err) and "expected workspace_bytes >=" in str(err), repr(err)
+    enough = _kernels.panel_bytes(widest, widest, D, torch.float32, A.device, True, True, torch.float32)
+    loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=enough, mode="ring")
+    assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                  dtype=torch.float32)
 
 
 # (check, paths it runs on): "reference" is the CPU path, "triton" the kernels under the interpreter.
@@ -335,9 +440,16 @@ CHECKS = {
     "siglip_normalize_unscaled": (check_siglip_normalize_unscaled, ("reference", "triton")),
     "siglip_frozen_towers": (check_siglip_frozen_towers, ("reference", "triton")),
     "siglip_fp16": (check_siglip_fp16, ("triton",)),
+    "siglip_ring": (functools.partial(check_siglip, mode="ring"), ("reference", "triton")),
+    "siglip_ring_normalize_unscaled": (functools.partial(check_siglip_normalize_unscaled, mode="ring"),
+                                       ("reference", "triton")),
+    "siglip_ring_frozen_towers": (functools.partial(check_siglip_frozen_towers, mode="ring"), ("reference", "triton")),
+    "siglip_ring_fp16": (functools.partial(check_siglip_fp16, mode="ring"), ("triton",)),
     "non_finite": (check_non_finite, ("reference", "triton")),
     "work_per_rank": (check_work_per_rank, ("reference", "triton")),
     "memory_per_rank": (check_memory_per_rank, ("triton",)),
+    "ring_memory_per_rank": (check_ring_memory_per_rank, ("triton",)),
+    "ring_overlaps_exchange_with_compute": (check_ring_overlaps_exchange_with_compute, ("reference",)),
     "errors_raise_on_every_rank": (check_errors_raise_on_every_rank, ("reference",)),
     "small_workspace_raises_on_every_rank": (check_small_workspace_raises_on_every_rank, ("triton",)),
 }
@@ -418,12 +530,82 @@ def test_missing_process_group_raises():
         mmd.siglip_loss(a, b, 1.0, 0.0)
 
 
+def simulate_ring(sizes, gradients):
+    """Run every rank's ring_schedule in lockstep on symbols: which block each rank holds and
+    computes on, and which ranks' contributions each gradient sum holds. Asserts at every step
+    that rank r's sends to r+1 are, in order, the receives r+1 posts from r (gloo matches them by
+    tag, NCCL by order: either way no rank waits for a message that never comes). Returns
+    (blocks computed per rank, contributors summed into each rank's own gradient)."""
+    world = len(sizes)
+    schedules = [ring_schedule(r, sizes, gradients) for r in range(world)]
+    assert len({len(s) for s in schedules}) == 1
+    holding = list(range(world))              # the rows each rank computes on at the current step
+    computed = [[] for _ in range(world)]
+    own, outgoing = [None] * world, [None] * world
+    for t in range(len(schedules[0])):
+        steps = [s[t] for s in schedules]
+        for r, step in enumerate(steps):
+            sent = [(m.kind, m.block) for m in step.messages if m.send]
+            received = [(m.kind, m.block) for m in steps[(r + 1) % world].messages if not m.send]
+            assert sent == received, f"step {t}: rank {r} sends {sent}, rank {(r + 1) % world} receives {received}"
+        arriving_rows = [holding[(r - 1) % world] for r in range(world)]
+        arriving_sums = [outgoing[(r - 1) % world] for r in range(world)]
+        for r, step in enumerate(steps):
+            if step.block is not None:
+                assert holding[r] == step.block, f"rank {r} computes on {step.block} holding {holding[r]}'s rows"
+                computed[r].append(step.block)
+            mine = [r] if step.block is not None else []
+            received = next((arriving_sums[r] for m in step.messages if m.kind == "grad" and not m.send), None)
+            if step.fold == "own":
+                own[r] = mine
+            elif step.fold == "start":
+                outgoing[r] = mine
+            elif step.fold == "add":
+                outgoing[r] = received + mine
+            elif step.fold == "home":
+                own[r] = own[r] + received
+            else:
+                outgoing[r] = None
+        holding = [arriving_rows[r] if any(m.kind == "rows" and not m.send for m in steps[r].messages) else None
+                   for r in range(world)]
+    return computed, own
+
+
+def test_ring_schedule_pairs_every_message_and_brings_every_gradient_home():
+    """Worlds of 1 to 8 ranks, empty ranks among them (no process spawned): every rank computes on
+    every nonempty block exactly once, holding its rows; every message has its match; every
+    rank's gradient sums the contributions of all ranks, each once. Negative control: a schedule
+    with one receive dropped fails the pairing."""
+    rng = random.Random(fresh_seed())
+    worlds = [(3,), (2, 5), (0, 4), (1, 0, 6), (0, 0, 2)] + [
+        tuple(rng.choice([0, 1, 3]) for _ in range(w)) for w in range(2, 9) for _ in range(3)]
+    for sizes in worlds:
+        if not any(sizes):
+            continue
+        for gradients in (True, False):
+            computed, own = simulate_ring(sizes, gradients)
+            blocks = sorted(q for q, m in enumerate(sizes) if m)
+            for r in range(len(sizes)):
+                assert sorted(computed[r]) == blocks, (sizes, r, computed[r])
+                if gradients and sizes[r]:
+                    assert sorted(own[r]) == list(range(len(sizes))), (sizes, r, own[r])
+    real = ring_schedule
+    try:
+        globals()["ring_schedule"] = lambda r, sizes, g: [
+            s._replace(messages=tuple(m for m in s.messages if m.send or r != 1)) for s in real(r, sizes, g)]
+        with pytest.raises(AssertionError, match="receives"):
+            simulate_ring((2, 3, 1), True)
+    finally:
+        globals()["ring_schedule"] = real
+
+
 # --------------------------------------------------------------------------- GPU (NCCL)
 
 
 def gpu_job(rank, world_size, seed):
-    """On each GPU of an NCCL group: both losses in fp32 and bf16, sizes off the tiles, a small
-    workspace (several panels), against the single-process loss of the concatenated batch."""
+    """On each GPU of an NCCL group: both losses in fp32 and bf16 (SigLIP in both modes), sizes off
+    the tiles, a small workspace (several panels), against the single-process loss of the
+    concatenated batch."""
     failures = []
     for index, (n_per_rank, d, dtype, workspace) in enumerate([
         (1000, 256, torch.float32, None), (1031, 768, torch.bfloat16, None), (4096, 512, torch.bfloat16, 2**22),
@@ -432,14 +614,15 @@ def gpu_job(rank, world_size, seed):
         env = Rank(rank, world_size, sizes, seed + index)
         A, B, scale, bias = env.batch(dtype, d=d)
         A, B = A.cuda(), B.cuda()
-        for kind in ("clip", "siglip"):
+        for kind, kw in (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"})):
             try:
-                loss, grads = run_loss(kind, A, B, scale, bias, env.rows, normalize=True, workspace_bytes=workspace)
+                loss, grads = run_loss(kind, A, B, scale, bias, env.rows, normalize=True, workspace_bytes=workspace,
+                                       **kw)
                 assert loss.is_cuda and all(g.is_cuda for g in grads.values())
                 assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=world_size,
                                               dtype=dtype, normalize=True)
             except Exception:
-                failures.append(f"{kind} N/rank={n_per_rank} D={d} {dtype}:\n{traceback.format_exc()}")
+                failures.append(f"{kind} {kw} N/rank={n_per_rank} D={d} {dtype}:\n{traceback.format_exc()}")
     return failures
 
 

@@ -5,6 +5,7 @@ its SigLIP exchange), value and gradients on every rank; the flags it refuses, a
 """
 from __future__ import annotations
 
+import contextlib
 import traceback
 
 import pytest
@@ -14,6 +15,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 import mmkernels
+from mmkernels import _ring
 from test_distributed import Rank, on_path, single_process
 from toolkit import assert_within_rule, fresh_seed, run_ranks
 
@@ -147,13 +149,31 @@ def check_clip_loss_flags(env):
             assert_within_rule(f"{flags} {name} (rank {env.rank})", g, e, o, torch.float32, size=sizes[name])
 
 
+@contextlib.contextmanager
+def _counting_ring_passes():
+    """A list that gets one entry per run of mmkernels.distributed's point-to-point ring."""
+    calls, real = [], _ring.ring_pass
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    _ring.ring_pass = counted
+    try:
+        yield calls
+    finally:
+        _ring.ring_pass = real
+
+
 def check_siglip_loss_equal_batches(env):
     A, B, scale, bias = env.batch()
     sizes = floors("siglip", A, B, scale, bias, env.rows, env.world_size)
-    for dist_impl in ("bidir", "gather"):
+    for dist_impl, ring in (("bidir", True), ("shift", True), ("reduce", False), ("gather", False)):
         criterion = mmkernels.nn.SigLipLoss(rank=env.rank, world_size=env.world_size, dist_impl=dist_impl)
         leaves = _leaves(A, B, scale, bias, env.rows, torch.float32)
-        loss = criterion(*leaves)
+        with _counting_ring_passes() as passes:
+            loss = criterion(*leaves)
+        assert passes == [1] * ring, f"{dist_impl}: {len(passes)} ring passes, expected {int(ring)}"
         got = [loss.detach()] + list(torch.autograd.grad(loss, leaves))
         kw = dict(rank=env.rank, world_size=env.world_size)
         oracle = _open_clip_values(open_clip_siglip_loss, A, B, scale, bias, env.rows, torch.float64, **kw)

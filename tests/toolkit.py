@@ -227,8 +227,15 @@ class OpTrace:
     `tl.dot` that Triton's interpreter executes (2·M·N·K; run under TRITON_INTERPRET=1). Each op's
     output storage that is new (not a view of an input) counts as an allocation; `peak_bytes` is the
     most bytes of those alive at once (freed when the storage dies).
+
+    `OpTrace(collect_cycles=True)`: Triton's interpreter keeps each launch's arguments' storages in a
+    reference cycle (a self-recursive closure in triton 3.x), so under TRITON_INTERPRET=1 a buffer
+    lives on until Python's cyclic GC runs, not when its last tensor goes as it does on a GPU; this
+    runs gc.collect() after every interpreted launch so that `peak_bytes` counts what a GPU holds
+    (slower: use it where a test bounds the peak of several launches in a row).
     """
 
+    collect_cycles: bool = False
     aten_flops: int = 0
     dot_flops: int = 0
     dot_calls: int = 0
@@ -270,9 +277,12 @@ class OpTrace:
         self._mode.__enter__()
         self._dot_patch = _patch_interpreter_dot(self)
         self._dot_patch.__enter__()
+        self._gc_patch = _collect_after_interpreted_launches(self.collect_cycles)
+        self._gc_patch.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._gc_patch.__exit__(*exc)
         self._dot_patch.__exit__(*exc)
         return self._mode.__exit__(*exc)
 
@@ -321,6 +331,30 @@ def _patch_interpreter_dot(trace: OpTrace):
         yield
     finally:
         InterpreterBuilder.create_dot = original
+
+
+@contextmanager
+def _collect_after_interpreted_launches(enabled: bool):
+    if not (enabled and HAS_TRITON):
+        yield
+        return
+    import gc
+
+    from triton.runtime.interpreter import GridExecutor
+
+    original = GridExecutor.__call__
+
+    def launch_then_collect(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            gc.collect()
+
+    GridExecutor.__call__ = launch_then_collect
+    try:
+        yield
+    finally:
+        GridExecutor.__call__ = original
 
 
 # --------------------------------------------------------------------------- whole models

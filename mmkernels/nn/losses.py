@@ -25,6 +25,10 @@ from mmkernels.ops.info_nce import info_nce_loss
 __all__ = ["ClipLoss", "SigLipLoss", "InfoNCELoss"]
 
 _SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+# open_clip's exchanges of the texts: "bidir" and "shift" pass them between neighbours (its memory
+# holds a block at a time), "reduce" and "gather" collect all of them. The same function either way:
+# the neighbour schemes take mmkernels.distributed's ring, the others its all_gather.
+_SIGLIP_MODES = {"bidir": "ring", "shift": "ring", "reduce": "gather", "gather": "gather"}
 
 
 def _check_rank_args(rank, world_size, use_horovod, cls: str) -> None:
@@ -166,8 +170,15 @@ class SigLipLoss(nn.Module):
     W · dL/d(rows) for the embeddings and W · this rank's share (its block row) of dL/dlogit_scale
     and dL/dlogit_bias, L being the single-process loss of the global batch. Unequal M_r are
     allowed (each rank's block then weighs N / M_r instead of W). Every `dist_impl` ("bidir",
-    "shift", "reduce", "gather") gives the same function in open_clip, and the same result here,
-    where the texts travel by one all_gather and their gradients by one reduce-scatter.
+    "shift", "reduce", "gather") gives the same function in open_clip, and the same result here.
+    How the texts travel follows open_clip's choice: "bidir" (the default) and "shift", open_clip's
+    exchanges between neighbouring ranks, run `mmkernels.distributed.siglip_loss(mode="ring")`
+    (point-to-point, one text block of max M_r rows at a time, the next block's exchange overlapping
+    the current one's compute, the text gradients summed around the ring back to their owners;
+    O(M·D) memory instead of O(N·D) for the same bytes sent); "reduce" and "gather" run
+    mode="gather" (one all_gather of the texts, one reduce-scatter of their gradients). open_clip's
+    "bidir" sends the blocks both ways (half the steps); the ring sends them one way, so that each
+    block's gradient sum, carried along behind it, ends one hop from its owner (see mmkernels._ring).
     `bidir` (older open_clip: True = "bidir", False = "shift") is accepted; `chunk_size` and
     `cache_labels` have no effect (no logit block and no labels tensor are built); `use_horovod=True`
     raises. `rank` and `world_size` must be the process group's.
@@ -206,8 +217,8 @@ class SigLipLoss(nn.Module):
         else:
             loss = distributed.siglip_loss_scaled(
                 image_features, text_features, logit_scale, logit_bias, group=self.group, normalize=self.normalize,
-                workspace_bytes=self.workspace_bytes, scaling="open_clip_siglip", caller="mmkernels.nn.SigLipLoss",
-                extra_checks=_group_matches(self.rank, self.world_size),
+                workspace_bytes=self.workspace_bytes, scaling="open_clip_siglip", mode=_SIGLIP_MODES[self.dist_impl],
+                caller="mmkernels.nn.SigLipLoss", extra_checks=_group_matches(self.rank, self.world_size),
             )
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -126,10 +126,14 @@ def _check_embeddings(image_emb, text_emb) -> None:
         raise ValueError("expected at least one pair, got N = 0")
 
 
-def _check_block(image_emb, text_emb, offset, n_total=None) -> None:
+def _check_block(image_emb, text_emb, offset, n_total=None, *, positives_optional: bool = False) -> None:
     _check_pair_tensors(image_emb, text_emb, "M")
     if text_emb.shape[0] == 0:
         raise ValueError("expected text_emb to hold at least one column, got N = 0")
+    if offset is None and positives_optional:  # a block without positives: any M against any N
+        if n_total is not None:
+            _check_int("n_total", n_total, 1)
+        return
     _check_int("offset", offset, 0)
     m, n = image_emb.shape[0], text_emb.shape[0]
     if offset + m > n:
@@ -271,6 +275,9 @@ def _siglip_block_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss (), d image_emb (M, D), d text_emb (N, D), d logit_scale (), d logit_bias ()): the block's
     share of the global SigLIP loss and of its gradients, all from one pass over its logits.
+
+    Row i's positive is column offset + i where that column exists: offset >= N (siglip_block passes
+    offset = N for offset=None) gives a block without positives, every label -1, at the same cost.
 
     A side not asked is an empty tensor and costs no product (2·M·N·D each); without scalar_grads
     the scalars' gradients are 0. Differentiable: the backward scales the gradients computed here,
@@ -465,16 +472,23 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, *, offs
     return ClipBlockGrads(d_image if image_grad else None, d_text if text_grad else None, d_scale)
 
 
-def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int, n_total: int, normalize: bool,
-                 image_grad: bool, text_grad: bool, scalar_grads: bool = True,
+def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int | None, n_total: int,
+                 normalize: bool, image_grad: bool, text_grad: bool, scalar_grads: bool = True,
                  workspace_bytes: int | None = None) -> SiglipBlock:
     """One block's share of the global SigLIP loss and of its gradients (see SiglipBlock); no autograd.
 
     The global loss is siglip_loss over all n_total pairs: the sum of every block's loss; its
     gradients are the sums of every block's shares (image rows: complete per block).
 
+    A block may also be a sub-block of columns: rows against some other rows' texts (the ring of
+    mmkernels.distributed.siglip_loss(mode="ring") passes each rank's texts to every rank). Such a
+    block holds no positive: offset=None gives it, every label -1, loss Σ_ij softplus(S_ij) / n_total
+    (= Σ_ij -log σ(-S_ij) / n_total), at the same cost as a block with positives.
+
     Args:
-        image_emb (M, D), text_emb (N, D), logit_scale, offset, normalize: as in clip_block_stats.
+        image_emb (M, D), text_emb (N, D), logit_scale, normalize: as in clip_block_stats.
+        offset: the column of row 0's positive (offset + M <= N), or None: the block has no
+            positives (then any M >= 0 against any N >= 1).
         logit_bias: the additive bias, a Python float or a 0-dim tensor.
         n_total: the number of pairs in the global batch (the loss is divided by it).
         image_grad, text_grad: which embedding gradients to compute; a side not asked costs no
@@ -485,7 +499,7 @@ def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int, n
 
     Work: 2·M·N·D for the loss (each logit computed once), plus 2·M·N·D per side asked.
     """
-    _check_block(image_emb, text_emb, offset, n_total)
+    _check_block(image_emb, text_emb, offset, n_total, positives_optional=True)
     normalize = _check_flag("normalize", normalize)
     image_grad, text_grad = _check_flag("image_grad", image_grad), _check_flag("text_grad", text_grad)
     scalar_grads = _check_flag("scalar_grads", scalar_grads)
@@ -500,8 +514,8 @@ def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int, n
     kernels.panel_workspace(m, b.shape[0], d, a.dtype, a.device, image_grad, text_grad, torch.float32,
                             workspace_bytes)
     loss, d_image, d_text, d_scale, d_bias = torch.ops.mmkernels.siglip_block(
-        a, b, scale, bias, offset, n_total, normalize, image_grad, text_grad, scalar_grads, torch.float32,
-        workspace_bytes,
+        a, b, scale, bias, b.shape[0] if offset is None else offset, n_total, normalize, image_grad, text_grad,
+        scalar_grads, torch.float32, workspace_bytes,
     )
     return SiglipBlock(loss, d_image if image_grad else None, d_text if text_grad else None,
                        d_scale if scalar_grads else None, d_bias if scalar_grads else None)

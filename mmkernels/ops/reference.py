@@ -47,11 +47,12 @@ def clip_loss(image_emb, text_emb, logit_scale, normalize: bool = False, label_s
     return (rows + cols) / 2
 
 
-def _siglip_labels(m: int, n: int, offset: int, like: torch.Tensor) -> torch.Tensor:
-    """(m, n): +1 at (i, offset + i), -1 elsewhere."""
+def _siglip_labels(m: int, n: int, offset: int | None, like: torch.Tensor) -> torch.Tensor:
+    """(m, n): +1 at (i, offset + i), -1 elsewhere (everywhere when offset is None: no positives)."""
     labels = torch.full((m, n), -1.0, dtype=like.dtype, device=like.device)
-    rows = torch.arange(m, device=like.device)
-    labels[rows, offset + rows] = 1.0
+    if offset is not None:
+        rows = torch.arange(m, device=like.device)
+        labels[rows, offset + rows] = 1.0
     return labels
 
 
@@ -147,10 +148,11 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset:
     return (d_image if image_grad else None), (d_text if text_grad else None), d_scale
 
 
-def siglip_block(image_emb, text_emb, logit_scale, logit_bias, offset: int, n_total: int, normalize: bool,
-                 image_grad: bool, text_grad: bool, scalar_grads: bool):
+def siglip_block(image_emb, text_emb, logit_scale, logit_bias, offset: int | None, n_total: int,
+                 normalize: bool, image_grad: bool, text_grad: bool, scalar_grads: bool):
     """This block's share of the global SigLIP loss, -Σ_ij log σ(label_ij · S_ij) / n_total over its
-    rows, and, when asked, of its gradients. Returns (loss (), d image_emb (M, D) or None,
+    rows, and, when asked, of its gradients; offset None: a block without positives (every label
+    -1, the rows against another rank's columns). Returns (loss (), d image_emb (M, D) or None,
     d text_emb (N, D) or None, d logit_scale () or None, d logit_bias () or None)."""
     dtype = _compute_dtype(image_emb)
     a, b, scale, bias = _leaves(image_emb, text_emb, logit_scale, logit_bias, dtype=dtype)
