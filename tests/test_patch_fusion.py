@@ -206,7 +206,8 @@ def to(inputs, device, dtype=None):
 
 def compare(case: Case, device, dtype=torch.float32):
     """Run the case unpatched in float64 (the oracle) and in `dtype`, and patched (plain
-    `mmkernels.patch(model)`) in `dtype`; the loss is Σ random weights · the outputs' kept rows.
+    `mmkernels.patch(model)`) in `dtype`; the loss is Σ random weights · the outputs' kept rows (its
+    floor scales with Σ |weight · output|, since the ± terms cancel).
     Assert DESIGN.md's rule on the kept rows, the loss and every parameter's gradient. Returns the
     patch handle."""
     probe = case.kept(case.model(**case.inputs))
@@ -227,12 +228,14 @@ def compare(case: Case, device, dtype=torch.float32):
         return tuple({name: t.cpu() for name, t in values.items()} for values in result)
 
     oracle = model_outputs_and_grads(copy.deepcopy(case.model).double(), run)
+    # The loss is a sum of ± terms that cancel: its floor scales with the size of the terms.
+    loss_size = sum((oracle[0][name] * weights[name]).abs().sum().item() for name in weights)
     eager = on_cpu(model_outputs_and_grads(copy.deepcopy(case.model).to(device, dtype), run))
     patched_model = copy.deepcopy(case.model).to(device, dtype)
     handle = mmkernels.patch(patched_model)
     got = on_cpu(model_outputs_and_grads(patched_model, run))
     assert_models_within_rule(got, eager, oracle, dtype, what=type(case.model).__name__,
-                              sizes=bias_sizes(case.model))
+                              sizes={**bias_sizes(case.model), "loss": loss_size})
     return handle
 
 
