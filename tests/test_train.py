@@ -57,22 +57,35 @@ def test_default_command_ab_report_and_learning(tmp_path, reference_path):
         # learning: the loss falls and held-out retrieval is far above chance, both directions
         assert v["final_loss"] < 0.85 * v["losses"][0], (name, v["losses"][0], v["final_loss"])
         r = v["retrieval"]
-        assert r["n"] == 64 and r["chance_r1"] == pytest.approx(1 / 64)
+        # chance is 1/64, more where held-out scenes share a caption (seed 9001: 33/2048)
+        assert r["n"] == 64 and 1 / 64 <= r["chance_r1"] < 2 / 64
         for key in ("i2t_r1", "t2i_r1"):
             assert r[key] >= 5 * r["chance_r1"], (name, key, r)
         assert r["i2t_r5"] >= r["i2t_r1"] and r["t2i_r5"] >= r["t2i_r1"]
     patched = report["variants"]["mmkernels"]["patched"]
     assert patched.startswith("mmkernels.patch(CLIPModel): ") and int(patched.split(": ")[1].split()[0]) > 0
 
-    # the two curves agree step by step under DESIGN.md's rule: the float64 run is the oracle, the
-    # baseline is the eager error
+    # The two curves agree step by step under DESIGN.md's rule (the float64 run is the oracle, the
+    # baseline is the eager error) over the first 10 steps. Past those, Adam amplifies float32
+    # rounding chaotically (a parameter whose gradient is near 0 gets an update of ±lr by the sign
+    # of its rounding), so which float32 run lies nearer the float64 one is chance: measured over 6
+    # seeds, one run's error jumped 10x in one step at step 11 (seed 9001), and by step 150 the ratio
+    # of the two runs' errors ranged from 0.05 to 22 (CI failed once on the whole curve, seed 2240,
+    # ratio 3.8). Over the whole run the two float32 curves stay much nearer each other than either
+    # is to the float64 one (largest step gap seen 9e-4 while float32 against float64 reached 1.4e-2;
+    # mean over the last 50 steps within 2.3e-5 relative): the bounds below are ~20x those.
     oracle = run(AB + ["--seed", seed, "--no-compare", "--precision", "fp64", "--out", str(tmp_path / "fp64")])
     truth = _curve(oracle, "mmkernels")
     base, ours = _curve(report, "baseline"), _curve(report, "mmkernels")
-    assert_within_rule("loss curve", ours, base, truth, torch.float32)
+    k = 10
+    assert_within_rule("loss curve, first 10 steps", ours[:k], base[:k], truth[:k], torch.float32)
     # negative control: a curve one step out of line fails the same comparison
     with pytest.raises(AssertionError):
-        assert_within_rule("shifted loss curve", torch.cat([ours[1:], ours[-1:]]), base, truth, torch.float32)
+        assert_within_rule("shifted loss curve", ours[1:k + 1], base[:k], truth[:k], torch.float32)
+    gap = (ours - base).abs()
+    assert bool((gap <= 0.02 * base.abs()).all()), f"step {int(gap.argmax())}: curves {gap.max():.3e} apart"
+    tail_gap = abs(ours[-50:].mean() - base[-50:].mean()) / base[-50:].mean()
+    assert tail_gap <= 1e-3, f"mean loss over the last 50 steps {tail_gap:.2e} apart (relative)"
 
 
 def test_resume_refuses_other_options_and_existing_runs(tmp_path, reference_path, capsys):
