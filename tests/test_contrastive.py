@@ -196,6 +196,18 @@ def test_non_finite_inputs_give_nan(loss_name, interpret, monkeypatch):
     assert torch.isfinite(eager_siglip_loss(*cases[-1][:2], torch.tensor(2.0), torch.tensor(-1.0)))
 
 
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_float_scale_past_float32_range_gives_nan(interpret, monkeypatch):
+    """A Python-float logit_scale or logit_bias past float32's range is ±inf, as torch.tensor rounds
+    it (not an error, as torch.full would give): the loss of an Inf input is NaN."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    fresh_seed()
+    a, b = torch.randn(9, 8), torch.randn(9, 8)
+    assert torch.isnan(mmkernels.clip_loss(a, b, 1e300))
+    assert torch.isnan(mmkernels.siglip_loss(a, b, 2.0, -1e300))
+    assert torch.isnan(mmkernels.info_nce_loss(a, b, 1e300))
+
+
 @needs_triton
 def test_strided_inputs(device):
     fresh_seed()
@@ -504,3 +516,27 @@ def test_gpu_memory_above_inputs(loss_name, n, d, budget_mib):
     peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
     assert peak_mib <= budget_mib, f"peak {peak_mib:.0f} MiB above the inputs, budget {budget_mib} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_forward_and_backward_do_not_sync():
+    """Python-float logit_scale and logit_bias (nn.SigLipLoss passes 0.0 for a None bias) reach the
+    kernels without a host sync: torch.tensor(value, device="cuda") waited for the GPU."""
+    a = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        loss = (mmkernels.clip_loss(a, b, 14.0, normalize=True, label_smoothing=0.1)
+                + mmkernels.siglip_loss(a, b, 10.0, -10.0, normalize=True)
+                + mmkernels.info_nce_loss(a, b, 14.0, normalize=True))
+        torch.autograd.grad(loss, (a, b))
+        contrastive.siglip_block(a, b, 10.0, -10.0, offset=None, n_total=1024, normalize=True, image_grad=True,
+                                 text_grad=True)
+
+    step()  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

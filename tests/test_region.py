@@ -512,6 +512,18 @@ def test_region_mask_errors(overrides, error, message):
         _region_call(**overrides)
 
 
+@pytest.mark.parametrize("compiling", [False, True])
+def test_lengths_on_the_cpu_go_with_features_on_any_device(compiling, monkeypatch):
+    """CPU region_lens are accepted for features on another device (meta stands in for CUDA) whether
+    torch.compile traces the call or not (then their values go unchecked); lengths on a device that
+    is neither the CPU nor the features' are refused."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    check = region_op._check_region_mask_inputs
+    check(torch.empty(2, 4, 3, device="meta"), torch.tensor([4, 1]), None, 0.15, "zero", None, 1, None, "auto")
+    with pytest.raises(ValueError, match="region_lens on feats' device cpu or on the CPU, got meta"):
+        check(torch.randn(2, 4, 3), torch.tensor([4, 1], device="meta"), None, 0.15, "zero", None, 1, None, "auto")
+
+
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):

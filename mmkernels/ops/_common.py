@@ -122,7 +122,11 @@ def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected {name} to be a float or a 0-dim tensor, got {type(value).__name__}")
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.tensor(float(value), dtype=dtype, device=like.device)
+    # Rounded on the host as torch.tensor rounds it (a value past the dtype's range to ±inf, which
+    # torch.full would refuse), then filled on the device: torch.tensor(value, device="cuda") copies
+    # from the host and waits for the GPU.
+    rounded = torch.tensor(float(value), dtype=dtype).item()
+    return torch.full((), rounded, dtype=dtype, device=like.device)
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -289,14 +289,15 @@ def _check_region_mask_inputs(feats, region_lens, valid_mask, prob, mode, mask_e
             raise ValueError(
                 f"expected region_lens of shape (B,) = ({n_samples},), got {tuple(region_lens.shape)}"
             )
-        if region_lens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if region_lens.device.type == "cpu":
             # CPU lengths are checked; CUDA ones (and any under torch.compile) are clamped to [0, R]:
             # a check would stall the host or break the graph.
-            bad = (region_lens < 0) | (region_lens > n_regions)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"expected region_lens in [0, R] = [0, {n_regions}], got {region_lens[bad].tolist()[:8]}"
-                )
+            if not torch.compiler.is_compiling():
+                bad = (region_lens < 0) | (region_lens > n_regions)
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"expected region_lens in [0, R] = [0, {n_regions}], got {region_lens[bad].tolist()[:8]}"
+                    )
         elif region_lens.device != feats.device:
             raise ValueError(
                 f"expected region_lens on feats' device {feats.device} or on the CPU, got {region_lens.device}"
