@@ -157,3 +157,16 @@ def test_recall_counts_identical_captions_as_one_class():
     assert r["i2t_r1"] == pytest.approx(1.0) and r["chance_r1"] == pytest.approx((2 + 2 + 1) / 9)
     with pytest.raises(ValueError, match="N captions"):
         recall_at_k(scores, ["a"])
+
+
+def test_resume_sets_up_the_device_the_run_was_saved_with(tmp_path, reference_path, monkeypatch):
+    from mmkernels.train import ddp
+
+    out = tmp_path / "run"
+    tiny = ["--steps", "1", "--batch-size", "4", "--eval-size", "4", "--train-size", "8", "--no-compare"]
+    assert main(tiny + ["--device", "cpu", "--out", str(out)]) == 0
+    devices, setup = [], ddp.setup
+    monkeypatch.setattr(ddp, "setup", lambda device="auto", **kw: devices.append(device) or setup(device, **kw))
+    assert main(["--resume", str(out)]) == 0
+    # on a GPU machine "auto" would resume a CPU run on the GPU
+    assert devices == ["cpu"]
