@@ -170,3 +170,10 @@ def test_resume_sets_up_the_device_the_run_was_saved_with(tmp_path, reference_pa
     assert main(["--resume", str(out)]) == 0
     # on a GPU machine "auto" would resume a CPU run on the GPU
     assert devices == ["cpu"]
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_before_the_run_starts(tmp_path, reference_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--steps", "1", "--batch-size", "16", "--train-size", "8", "--eval-size", "4", "--out", str(out)]) == 2
+    assert "fewer than --batch-size 16" in capsys.readouterr().err
+    assert not out.exists()  # no run directory that a corrected command would have to --resume

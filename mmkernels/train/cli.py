@@ -70,6 +70,9 @@ def run(argv: list[str]) -> dict | None:
             cfg = _config(argv, ctx)
             spec = ModelSpec(cfg.task, cfg.loss, cfg.model)
             data = build_data(cfg, spec)
+            if len(data.train) < cfg.batch_size:  # refused before a run directory exists
+                raise ValueError(f"the training split has {len(data.train)} examples, "
+                                 f"fewer than --batch-size {cfg.batch_size}")
         except (ValueError, OSError) as err:
             raise UsageError(str(err)) from err
         if cfg.max_batch and ctx.device.type != "cuda" and ctx.is_main:
