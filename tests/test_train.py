@@ -170,3 +170,23 @@ def test_recall_counts_identical_captions_as_one_class():
     assert r["i2t_r1"] == pytest.approx(1.0) and r["chance_r1"] == pytest.approx((2 + 2 + 1) / 9)
     with pytest.raises(ValueError, match="N captions"):
         recall_at_k(scores, ["a"])
+
+
+def test_resume_sets_up_the_device_the_run_was_saved_with(tmp_path, reference_path, monkeypatch):
+    from mmkernels.train import ddp
+
+    out = tmp_path / "run"
+    tiny = ["--steps", "1", "--batch-size", "4", "--eval-size", "4", "--train-size", "8", "--no-compare"]
+    assert main(tiny + ["--device", "cpu", "--out", str(out)]) == 0
+    devices, setup = [], ddp.setup
+    monkeypatch.setattr(ddp, "setup", lambda device="auto", **kw: devices.append(device) or setup(device, **kw))
+    assert main(["--resume", str(out)]) == 0
+    # on a GPU machine "auto" would resume a CPU run on the GPU
+    assert devices == ["cpu"]
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_before_the_run_starts(tmp_path, reference_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--steps", "1", "--batch-size", "16", "--train-size", "8", "--eval-size", "4", "--out", str(out)]) == 2
+    assert "fewer than --batch-size 16" in capsys.readouterr().err
+    assert not out.exists()  # no run directory that a corrected command would have to --resume

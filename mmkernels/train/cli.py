@@ -37,6 +37,14 @@ def _config(argv: list[str], ctx) -> options.TrainConfig:
     return cfg
 
 
+def _device(argv: list[str]) -> str:
+    """--device: a resumed run's own (from its config), else the command line's."""
+    args = options.build_parser().parse_args(argv)
+    if args.resume is not None and os.path.exists(os.path.join(args.resume, RUN_MARKER)):
+        return options.load_config(os.path.join(args.resume, RUN_MARKER)).device
+    return args.device
+
+
 def _summary(results) -> str:
     lines = []
     for r in results:
@@ -53,9 +61,8 @@ def run(argv: list[str]) -> dict | None:
     """Run the command line `argv`; returns the report on rank 0 (None on the others)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # batches may be built in forked workers
     started = time.perf_counter()
-    device = options.build_parser().parse_args(argv).device
     try:
-        ctx = ddp.setup(device)
+        ctx = ddp.setup(_device(argv))
     except ValueError as err:
         raise UsageError(str(err)) from err
     try:
@@ -63,6 +70,9 @@ def run(argv: list[str]) -> dict | None:
             cfg = _config(argv, ctx)
             spec = ModelSpec(cfg.task, cfg.loss, cfg.model)
             data = build_data(cfg, spec)
+            if len(data.train) < cfg.batch_size:  # refused before a run directory exists
+                raise ValueError(f"the training split has {len(data.train)} examples, "
+                                 f"fewer than --batch-size {cfg.batch_size}")
         except (ValueError, OSError) as err:
             raise UsageError(str(err)) from err
         if cfg.max_batch and ctx.device.type != "cuda" and ctx.is_main:
