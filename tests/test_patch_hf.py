@@ -293,6 +293,24 @@ def test_output_same_class_fields_and_logits(name, monkeypatch):
     assert not handle.fallbacks
 
 
+@pytest.mark.parametrize("name", ["siglip", "siglip2", "blip"])
+def test_return_dict_against_the_config_matches_the_model(name, monkeypatch):
+    """config.return_dict=False, overridden per call: each call returns what the unpatched model returns
+    (ModelOutput or tuple), with and without return_loss. (CLIP's and BridgeTower's own forwards fail
+    under config.return_dict=False.)"""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build(name).eval()
+    model.config.return_dict = False
+    inputs = cast(inputs_for(name, fresh_seed()), torch.float32)
+    calls = [dict(return_loss=loss, **({} if flag is None else {"return_dict": flag}))
+             for loss in (None, True) for flag in (None, True, False)]
+    expected = [type(model(**inputs, **call)) for call in calls]
+    assert len(set(expected)) == 2  # negative control: the flags decide the type
+    mmkernels.patch(model, attention=False)
+    assert [type(model(**inputs, **call)) for call in calls] == expected
+
+
 def test_flava_falls_back_where_the_loss_is_not_square(monkeypatch):
     use_path(monkeypatch, "reference")
     fresh_seed()

@@ -96,11 +96,18 @@ def _output(output_class, loss, logits_per_text, logits_per_image, text_embeds, 
                         vision_model_output=vision_outputs)
 
 
+def _without_loss(model, *args, **kwargs):
+    """A call with no loss asked for: the model's own forward, uncounted. Its ModelOutput comes back
+    (return_dict=True): `can_return_tuple` on the patched forward already took the caller's
+    return_dict (or the config's) and makes the tuple if that asks for one."""
+    return call_original(model, None, *args, return_dict=True, **kwargs)
+
+
 @can_return_tuple
 def _clip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                   return_loss=None, interpolate_pos_encoding=False, **kwargs):
     if not return_loss:
-        return call_original(self, None, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+        return _without_loss(self, input_ids, pixel_values, attention_mask, position_ids, return_loss,
                              interpolate_pos_encoding, **kwargs)
     vision_outputs = self.get_image_features(pixel_values=pixel_values,
                                              interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
@@ -117,7 +124,7 @@ def _clip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, 
 def _siglip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                     return_loss=None, interpolate_pos_encoding=False, **kwargs):
     if not return_loss:
-        return call_original(self, None, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+        return _without_loss(self, input_ids, pixel_values, attention_mask, position_ids, return_loss,
                              interpolate_pos_encoding, **kwargs)
     vision_outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                        **kwargs)
@@ -134,7 +141,7 @@ def _siglip_forward(self, input_ids=None, pixel_values=None, attention_mask=None
 def _siglip2_forward(self, input_ids=None, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
                      attention_mask=None, position_ids=None, return_loss=None, **kwargs):
     if not return_loss:
-        return call_original(self, None, input_ids, pixel_values, pixel_attention_mask, spatial_shapes,
+        return _without_loss(self, input_ids, pixel_values, pixel_attention_mask, spatial_shapes,
                              attention_mask, position_ids, return_loss, **kwargs)
     vision_outputs = self.vision_model(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
                                        spatial_shapes=spatial_shapes, **kwargs)
@@ -151,7 +158,7 @@ def _siglip2_forward(self, input_ids=None, pixel_values=None, pixel_attention_ma
 def _blip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                   return_loss=None, interpolate_pos_encoding=False, **kwargs):
     if not return_loss:
-        return call_original(self, None, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+        return _without_loss(self, input_ids, pixel_values, attention_mask, position_ids, return_loss,
                              interpolate_pos_encoding, **kwargs)
     vision_outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                        **kwargs)
@@ -170,7 +177,7 @@ def _bridgetower_forward(self, input_ids=None, attention_mask=None, token_type_i
                          pixel_mask=None, inputs_embeds=None, image_embeds=None, return_loss=None, **kwargs):
     """BridgeTowerForContrastiveLearning.forward: the same towers and heads, the loss by info_nce_loss."""
     if not return_loss:
-        return call_original(self, None, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask,
+        return _without_loss(self, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask,
                              inputs_embeds, image_embeds, return_loss, **kwargs)
     kwargs.setdefault("output_hidden_states", True)
     outputs = self.bridgetower(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
