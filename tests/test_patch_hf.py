@@ -388,6 +388,35 @@ def test_teacher_and_student_from_one_config_stay_independent(monkeypatch):
     assert student.config is config and student.text_model.encoder.layers[0].self_attn.config is config.text_config
 
 
+@pytest.mark.parametrize("inner_first", [True, False])
+def test_a_tower_and_its_model_patched_one_after_the_other(inner_first, monkeypatch):
+    """A tower patched on its own, then its model (or the other way round): the model's patch covers
+    the rest and leaves the tower's patch as it is (the model after the tower: nothing left to do);
+    the two handles undo in either order, restoring every config object."""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build("clip").eval()
+    inputs = cast(inputs_for("clip", fresh_seed()), torch.float32)
+    reference = model(**inputs, return_loss=True)
+    configs = {path: m.__dict__.get("config") for path, m in model.named_modules()}
+    if inner_first:
+        tower, whole = mmkernels.patch(model.text_model), mmkernels.patch(model)
+        assert [r.path for r in whole.records if r.kind == "attention"] == [
+            "", "vision_model.encoder.layers.0.self_attn"]
+    else:
+        whole, tower = mmkernels.patch(model), mmkernels.patch(model.text_model)
+        assert not tower.records
+    assert not whole.skipped and not tower.skipped
+    for path, m in model.named_modules():
+        if type(m).__name__ == "CLIPAttention":
+            assert m.config._attn_implementation == "mmkernels", path
+    torch.testing.assert_close(model(**inputs, return_loss=True).loss, reference.loss)
+    for handle in ((tower, whole) if inner_first else (whole, tower)):  # the one patched first, undone first
+        handle.undo()
+    assert {path: m.__dict__.get("config") for path, m in model.named_modules()} == configs
+    assert torch.equal(model(**inputs, return_loss=True).loss, reference.loss)
+
+
 def test_state_untouched_undo_bit_identical_and_optimizer(monkeypatch):
     use_path(monkeypatch, "reference")
     fresh_seed()
