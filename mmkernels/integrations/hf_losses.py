@@ -261,7 +261,7 @@ def _flava_unsupported(model, return_dict, itm_labels) -> str | None:
         return "torch.distributed is initialized (FLAVA gathers the embeddings of every process)"
     if itm_labels is not None and model.itm_weight > 0:
         matching = itm_labels.ne(0)
-        if bool(matching.any()) and not bool(matching.all()):
+        if bool(matching.any() & ~matching.all()):  # the one host sync
             return "itm_labels with non-matching pairs (the contrastive loss then covers the matching rows only)"
     return None
 
