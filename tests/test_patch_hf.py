@@ -337,6 +337,25 @@ def test_flava_falls_back_where_the_loss_is_not_square(monkeypatch):
         model(**cast(mixed, torch.float32))
 
 
+def test_flava_weight_stays_on_the_model_during_a_call(monkeypatch):
+    """The patched forward runs FLAVA's own code with the contrastive weight at 0 for that call only,
+    without writing it on the model: code that reads the model meanwhile (a hook here; another
+    thread's call on the same model) sees the model's weight."""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build("flava").eval()
+    seen = []
+    model.flava.register_forward_hook(lambda *_: seen.append(model.global_contrastive_weight))
+    inputs = cast(inputs_for("flava", fresh_seed()), torch.float32)
+    model(**inputs)
+    weight = model.global_contrastive_weight
+    assert weight > 0 and seen == [weight, weight]  # FLAVA's forward runs its encoders twice
+    seen.clear()
+    handle = mmkernels.patch(model, attention=False)
+    assert model(**inputs).loss_info.global_contrastive is not None and not handle.fallbacks
+    assert seen == [weight, weight] and model.global_contrastive_weight == weight
+
+
 def test_bridgetower_contrastive_output(monkeypatch):
     """The model's own output class and fields; `logits` (the (N, 3, D) stack of the three embeddings)
     the model's values without autograd; return_dict=False; no return_loss: the model's own forward."""

@@ -10,7 +10,8 @@ never through an N x N logit matrix that autograd keeps.
   returns no N x N matrix); it follows keep_logits as the other families' logits do.
 - FlavaForPreTraining: its global contrastive term, `clip_loss(...) * global_contrastive_weight`;
   the rest of its forward (MIM, MLM, ITM, MMM) runs as the model's own code (the patched forward
-  runs it with the contrastive weight at 0 for that call, then adds the term).
+  runs it with the contrastive weight at 0 for that call, on a view of the model, then adds the
+  term).
 
 The patched forward of a dual encoder runs the model's own towers (`get_image_features`,
 `vision_model`, ...) exactly as its forward does, then the loss. It returns the model's own output
@@ -223,11 +224,7 @@ def _flava_forward(self, *args, **kwargs):
     if reason is not None:
         return call_original(self, reason, *args, **kwargs)
     weight = self.global_contrastive_weight
-    self.__dict__["global_contrastive_weight"] = 0  # this call only: the model's code skips its N x N term
-    try:
-        output = call_original(self, None, *args, **kwargs)
-    finally:
-        self.__dict__["global_contrastive_weight"] = weight
+    output = call_original(_without_contrastive_term(self), None, *args, **kwargs)
     if output.image_embeddings is None or output.text_embeddings is None:
         return output  # the model computes no contrastive term for this call either
     text_embedding = F.normalize(self.flava.text_projection(output.text_embeddings[:, 0, :]), dim=-1)
@@ -247,6 +244,17 @@ def _flava_forward(self, *args, **kwargs):
             per_text = torch.matmul(text_embedding, image_embedding.t()) * temperature
     return dataclasses.replace(output, loss=total, loss_info=losses, contrastive_logits_per_image=per_image,
                                contrastive_logits_per_text=per_text)
+
+
+def _without_contrastive_term(model):
+    """`model` for one call of its own forward with global_contrastive_weight = 0, so that its code
+    skips its N x N term: a view whose attribute dictionary is a copy of the model's with that one
+    entry changed (the parameters, submodules, config and training mode are the model's own: the
+    dictionaries holding them are shared). The model itself is never written, so a call running
+    meanwhile on it (another thread) or code reading it sees its weight."""
+    view = object.__new__(type(model))
+    object.__setattr__(view, "__dict__", {**model.__dict__, "global_contrastive_weight": 0})
+    return view
 
 
 @functools.cache
