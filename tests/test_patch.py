@@ -538,3 +538,22 @@ def test_registered_patcher_extension_point(toy_patcher):
     handle = mmkernels.patch(model)
     assert torch.equal(model.block.weird(x, scale=3.0), 3 * x)
     assert handle.fallbacks == {("block.weird", "scale != 1"): 1}
+
+
+def test_a_library_without_what_a_patcher_module_imports_leaves_that_module_out(tmp_path, monkeypatch):
+    """A patcher module whose library is installed in a version without a name it imports (an
+    ImportError from the library, e.g. an older transformers) is left out with a warning naming the
+    error; the other patchers still patch. An ImportError from mmkernels itself (a bug) surfaces."""
+    (tmp_path / "mmk_old_library_patchers.py").write_text("from torch import no_such_name_in_this_version\n")
+    (tmp_path / "mmk_broken_patchers.py").write_text("from mmkernels.ops import no_such_name_in_mmkernels\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modules = patching.PATCHER_MODULES
+    monkeypatch.setattr(patching, "PATCHER_MODULES", modules + ("mmk_old_library_patchers",))
+    monkeypatch.setattr(patching, "_loaded", False)
+    with pytest.warns(UserWarning, match="mmk_old_library_patchers.*no_such_name_in_this_version"):
+        handle = mmkernels.patch(nn.Sequential(nn.MultiheadAttention(E, H)))
+    assert [r.kind for r in handle.records] == ["attention"]
+    monkeypatch.setattr(patching, "PATCHER_MODULES", modules + ("mmk_broken_patchers",))
+    monkeypatch.setattr(patching, "_loaded", False)
+    with pytest.raises(ImportError, match="no_such_name_in_mmkernels"):
+        mmkernels.patch(nn.Sequential(nn.MultiheadAttention(E, H)))

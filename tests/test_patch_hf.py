@@ -293,6 +293,24 @@ def test_output_same_class_fields_and_logits(name, monkeypatch):
     assert not handle.fallbacks
 
 
+@pytest.mark.parametrize("name", ["siglip", "siglip2", "blip"])
+def test_return_dict_against_the_config_matches_the_model(name, monkeypatch):
+    """config.return_dict=False, overridden per call: each call returns what the unpatched model returns
+    (ModelOutput or tuple), with and without return_loss. (CLIP's and BridgeTower's own forwards fail
+    under config.return_dict=False.)"""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build(name).eval()
+    model.config.return_dict = False
+    inputs = cast(inputs_for(name, fresh_seed()), torch.float32)
+    calls = [dict(return_loss=loss, **({} if flag is None else {"return_dict": flag}))
+             for loss in (None, True) for flag in (None, True, False)]
+    expected = [type(model(**inputs, **call)) for call in calls]
+    assert len(set(expected)) == 2  # negative control: the flags decide the type
+    mmkernels.patch(model, attention=False)
+    assert [type(model(**inputs, **call)) for call in calls] == expected
+
+
 def test_flava_falls_back_where_the_loss_is_not_square(monkeypatch):
     use_path(monkeypatch, "reference")
     fresh_seed()
@@ -317,6 +335,25 @@ def test_flava_falls_back_where_the_loss_is_not_square(monkeypatch):
     mmkernels.patch(model, attention=False, strict=True)
     with pytest.raises(StrictPatchError, match="non-matching pairs"):
         model(**cast(mixed, torch.float32))
+
+
+def test_flava_weight_stays_on_the_model_during_a_call(monkeypatch):
+    """The patched forward runs FLAVA's own code with the contrastive weight at 0 for that call only,
+    without writing it on the model: code that reads the model meanwhile (a hook here; another
+    thread's call on the same model) sees the model's weight."""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build("flava").eval()
+    seen = []
+    model.flava.register_forward_hook(lambda *_: seen.append(model.global_contrastive_weight))
+    inputs = cast(inputs_for("flava", fresh_seed()), torch.float32)
+    model(**inputs)
+    weight = model.global_contrastive_weight
+    assert weight > 0 and seen == [weight, weight]  # FLAVA's forward runs its encoders twice
+    seen.clear()
+    handle = mmkernels.patch(model, attention=False)
+    assert model(**inputs).loss_info.global_contrastive is not None and not handle.fallbacks
+    assert seen == [weight, weight] and model.global_contrastive_weight == weight
 
 
 def test_bridgetower_contrastive_output(monkeypatch):
@@ -368,6 +405,35 @@ def test_teacher_and_student_from_one_config_stay_independent(monkeypatch):
     student(**inputs, return_loss=True)
     handle.undo()
     assert student.config is config and student.text_model.encoder.layers[0].self_attn.config is config.text_config
+
+
+@pytest.mark.parametrize("inner_first", [True, False])
+def test_a_tower_and_its_model_patched_one_after_the_other(inner_first, monkeypatch):
+    """A tower patched on its own, then its model (or the other way round): the model's patch covers
+    the rest and leaves the tower's patch as it is (the model after the tower: nothing left to do);
+    the two handles undo in either order, restoring every config object."""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build("clip").eval()
+    inputs = cast(inputs_for("clip", fresh_seed()), torch.float32)
+    reference = model(**inputs, return_loss=True)
+    configs = {path: m.__dict__.get("config") for path, m in model.named_modules()}
+    if inner_first:
+        tower, whole = mmkernels.patch(model.text_model), mmkernels.patch(model)
+        assert [r.path for r in whole.records if r.kind == "attention"] == [
+            "", "vision_model.encoder.layers.0.self_attn"]
+    else:
+        whole, tower = mmkernels.patch(model), mmkernels.patch(model.text_model)
+        assert not tower.records
+    assert not whole.skipped and not tower.skipped
+    for path, m in model.named_modules():
+        if type(m).__name__ == "CLIPAttention":
+            assert m.config._attn_implementation == "mmkernels", path
+    torch.testing.assert_close(model(**inputs, return_loss=True).loss, reference.loss)
+    for handle in ((tower, whole) if inner_first else (whole, tower)):  # the one patched first, undone first
+        handle.undo()
+    assert {path: m.__dict__.get("config") for path, m in model.named_modules()} == configs
+    assert torch.equal(model(**inputs, return_loss=True).loss, reference.loss)
 
 
 def test_state_untouched_undo_bit_identical_and_optimizer(monkeypatch):

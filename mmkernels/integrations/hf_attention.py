@@ -11,7 +11,8 @@ patch gives the model's modules a private copy of their configs instead:
 - the outermost model of a supported family is found; every module under it that holds a
   transformers config gets a copy (one `copy.deepcopy` with a shared memo, so configs that were one
   object stay one object, and `config.text_config is text_model.config` still holds), with
-  `_attn_implementation = "mmkernels"` on it and its sub-configs;
+  `_attn_implementation = "mmkernels"` on it and its sub-configs (a tower that an earlier
+  `patch()` switched on its own keeps that patch's copies: each handle undoes its own);
 - `integrations.transformers.register()` adds the name "mmkernels" to transformers'
   AttentionInterface and AttentionMaskInterface (no existing name changes);
 - undo puts the original config objects back on every module.
@@ -58,15 +59,18 @@ def _patch_registry_family(module, path: str, ctx: PatchContext) -> bool:
     copies = ctx.memo.setdefault(_MEMO_KEY, set())
     if id(module.config) in copies:
         return False  # under a model of the family that this patch() already switched
+    own = list(_not_patched_before(module, path, ctx))
+    attention = [(sub_path, sub) for sub_path, sub in own if _is_registry_attention(sub)]
+    if not attention and any(_is_registry_attention(sub) for sub in module.modules()):
+        return False  # every attention module under it keeps the patch an earlier patch() gave its tower
     reason = untested_version_reason()
     if reason is not None:
-        for sub_path, sub in module.named_modules(prefix=path):
-            if _is_registry_attention(sub):
-                ctx.skip(sub_path, "attention", reason)
+        for sub_path, _ in attention:
+            ctx.skip(sub_path, "attention", reason)
         return True
     backend.register()
     memo: dict = {}
-    for _, sub in module.named_modules(prefix=path):
+    for _, sub in own:
         config = sub.__dict__.get("config")
         if isinstance(config, PretrainedConfig) and id(config) not in copies:
             private = copy.deepcopy(config, memo)
@@ -74,10 +78,23 @@ def _patch_registry_family(module, path: str, ctx: PatchContext) -> bool:
             ctx.set_attribute(sub, "config", private)
     copies.update(id(c) for c in memo.values() if isinstance(c, PretrainedConfig))
     ctx.mark_patched(module, path, "attention", _CONFIG_PIECE)
-    for sub_path, sub in module.named_modules(prefix=path):
-        if _is_registry_attention(sub):
-            ctx.mark_patched(sub, sub_path, "attention", _PIECE, falls_back="decided by the backend per call")
+    for sub_path, sub in attention:
+        ctx.mark_patched(sub, sub_path, "attention", _PIECE, falls_back="decided by the backend per call")
     return True
+
+
+def _not_patched_before(module, path: str, ctx: PatchContext):
+    """(path, module) of `module`'s subtree, itself included, without the subtrees whose root an
+    earlier mmkernels.patch patched for attention (a tower patched on its own before its model):
+    those keep their config copies and their handle, so either patch can be undone first."""
+    earlier: list[str] = []
+    for sub_path, sub in module.named_modules(prefix=path):
+        if any(sub_path.startswith(root + ".") for root in earlier):
+            continue
+        if sub is not module and ctx.is_patched(sub, "attention"):
+            earlier.append(sub_path)
+            continue
+        yield sub_path, sub
 
 
 def _is_registry_attention(module) -> bool:

@@ -10,7 +10,8 @@ never through an N x N logit matrix that autograd keeps.
   returns no N x N matrix); it follows keep_logits as the other families' logits do.
 - FlavaForPreTraining: its global contrastive term, `clip_loss(...) * global_contrastive_weight`;
   the rest of its forward (MIM, MLM, ITM, MMM) runs as the model's own code (the patched forward
-  runs it with the contrastive weight at 0 for that call, then adds the term).
+  runs it with the contrastive weight at 0 for that call, on a view of the model, then adds the
+  term).
 
 The patched forward of a dual encoder runs the model's own towers (`get_image_features`,
 `vision_model`, ...) exactly as its forward does, then the loss. It returns the model's own output
@@ -96,11 +97,18 @@ def _output(output_class, loss, logits_per_text, logits_per_image, text_embeds, 
                         vision_model_output=vision_outputs)
 
 
+def _without_loss(model, *args, **kwargs):
+    """A call with no loss asked for: the model's own forward, uncounted. Its ModelOutput comes back
+    (return_dict=True): `can_return_tuple` on the patched forward already took the caller's
+    return_dict (or the config's) and makes the tuple if that asks for one."""
+    return call_original(model, None, *args, return_dict=True, **kwargs)
+
+
 @can_return_tuple
 def _clip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                   return_loss=None, interpolate_pos_encoding=False, **kwargs):
     if not return_loss:
-        return call_original(self, None, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+        return _without_loss(self, input_ids, pixel_values, attention_mask, position_ids, return_loss,
                              interpolate_pos_encoding, **kwargs)
     vision_outputs = self.get_image_features(pixel_values=pixel_values,
                                              interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
@@ -117,7 +125,7 @@ def _clip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, 
 def _siglip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                     return_loss=None, interpolate_pos_encoding=False, **kwargs):
     if not return_loss:
-        return call_original(self, None, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+        return _without_loss(self, input_ids, pixel_values, attention_mask, position_ids, return_loss,
                              interpolate_pos_encoding, **kwargs)
     vision_outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                        **kwargs)
@@ -134,7 +142,7 @@ def _siglip_forward(self, input_ids=None, pixel_values=None, attention_mask=None
 def _siglip2_forward(self, input_ids=None, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
                      attention_mask=None, position_ids=None, return_loss=None, **kwargs):
     if not return_loss:
-        return call_original(self, None, input_ids, pixel_values, pixel_attention_mask, spatial_shapes,
+        return _without_loss(self, input_ids, pixel_values, pixel_attention_mask, spatial_shapes,
                              attention_mask, position_ids, return_loss, **kwargs)
     vision_outputs = self.vision_model(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
                                        spatial_shapes=spatial_shapes, **kwargs)
@@ -151,7 +159,7 @@ def _siglip2_forward(self, input_ids=None, pixel_values=None, pixel_attention_ma
 def _blip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                   return_loss=None, interpolate_pos_encoding=False, **kwargs):
     if not return_loss:
-        return call_original(self, None, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+        return _without_loss(self, input_ids, pixel_values, attention_mask, position_ids, return_loss,
                              interpolate_pos_encoding, **kwargs)
     vision_outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                        **kwargs)
@@ -170,7 +178,7 @@ def _bridgetower_forward(self, input_ids=None, attention_mask=None, token_type_i
                          pixel_mask=None, inputs_embeds=None, image_embeds=None, return_loss=None, **kwargs):
     """BridgeTowerForContrastiveLearning.forward: the same towers and heads, the loss by info_nce_loss."""
     if not return_loss:
-        return call_original(self, None, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask,
+        return _without_loss(self, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask,
                              inputs_embeds, image_embeds, return_loss, **kwargs)
     kwargs.setdefault("output_hidden_states", True)
     outputs = self.bridgetower(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -216,11 +224,7 @@ def _flava_forward(self, *args, **kwargs):
     if reason is not None:
         return call_original(self, reason, *args, **kwargs)
     weight = self.global_contrastive_weight
-    self.__dict__["global_contrastive_weight"] = 0  # this call only: the model's code skips its N x N term
-    try:
-        output = call_original(self, None, *args, **kwargs)
-    finally:
-        self.__dict__["global_contrastive_weight"] = weight
+    output = call_original(_without_contrastive_term(self), None, *args, **kwargs)
     if output.image_embeddings is None or output.text_embeddings is None:
         return output  # the model computes no contrastive term for this call either
     text_embedding = F.normalize(self.flava.text_projection(output.text_embeddings[:, 0, :]), dim=-1)
@@ -242,6 +246,17 @@ def _flava_forward(self, *args, **kwargs):
                                contrastive_logits_per_text=per_text)
 
 
+def _without_contrastive_term(model):
+    """`model` for one call of its own forward with global_contrastive_weight = 0, so that its code
+    skips its N x N term: a view whose attribute dictionary is a copy of the model's with that one
+    entry changed (the parameters, submodules, config and training mode are the model's own: the
+    dictionaries holding them are shared). The model itself is never written, so a call running
+    meanwhile on it (another thread) or code reading it sees its weight."""
+    view = object.__new__(type(model))
+    object.__setattr__(view, "__dict__", {**model.__dict__, "global_contrastive_weight": 0})
+    return view
+
+
 @functools.cache
 def _signature(cls) -> inspect.Signature:
     return inspect.signature(cls.forward)
@@ -254,7 +269,7 @@ def _flava_unsupported(model, return_dict, itm_labels) -> str | None:
         return "torch.distributed is initialized (FLAVA gathers the embeddings of every process)"
     if itm_labels is not None and model.itm_weight > 0:
         matching = itm_labels.ne(0)
-        if bool(matching.any()) and not bool(matching.all()):
+        if bool(matching.any() & ~matching.all()):  # the one host sync
             return "itm_labels with non-matching pairs (the contrastive loss then covers the matching rows only)"
     return None
 

@@ -69,7 +69,8 @@ A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one
   forward, uncounted, also under strict.
 - Registration: put the patchers in a module under mmkernels/integrations/ and add the module's name
   to `PATCHER_MODULES` below. `patch()` imports those modules on first use; one whose import fails
-  because a library is missing (transformers) is left out, so each module may import its library at
+  because a library is missing (transformers) is left out, and one whose library lacks a name it
+  imports (another version) is left out with a warning, so each module may import its library at
   the top.
 
 Undo
@@ -87,6 +88,7 @@ from __future__ import annotations
 
 import importlib
 import types
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -208,9 +210,12 @@ def _load_patchers() -> None:
     for name in PATCHER_MODULES:
         try:
             importlib.import_module(name)
-        except ModuleNotFoundError as error:
+        except ImportError as error:
             if error.name is None or error.name.startswith("mmkernels"):
-                raise  # a missing third-party library leaves its patchers out; our own bugs surface
+                raise  # our own bugs surface
+            if not (isinstance(error, ModuleNotFoundError) and "." not in error.name):
+                # the library is installed, in a version without what the module imports
+                warnings.warn(f"mmkernels.patch leaves the patchers of {name} out: {error}", stacklevel=3)
     _loaded = True
 
 

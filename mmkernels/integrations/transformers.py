@@ -120,7 +120,7 @@ def mmkernels_attention_mask(
     )
 
 
-def _weights_requested(kwargs: dict) -> bool:
+def weights_requested(kwargs: dict) -> bool:
     """Whether the caller asked for attention weights: `output_attentions=True` reached this call, or
     transformers' output capturing (`capture_outputs`, which models such as SiglipTextModel use without
     passing the flag down) is collecting attentions for the running forward."""
@@ -277,7 +277,7 @@ def mmkernels_attention_forward(
         value = value.repeat_interleave(heads // kv_heads, dim=1)
     arguments = _mask_arguments(attention_mask, is_causal, batch, q_length, kv_length)
     dropout = dropout if module.training else 0.0
-    if _weights_requested(kwargs):
+    if weights_requested(kwargs):
         return _eager_attention_with_weights(query, key, value, arguments, scaling, dropout, module.training)
     out = cross_attention(query, key, value, dropout_p=dropout, scale=scaling, **arguments)
     return out.transpose(1, 2), None

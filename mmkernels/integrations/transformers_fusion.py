@@ -68,6 +68,7 @@ from transformers.models.visual_bert.modeling_visual_bert import (
 
 from mmkernels.integrations.hf_common import untested_version_reason
 from mmkernels.integrations.patching import call_original, register_patcher
+from mmkernels.integrations.transformers import weights_requested
 from mmkernels.ops.attention import MAX_HEAD_DIM, cross_attention
 
 __all__ = ["Unsupported", "replacements", "mask_kv_lens"]
@@ -200,15 +201,6 @@ def _bert_style(module: nn.Module, hidden_states: Tensor, context: Tensor, mask)
     return _merge_heads(out)
 
 
-def _recording_attentions() -> bool:
-    """Whether transformers' output recorder is collecting attention weights in this call (how
-    `output_attentions=True` reaches BLIP's attention modules, which have no such argument)."""
-    from transformers.utils.output_capturing import _active_collector  # private: the version gate covers it
-
-    collected = _active_collector.get()
-    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
-
-
 # --------------------------------------------------------------------------- replacement forwards
 
 
@@ -236,7 +228,7 @@ def bert_self_attention_forward(module, hidden_states, attention_mask=None, outp
 def blip_vision_attention_forward(module, hidden_states, **kwargs):
     """`BlipAttention.forward`: hidden_states (B, L, E), fused qkv projection, no mask, scale
     `module.scale`. Returns (output (B, L, E), None); the probabilities are not formed."""
-    if kwargs.get("output_attentions") or _recording_attentions():
+    if weights_requested(kwargs):
         raise Unsupported("attention weights requested (output_attentions)")
     batch, length, embed_dim = hidden_states.shape
     heads = module.num_heads
@@ -280,7 +272,7 @@ def blip_text_attention_forward(module, hidden_states, attention_mask=None, enco
     if cache is not None and past_key_values is not None:
         raise Unsupported("both cache and past_key_values were passed")
     cache = cache if cache is not None else past_key_values
-    if kwargs.get("output_attentions") or _recording_attentions():
+    if weights_requested(kwargs):
         raise Unsupported("attention weights requested (output_attentions)")
     is_cross_attention = encoder_hidden_states is not None
     mask = encoder_attention_mask if is_cross_attention else attention_mask
