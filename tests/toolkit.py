@@ -79,7 +79,7 @@ def rule_error(got: torch.Tensor, oracle: torch.Tensor, metric: str) -> float:
 
 
 def assert_within_rule(name: str, got, eager, oracle, dtype: torch.dtype, *, size: float | None = None,
-                       metric: str = "norm", allow_nonfinite: bool = False) -> None:
+                       metric: str = "norm", allow_nonfinite: bool = False, floor_scale: float = 1.0) -> None:
     """DESIGN.md's rule: error(got) <= 2 · error(eager) + FLOOR[dtype] · size, errors against the
     float64 `oracle` (metric "norm": Frobenius norm of the difference; "max": largest element).
 
@@ -87,7 +87,7 @@ def assert_within_rule(name: str, got, eager, oracle, dtype: torch.dtype, *, siz
     largest element, at least 1 for "max"); pass the size of the summands where a result is a sum
     that cancels (a scalar's gradient, dS = P·(dP - Δ)). Non-finite values fail unless
     `allow_nonfinite`, where they must sit exactly where the oracle has them (NaN for NaN, ±Inf
-    for the same Inf).
+    for the same Inf). `floor_scale` multiplies the floor (whole models: see MODEL_FLOOR_SCALE).
     """
     got, eager, oracle = got.detach(), eager.detach(), oracle.detach().double()
     assert got.shape == oracle.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(oracle.shape)}"
@@ -107,9 +107,10 @@ def assert_within_rule(name: str, got, eager, oracle, dtype: torch.dtype, *, siz
             size = max(oracle.abs().max().item() if oracle.numel() else 0.0, 1.0)
         else:
             size = oracle.norm().item()
-    bound = 2 * eager_err + FLOOR[dtype] * size + 1e-12
+    floor = FLOOR[dtype] * floor_scale * size
+    bound = 2 * eager_err + floor + 1e-12
     assert err <= bound, (
-        f"{name}: error {err:.3e} > 2 × eager error {eager_err:.3e} + floor {FLOOR[dtype] * size:.3e} "
+        f"{name}: error {err:.3e} > 2 × eager error {eager_err:.3e} + floor {floor:.3e} "
         f"({metric}; oracle size {size:.3e}; {dtype})"
     )
 
@@ -373,6 +374,16 @@ def model_outputs_and_grads(model: torch.nn.Module, run) -> tuple[dict, dict]:
     return values, grads
 
 
+# Whole models (a patched model against the unpatched one): a patch changes the rounding of one
+# layer, and the backward of every layer below carries that difference into each parameter's
+# gradient, where the fp32 run nearer the float64 one is then chance. Measured on BLIP's text
+# tower (loss patched, whose own gradient was nearer the oracle than eager's): parameter gradients
+# 2.6-3x eager's error at 3-7e-6 of their size (seed 1662878528, kernels). The floor for models is
+# 10x the op floor; a model computing another function (the negative controls: pairs misaligned,
+# a padding mask dropped) is off by far more.
+MODEL_FLOOR_SCALE = 10.0
+
+
 def assert_models_within_rule(got: tuple, eager: tuple, oracle: tuple, dtype: torch.dtype, what: str = "",
                               sizes: dict | None = None) -> None:
     """DESIGN.md's rule for every output and every parameter gradient of three runs of one model
@@ -389,7 +400,7 @@ def assert_models_within_rule(got: tuple, eager: tuple, oracle: tuple, dtype: to
                 other = oracle[1][size[len("grad "):]] if size.startswith("grad ") else oracle[0][size]
                 size = max(other.norm().item(), reference.norm().item())
             assert_within_rule(f"{what} {kind}{name}", got[index][name], eager[index][name], reference, dtype,
-                               size=size)
+                               size=size, floor_scale=MODEL_FLOOR_SCALE)
 
 
 def use_path(monkeypatch, name: str) -> list:
@@ -412,12 +423,20 @@ def bias_sizes(model: torch.nn.Module) -> dict:
     """`assert_models_within_rule` sizes for every bias that has a weight beside it (`x.bias` and
     `x.weight`, `in_proj_bias` and `in_proj_weight`): a bias's gradient sums the same upstream rows as
     its weight's gradient, with cancellation (the key bias's is zero in exact arithmetic, since
-    softmax ignores a constant shift), so its floor scales with the weight's gradient."""
+    softmax ignores a constant shift), so its floor scales with the weight's gradient. Likewise
+    position and token type embeddings beside word embeddings."""
     names = {name for name, _ in model.named_parameters()}
     sizes = {}
     for name in names:
         if name.endswith("bias") and name[: -len("bias")] + "weight" in names:
             sizes[f"grad {name}"] = f"grad {name[: -len('bias')]}weight"
+        # a position (or token type) embedding's gradient sums over the batch the per-token gradients
+        # that the word embedding's gradient holds by token id (BLIP's text CLS position: 0.57 from
+        # summands of size ~7, seed 1662878528 under the interpreter)
+        for table in ("position_embeddings.weight", "token_type_embeddings.weight"):
+            words = name[: -len(table)] + "word_embeddings.weight"
+            if name.endswith(table) and words in names:
+                sizes[f"grad {name}"] = f"grad {words}"
     return sizes
 
 
