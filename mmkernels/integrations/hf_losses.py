@@ -90,11 +90,17 @@ def _contrastive(model, image_embeds, text_embeds, bias=None):
     return loss, logits_per_text, logits_per_text.t()
 
 
-def _output(output_class, loss, logits_per_text, logits_per_image, text_embeds, image_embeds,
-            text_outputs, vision_outputs):
-    return output_class(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_text,
-                        text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_outputs,
-                        vision_model_output=vision_outputs)
+def _output(model, image_pooled, text_pooled, vision_outputs, text_outputs, bias=None, *, image_on_text=False):
+    """The model's own output class from its towers' pooled (N, D) embeddings: normalised, the loss
+    by mmkernels (`bias`: SigLIP's), the logits per `keep_logits`. `image_on_text`: image_embeds is
+    returned on the text embeddings' device and dtype (BLIP's forward moves it there)."""
+    image_embeds, text_embeds = _normalized(image_pooled, model), _normalized(text_pooled, model)
+    loss, per_text, per_image = _contrastive(model, image_embeds, text_embeds, bias=bias)
+    if image_on_text:
+        image_embeds = image_embeds.to(device=text_embeds.device, dtype=text_embeds.dtype)
+    return _OUTPUTS[type(model)](loss=loss, logits_per_image=per_image, logits_per_text=per_text,
+                                 text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_outputs,
+                                 vision_model_output=vision_outputs)
 
 
 def _without_loss(model, *args, **kwargs):
@@ -114,11 +120,7 @@ def _clip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, 
                                              interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
     text_outputs = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
                                           position_ids=position_ids, **kwargs)
-    image_embeds = _normalized(vision_outputs.pooler_output, self)
-    text_embeds = _normalized(text_outputs.pooler_output, self)
-    loss, per_text, per_image = _contrastive(self, image_embeds, text_embeds)
-    return _output(_OUTPUTS[type(self)], loss, per_text, per_image, text_embeds, image_embeds,
-                   text_outputs, vision_outputs)
+    return _output(self, vision_outputs.pooler_output, text_outputs.pooler_output, vision_outputs, text_outputs)
 
 
 @can_return_tuple
@@ -131,11 +133,8 @@ def _siglip_forward(self, input_ids=None, pixel_values=None, attention_mask=None
                                        **kwargs)
     text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    **kwargs)
-    image_embeds = _normalized(vision_outputs.pooler_output, self)
-    text_embeds = _normalized(text_outputs.pooler_output, self)
-    loss, per_text, per_image = _contrastive(self, image_embeds, text_embeds, bias=self.logit_bias)
-    return _output(_OUTPUTS[type(self)], loss, per_text, per_image, text_embeds, image_embeds,
-                   text_outputs, vision_outputs)
+    return _output(self, vision_outputs.pooler_output, text_outputs.pooler_output, vision_outputs, text_outputs,
+                   bias=self.logit_bias)
 
 
 @can_return_tuple
@@ -148,11 +147,8 @@ def _siglip2_forward(self, input_ids=None, pixel_values=None, pixel_attention_ma
                                        spatial_shapes=spatial_shapes, **kwargs)
     text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    **kwargs)
-    image_embeds = _normalized(vision_outputs.pooler_output, self)
-    text_embeds = _normalized(text_outputs.pooler_output, self)
-    loss, per_text, per_image = _contrastive(self, image_embeds, text_embeds, bias=self.logit_bias)
-    return _output(_OUTPUTS[type(self)], loss, per_text, per_image, text_embeds, image_embeds,
-                   text_outputs, vision_outputs)
+    return _output(self, vision_outputs.pooler_output, text_outputs.pooler_output, vision_outputs, text_outputs,
+                   bias=self.logit_bias)
 
 
 @can_return_tuple
@@ -165,12 +161,9 @@ def _blip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, 
                                        **kwargs)
     text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    **kwargs)
-    image_embeds = _normalized(self.visual_projection(vision_outputs.pooler_output), self)
-    text_embeds = _normalized(self.text_projection(text_outputs.pooler_output), self)
-    loss, per_text, per_image = _contrastive(self, image_embeds, text_embeds)
-    image_embeds = image_embeds.to(device=text_embeds.device, dtype=text_embeds.dtype)
-    return _output(_OUTPUTS[type(self)], loss, per_text, per_image, text_embeds, image_embeds,
-                   text_outputs, vision_outputs)
+    return _output(self, self.visual_projection(vision_outputs.pooler_output),
+                   self.text_projection(text_outputs.pooler_output), vision_outputs, text_outputs,
+                   image_on_text=True)
 
 
 @can_return_tuple

@@ -71,18 +71,20 @@ def _forward(self, query, key, value, key_padding_mask=None, need_weights=True, 
              average_attn_weights=True, is_causal=False):
     """nn.MultiheadAttention.forward's signature; need_weights=True falls back (see the module docstring)."""
     reason = "need_weights=True" if need_weights else _unsupported(query, key, value, attn_mask, is_causal)
-    if reason is not None:
-        return call_original(self, reason, query, key, value, key_padding_mask=key_padding_mask,
-                             need_weights=need_weights, attn_mask=attn_mask,
-                             average_attn_weights=average_attn_weights, is_causal=is_causal)
-    return CrossModalAttention.forward(_as_cross_modal_attention(self), query, key, value,
-                                       key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal)
+    return _run(self, reason, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                is_causal)
 
 
 def _forward_weights_discarded(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                                average_attn_weights=True, is_causal=False):
     """For an instance whose only caller discards the weights: returns (output, None) whatever need_weights."""
     reason = _unsupported(query, key, value, attn_mask, is_causal)
+    return _run(self, reason, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                is_causal)
+
+
+def _run(self, reason, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal):
+    """The module's own forward for this call where `reason` says why, else CrossModalAttention's."""
     if reason is not None:
         return call_original(self, reason, query, key, value, key_padding_mask=key_padding_mask,
                              need_weights=need_weights, attn_mask=attn_mask,
