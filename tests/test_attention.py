@@ -190,18 +190,21 @@ def test_nan_in_one_query_row_propagates_to_that_row(path, device):
 @pytest.mark.parametrize("path", PATHS)
 def test_nan_past_kv_lens_and_past_q_lens_changes_nothing(path, device):
     """(3) keys past kv_lens do not exist, and (4) rows past q_lens are zeros with zero gradients,
-    whatever those positions hold: with NaN and Inf there, the results are those of the same
-    inputs with zeros there, exactly."""
+    whatever those positions hold (q, k, v and the additive mask's entries there): with NaN and Inf
+    there, the results are those of the same inputs with zeros there, exactly. (The dk/dv pass
+    once let a NaN or +inf mask entry of a row past q_lens into dk and dv: sweep seed 9503289.)"""
     q, k, v = _qkv((4, 2, 7, 16), (4, 2, 40, 16), device)
     args = dict(kv_lens=torch.tensor([0, 40, 13, 35]), q_lens=torch.tensor([7, 0, 3, 5]), is_causal=False)
     key_gone = (torch.arange(40, device=device)[:, None] >= args["kv_lens"].to(device)[:, None, None, None])
     row_gone = (torch.arange(7, device=device)[:, None] >= args["q_lens"].to(device)[:, None, None, None])
+    bias = torch.randn(4, 1, 7, 40, device=device)
+    pair_gone = row_gone | key_gone.transpose(-1, -2)  # (4, 1, 7, 40)
 
     def run(fill):
         inputs = [q.detach().masked_fill(row_gone, fill).requires_grad_(),
                   *(t.detach().masked_fill(key_gone, fill).requires_grad_() for t in (k, v))]
         with on_path(path):
-            out = cross_attention(*inputs, **args)
+            out = cross_attention(*inputs, attn_mask=bias.masked_fill(pair_gone, fill), **args)
         upstream = torch.ones_like(out)
         return [out, *torch.autograd.grad(out, inputs, upstream)], inputs
 
@@ -210,6 +213,7 @@ def test_nan_past_kv_lens_and_past_q_lens_changes_nothing(path, device):
         dirty, inputs = run(fill)
         for name, a, b in zip(("out", "dq", "dk", "dv"), dirty, clean):
             assert torch.equal(a, b), f"{name} changed with {fill} past the lengths"
+    args["attn_mask"] = bias.masked_fill(pair_gone, float("inf"))
     with on_path(path):
         out = cross_attention(*inputs, **args)
     check_contract(*inputs, args, out, label=path)

@@ -364,6 +364,8 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, Stats, Delta, start_m, offs_n,
     s_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], Lk, Lq, Lk, qk_scale, kpm_row, stride_kpm_n,
                   mask_base, stride_mask_m, stride_mask_n, HAS_KPM, MASK_KIND, False, CAUSAL_TILE)
     p_t = _probabilities(s_t, row_max[None, :], row_log_sum[None, :])
+    # Rows past q_len do not exist: 0, not exp2(NaN - inf) where their attn_mask entries hold NaN/+inf.
+    p_t = tl.where(offs_m[None, :] < q_len, p_t, 0.0)
     if HAS_DROPOUT:
         keep_t = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
     if COMPUTE_DV:
