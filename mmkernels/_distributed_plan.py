@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from mmkernels.ops import contrastive as _blocks
 from mmkernels.ops import contrastive_kernels as _kernels
-from mmkernels.ops._common import check_float_tensor, triton_enabled
+from mmkernels.ops._common import check_embedding_pair, triton_enabled
 
 # --------------------------------------------------------------------------- gradient scaling
 
@@ -269,23 +269,6 @@ def runs_gradient_pass(image_grad: bool, scalar_grad: bool, plan: Plan, scaling:
 
 
 def embedding_checks(image, text):
-    check_float_tensor("image_local", image, 2, "(M, D)")
-    check_float_tensor("text_local", text, 2, "(M, D)")
-    if image.device != text.device:
-        raise ValueError(f"expected image_local and text_local on one device, got {image.device} and {text.device}")
-    if image.shape[0] != text.shape[0]:
-        raise ValueError(
-            "expected image_local and text_local to hold the same number of local pairs M, "
-            f"got {image.shape[0]} and {text.shape[0]}"
-        )
-    if image.shape[1] != text.shape[1]:
-        raise ValueError(
-            "expected image_local and text_local to have the same last dimension, "
-            f"got {image.shape[1]} and {text.shape[1]}"
-        )
-    if image.dtype != text.dtype:
-        raise TypeError(f"expected image_local and text_local to share a dtype, got {image.dtype} and {text.dtype}")
-    if image.shape[1] == 0:
-        raise ValueError("expected an embedding dimension D >= 1, got D = 0")
+    check_embedding_pair(image, text, ("image_local", "text_local"), ("M", "M"), same_rows="local pairs M")
     if image.dtype not in _DTYPES:
         raise TypeError(f"expected image_local and text_local in one of {_DTYPES}, got {image.dtype}")

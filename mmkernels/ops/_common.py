@@ -95,6 +95,28 @@ def check_same_device(named: Iterable[tuple[str, torch.Tensor]]) -> None:
         raise ValueError(f"expected all inputs on one device, got {seen}")
 
 
+def check_embedding_pair(a, b, names: tuple[str, str], rows: tuple[str, str] = ("N", "N"),
+                         same_rows: str | None = None) -> None:
+    """Two (rows, D) float embedding matrices `a`, `b` named `names`: on one device, one dtype, the
+    same D >= 1; with `same_rows` (what their rows are, "pairs N"), the same number of rows."""
+    name_a, name_b = names
+    check_float_tensor(name_a, a, 2, f"({rows[0]}, D)")
+    check_float_tensor(name_b, b, 2, f"({rows[1]}, D)")
+    check_same_device([(name_a, a), (name_b, b)])
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"expected {name_a} and {name_b} to have the same last dimension, got {a.shape[1]} and {b.shape[1]}"
+        )
+    if a.dtype != b.dtype:
+        raise TypeError(f"expected {name_a} and {name_b} to share a dtype, got {a.dtype} and {b.dtype}")
+    if a.shape[1] == 0:
+        raise ValueError("expected an embedding dimension D >= 1, got D = 0")
+    if same_rows is not None and a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"expected {name_a} and {name_b} to hold the same number of {same_rows}, got {a.shape[0]} and {b.shape[0]}"
+        )
+
+
 def check_choice(name: str, value, choices) -> None:
     """Raise ValueError naming `name` unless `value` is one of the strings `choices`."""
     if not isinstance(value, str) or value not in choices:

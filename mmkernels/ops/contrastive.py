@@ -29,6 +29,7 @@ import torch
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops import reference
 from mmkernels.ops._common import (
+    check_embedding_pair,
     check_float_tensor,
     check_same_device,
     last_dim_contiguous,
@@ -98,36 +99,14 @@ def _check_flag(name: str, value) -> bool:
     return value
 
 
-def _check_pair_tensors(image_emb, text_emb, rows: str) -> None:
-    check_float_tensor("image_emb", image_emb, 2, f"({rows}, D)")
-    check_float_tensor("text_emb", text_emb, 2, "(N, D)")
-    check_same_device([("image_emb", image_emb), ("text_emb", text_emb)])
-    if image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(
-            "expected image_emb and text_emb to have the same last dimension, "
-            f"got {image_emb.shape[1]} and {text_emb.shape[1]}"
-        )
-    if image_emb.dtype != text_emb.dtype:
-        raise TypeError(
-            f"expected image_emb and text_emb to share a dtype, got {image_emb.dtype} and {text_emb.dtype}"
-        )
-    if image_emb.shape[1] == 0:
-        raise ValueError("expected an embedding dimension D >= 1, got D = 0")
-
-
 def _check_embeddings(image_emb, text_emb) -> None:
-    _check_pair_tensors(image_emb, text_emb, "N")
-    if image_emb.shape[0] != text_emb.shape[0]:
-        raise ValueError(
-            "expected image_emb and text_emb to hold the same number of pairs N, "
-            f"got {image_emb.shape[0]} and {text_emb.shape[0]}"
-        )
+    check_embedding_pair(image_emb, text_emb, ("image_emb", "text_emb"), same_rows="pairs N")
     if image_emb.shape[0] == 0:
         raise ValueError("expected at least one pair, got N = 0")
 
 
 def _check_block(image_emb, text_emb, offset, n_total=None, *, positives_optional: bool = False) -> None:
-    _check_pair_tensors(image_emb, text_emb, "M")
+    check_embedding_pair(image_emb, text_emb, ("image_emb", "text_emb"), ("M", "N"))
     if text_emb.shape[0] == 0:
         raise ValueError("expected text_emb to hold at least one column, got N = 0")
     if offset is None and positives_optional:  # a block without positives: any M against any N

@@ -21,7 +21,7 @@ import torch
 
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops import reference
-from mmkernels.ops._common import check_float_tensor, check_same_device, scalar_tensor, triton_enabled
+from mmkernels.ops._common import check_embedding_pair, scalar_tensor, triton_enabled
 from mmkernels.ops.contrastive import (
     _check_flag,
     _check_label_smoothing,
@@ -37,24 +37,9 @@ __all__ = ["info_nce_loss"]
 
 
 def _check_inputs(query, keys) -> None:
-    check_float_tensor("query", query, 2, "(N, D)")
-    check_float_tensor("keys", keys, 2, "(N, D)")
-    check_same_device([("query", query), ("keys", keys)])
-    if query.shape[1] != keys.shape[1]:
-        raise ValueError(
-            f"expected query and keys to have the same last dimension, got {query.shape[1]} and {keys.shape[1]}"
-        )
-    if query.dtype != keys.dtype:
-        raise TypeError(f"expected query and keys to share a dtype, got {query.dtype} and {keys.dtype}")
-    if query.shape[0] != keys.shape[0]:
-        raise ValueError(
-            "expected query and keys to hold the same number of rows N (key i is query i's positive), "
-            f"got {query.shape[0]} and {keys.shape[0]}"
-        )
+    check_embedding_pair(query, keys, ("query", "keys"), same_rows="rows N (key i is query i's positive)")
     if query.shape[0] == 0:
         raise ValueError("expected at least one query, got N = 0")
-    if query.shape[1] == 0:
-        raise ValueError("expected an embedding dimension D >= 1, got D = 0")
 
 
 # --------------------------------------------------------------------------- registered ops
