@@ -21,7 +21,7 @@ from attention_checks import (
 from mmkernels.ops import attention as attention_op
 from mmkernels.ops import reference
 from mmkernels.ops.attention import cross_attention, draw_dropout_seed
-from toolkit import OpTrace, fresh_seed, needs_triton, seeded_generator
+from toolkit import OpTrace, assert_no_host_sync, fresh_seed, needs_triton, seeded_generator
 
 @pytest.fixture(autouse=True)
 def seeded():
@@ -563,14 +563,12 @@ def test_gpu_dropout_gradient_uses_the_forward_mask():
 def test_gpu_forward_and_backward_do_not_sync():
     (q, k, v), args = make_inputs(dict(B=4, H=4, Lq=64, Lk=100, d=64, kv_lens=True), torch.bfloat16, "cuda")
     kv_lens = args["kv_lens"].cuda()
-    cross_attention(q, k, v, kv_lens=kv_lens, dropout_p=0.1).sum().backward()  # autotune first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def step():
         out = cross_attention(q, k, v, kv_lens=kv_lens, dropout_p=0.1)
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+
+    assert_no_host_sync(step)
 
 
 @pytest.mark.gpu

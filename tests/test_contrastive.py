@@ -14,7 +14,8 @@ from contrastive_oracle import check_clip, check_siglip, random_leaves
 from mmkernels.ops import contrastive, reference
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops._common import triton_enabled
-from toolkit import OpTrace, eager_siglip_loss, fresh_seed, needs_triton, seeded_generator, value_and_grads
+from toolkit import (OpTrace, assert_no_host_sync, eager_siglip_loss, fresh_seed, needs_triton, seeded_generator,
+                     value_and_grads)
 
 LOSS_CASES = [
     # (N, D, normalize, label_smoothing)
@@ -533,10 +534,4 @@ def test_gpu_forward_and_backward_do_not_sync():
         contrastive.siglip_block(a, b, 10.0, -10.0, offset=None, n_total=1024, normalize=True, image_grad=True,
                                  text_grad=True)
 
-    step()  # compile the kernels first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)

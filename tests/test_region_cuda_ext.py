@@ -19,7 +19,7 @@ from mmkernels.ops.region import region_mask
 from mmkernels.ops.region_loss import masked_region_loss
 from test_region import generators
 from test_region_loss import assert_all_within_rule, eager, loss_inputs, oracle, run
-from toolkit import assert_within_rule, fresh_seed, value_and_grads
+from toolkit import assert_no_host_sync, assert_within_rule, fresh_seed, value_and_grads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,13 +296,7 @@ def test_gpu_forward_and_backward_never_sync_the_host(lens_device, backend):
             masked_region_loss(out.features, target.softmax(-1), out.mask, kind, backend=backend).backward(
                 retain_graph=True)
 
-    step()  # compile the Triton kernels first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)
 
 
 @pytest.mark.gpu

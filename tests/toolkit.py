@@ -467,6 +467,18 @@ def compare_patched(make_model, run, patch, path: str, reference_calls: list, *,
     return handle
 
 
+def assert_no_host_sync(step) -> None:
+    """Run `step()` once (it compiles and autotunes the kernels), then again with CUDA's sync
+    debug mode at "error": any host synchronisation inside the second call raises."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # --------------------------------------------------------------------------- multi-process jobs
 
 
