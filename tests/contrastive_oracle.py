@@ -18,6 +18,19 @@ from toolkit import assert_within_rule, eager_clip_loss, eager_info_nce_loss, ea
 NAMES = ["loss", "d image_emb", "d text_emb", "d logit_scale", "d logit_bias"]
 
 
+# The loss tests' shapes: (N, D, normalize, label_smoothing); N = 1 and D = 1, sizes off every block.
+LOSS_CASES = [
+    # (N, D, normalize, label_smoothing)
+    (1, 16, False, 0.0),
+    (7, 1, False, 0.0),
+    (7, 80, True, 0.1),
+    (129, 16, False, 0.0),
+    (129, 200, True, 0.0),
+    (300, 80, False, 0.2),
+    (300, 200, True, 0.0),
+]
+
+
 def random_leaves(n: int, d: int, dtype, device, with_bias: bool, scale_range=(0.5, 2.5)):
     """[image (n, d), text (n, d), logit_scale (), (logit_bias ())] from torch's current seed."""
     a = torch.randn(n, d, dtype=dtype, device=device)

@@ -10,23 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
-from contrastive_oracle import check_clip, check_siglip, random_leaves
+from contrastive_oracle import LOSS_CASES, check_clip, check_siglip, random_leaves
 from mmkernels.ops import contrastive, reference
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops._common import triton_enabled
 from toolkit import (OpTrace, assert_no_host_sync, eager_siglip_loss, fresh_seed, needs_triton, seeded_generator,
                      value_and_grads)
-
-LOSS_CASES = [
-    # (N, D, normalize, label_smoothing)
-    (1, 16, False, 0.0),
-    (7, 1, False, 0.0),
-    (7, 80, True, 0.1),
-    (129, 16, False, 0.0),
-    (129, 200, True, 0.0),
-    (300, 80, False, 0.2),
-    (300, 200, True, 0.0),
-]
 
 
 def _loss_fn(loss_name, normalize, smoothing, **kw):
