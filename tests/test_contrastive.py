@@ -143,6 +143,68 @@ def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(path, smoot
     assert (old.double() - oracle).abs().max().item() > 3 * bound
 
 
+@pytest.mark.parametrize("api", ["clip_loss", "clip blocks", "info_nce"])
+@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
+def test_softmax_gradients_keep_their_precision_at_large_logits(api, path, device, monkeypatch):
+    """P = exp(S - lse) needs the log-sum-exp's low bits where S_ij dominates its row or column: an fp32
+    lse is off by up to u·|lse|/2, and so is every P, where the eager softmax's P ≈ 1 is exact to u
+    (CI sweep seed 3690557941: CLIP N = 2 at logits 17.5 and -46.6, d image_emb 17x eager's error).
+    The statistics carry lse in float64; the gradient pass splits it as hi + lo and forms (S - hi) - lo.
+
+    Inputs where S is exact: text_emb = I and logit_scale 1, so S = image_emb and d image_emb = dL/dS
+    exactly; every logit near 400, each positive 4..12 above its negatives (P_ii in (0.78, 1), none
+    saturated). Each entry against the float64 oracle within a few ulps of its P's and targets (and
+    of P·|S - lse|, the GPU's exp2 argument rounding); a negative control: clip_block_grads given the
+    same log-sum-exps rounded to fp32 misses that bound.
+    """
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        device = torch.device("cpu")
+    gen = seeded_generator()
+    n, eps, u = 16, 0.1, 2.0**-24
+    # multiples of 1/64 near 400: exact in fp32, and so are their differences
+    a = 400.0 - torch.randint(4 * 64, 12 * 64, (n, n), generator=gen).double() / 64
+    a.diagonal().copy_(400.0 + torch.randint(0, 2 * 64, (n,), generator=gen).double() / 64)
+    b = torch.eye(n, dtype=torch.float64)
+    scale = torch.tensor(1.0, dtype=torch.float64)
+    leaves = [t.float().to(device) for t in (a, b, scale)]
+    targets = (1 - eps) * torch.eye(n, dtype=torch.float64) + eps / n
+    slack = {}
+    for dim in ((1, 0) if api != "info_nce" else (1,)):
+        p = torch.softmax(a, dim)
+        slack[dim] = 8 * (p + targets) + 2 * p * (a - torch.logsumexp(a, dim, keepdim=True)).abs()
+    if api == "info_nce":
+        oracle = value_and_grads(lambda x, y, s: reference.info_nce_loss(x, y, s, label_smoothing=eps), [a, b, scale])
+        got = value_and_grads(lambda x, y, s: mmkernels.info_nce_loss(x, y, s, label_smoothing=eps), leaves)[1]
+        bound = u * slack[1] / n
+    else:
+        oracle = value_and_grads(lambda x, y, s: reference.clip_loss(x, y, s, label_smoothing=eps), [a, b, scale])
+        bound = u * (slack[1] + slack[0]) / (2 * n)
+        if api == "clip_loss":
+            got = value_and_grads(lambda x, y, s: mmkernels.clip_loss(x, y, s, label_smoothing=eps), leaves)[1]
+        else:
+            x, y, s = leaves
+            cuts = [(0, 5), (5, n)]
+            stats = [contrastive.clip_block_stats(x[p0:p1], y, s, offset=p0, normalize=False) for p0, p1 in cuts]
+            col_lse = contrastive.merge_column_stats(torch.stack([t.col_max for t in stats]),
+                                                     torch.stack([t.col_sumexp for t in stats]))
+            assert stats[0].row_lse.dtype == col_lse.dtype == torch.float64
+
+            def image_grads(rounding):
+                return torch.cat([contrastive.clip_block_grads(
+                    x[p0:p1], y, s, rounding(t.row_lse), rounding(col_lse), offset=p0, n_total=n,
+                    label_smoothing=eps, normalize=False, image_grad=True, text_grad=False).image_grad
+                    for (p0, p1), t in zip(cuts, stats)])
+
+            got = image_grads(lambda t: t)
+            rounded = (image_grads(lambda t: t.float()).double().cpu() - oracle[1]).abs()
+            assert (rounded > bound).any(), "the negative control (fp32 log-sum-exps) passed: the test is blind"
+    error = (got.double().cpu() - oracle[1]).abs()
+    worst = (error / bound).argmax().item()
+    assert (error <= bound).all(), (
+        f"{api} {path}: d image_emb{divmod(worst, n)} off by {error.view(-1)[worst]:.3e} > {bound.view(-1)[worst]:.3e}")
+
+
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_bf16_under_the_interpreter_is_right(loss_name, monkeypatch):
     """Issue 11 item 9: the interpreter has no bf16 dot, so bf16 CPU tensors take the reference path

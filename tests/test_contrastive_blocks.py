@@ -228,14 +228,15 @@ def test_merge_column_stats_edge_cases(path_device):
     col_max = torch.stack([p.max(0).values for p in parts])
     col_sumexp = torch.stack([torch.exp(p - m).sum(0) for p, m in zip(parts, col_max)])
     merged = contrastive.merge_column_stats(col_max, col_sumexp)
-    torch.testing.assert_close(merged, torch.logsumexp(logits, 0))
+    assert merged.dtype == torch.float64, "the merged log-sum-exps keep their low bits (float64)"
+    torch.testing.assert_close(merged, torch.logsumexp(logits.double(), 0))
     assert torch.equal(merged, contrastive.merge_column_stats(col_max, col_sumexp)), "not deterministic"
     # an empty block (-inf, 0) adds nothing; only empty blocks give -inf; NaN or +inf give NaN
     empty_max = torch.full((1, 5), float("-inf"), device=path_device)
     empty_sum = torch.zeros(1, 5, device=path_device)
     torch.testing.assert_close(
         contrastive.merge_column_stats(torch.cat([empty_max, col_max]), torch.cat([empty_sum, col_sumexp])), merged)
-    assert torch.equal(contrastive.merge_column_stats(empty_max, empty_sum), empty_max[0])
+    assert torch.equal(contrastive.merge_column_stats(empty_max, empty_sum), empty_max[0].double())
     bad_max, bad_sum = col_max.clone(), col_sumexp.clone()
     bad_max[0, 1], bad_sum[1, 3], bad_max[1, 4] = float("nan"), float("nan"), float("inf")
     merged_bad = contrastive.merge_column_stats(bad_max, bad_sum)

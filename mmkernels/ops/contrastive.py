@@ -155,7 +155,7 @@ def _clip_block_stats_op(
     image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, offset: int, normalize: bool,
     workspace_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_lse (M,), col_max (N,), col_sumexp (N,), diag (M,), row_sum (M,)), fp32. 2·M·N·D."""
+    """(row_lse (M,) float64, col_max (N,), col_sumexp (N,), diag (M,), row_sum (M,) fp32). 2·M·N·D."""
     a, b, ra, rb = _operands(image_emb, text_emb, normalize)
     return tuple(kernels.clip_stats(a, b, ra, rb, logit_scale, offset, workspace_bytes))
 
@@ -163,7 +163,8 @@ def _clip_block_stats_op(
 @_clip_block_stats_op.register_fake
 def _(image_emb, text_emb, logit_scale, offset, normalize, workspace_bytes):
     m, n = image_emb.shape[0], text_emb.shape[0]
-    return tuple(image_emb.new_empty((size,), dtype=torch.float32) for size in (m, n, n, m, m))
+    return tuple(image_emb.new_empty((size,), dtype=dtype)
+                 for size, dtype in zip((m, n, n, m, m), (torch.float64,) + (torch.float32,) * 4))
 
 
 @torch.library.custom_op("mmkernels::clip_block_grads", mutates_args=())
@@ -206,7 +207,7 @@ def clip_loss_fwd(
     image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, normalize: bool,
     label_smoothing: float, workspace_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss () fp32, row_lse (N,), col_lse (N,)): the single-GPU CLIP loss, the block M = N, offset 0."""
+    """(loss () fp32, row_lse (N,), col_lse (N,) float64): the single-GPU CLIP loss, the block M = N, offset 0."""
     a, b, ra, rb = _operands(image_emb, text_emb, normalize)
     n = a.shape[0]
     stats = kernels.clip_stats(a, b, ra, rb, logit_scale, 0, workspace_bytes)
@@ -215,14 +216,14 @@ def clip_loss_fwd(
     # CE_i with smoothing = lse_i - (1-eps)·S_ii - (eps/N)·Σ_j S_ij; the columns' Σ of targets is the rows'
     targets = (1 - eps) * stats.diag + eps / n * stats.row_sum
     loss = ((stats.row_lse - targets).sum() + (col_lse - targets).sum()) / (2 * n)
-    return loss, stats.row_lse, col_lse
+    return loss.float(), stats.row_lse, col_lse
 
 
 @clip_loss_fwd.register_fake
 def _(image_emb, text_emb, logit_scale, normalize, label_smoothing, workspace_bytes):
     n = image_emb.shape[0]
-    return (image_emb.new_empty((), dtype=torch.float32), image_emb.new_empty((n,), dtype=torch.float32),
-            image_emb.new_empty((n,), dtype=torch.float32))
+    return (image_emb.new_empty((), dtype=torch.float32), image_emb.new_empty((n,), dtype=torch.float64),
+            image_emb.new_empty((n,), dtype=torch.float64))
 
 
 def _clip_setup_context(ctx, inputs, output):
@@ -307,10 +308,11 @@ _siglip_block_op.register_autograd(_siglip_backward, setup_context=_siglip_setup
 
 
 class ClipBlockStats(NamedTuple):
-    """What one block row of S contributes to CLIP's softmax statistics (fp32; float64 for float64
-    inputs). With S the block's logits (M, N):
+    """What one block row of S contributes to CLIP's softmax statistics (fp32 and row_lse float64;
+    all float64 for float64 inputs). With S the block's logits (M, N):
 
-    - row_lse (M,): log Σ_j exp(S_ij), complete (a block row holds whole rows).
+    - row_lse (M,): log Σ_j exp(S_ij), complete (a block row holds whole rows). float64: its low
+      bits set exp(S_ij - row_lse_i) where S_ij dominates its row, as exactly as a softmax does.
     - col_max (N,): max_i S_ij over the block's rows (-inf when M = 0).
     - col_sumexp (N,): Σ_i exp(S_ij - col_max_j) over the block's rows.
     - diag (M,): S[i, offset + i], the positives' logits.
@@ -390,7 +392,7 @@ def merge_column_stats(col_max: torch.Tensor, col_sumexp: torch.Tensor) -> torch
     Args:
         col_max, col_sumexp: (P, N), block p's ClipBlockStats.col_max and .col_sumexp in row p.
 
-    Returns log Σ_p col_sumexp_p · exp(col_max_p), computed stably, in col_max's dtype.
+    Returns log Σ_p col_sumexp_p · exp(col_max_p), computed stably, in float64 (as row_lse).
     Deterministic (one fixed reduction order, no atomics); blocks with col_max = -inf add nothing
     (all of them: -inf); a NaN or +inf statistic gives NaN.
     """
@@ -418,6 +420,8 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, *, offs
         image_emb (M, D), text_emb (N, D), logit_scale, offset, normalize: as in clip_block_stats.
         row_lse: (M,) the block's row log-sum-exps (ClipBlockStats.row_lse).
         col_lse: (N,) the global column log-sum-exps (merge_column_stats over all blocks).
+            Both are read as float64; rounded to fp32 they cost the gradients u·|lse| relative
+            error (see ClipBlockStats.row_lse).
         n_total: the number of pairs in the global batch (the loss is a mean over 2·n_total terms).
         label_smoothing: eps in [0, 1], as in clip_loss.
         image_grad, text_grad: which embedding gradients to compute; a side not asked costs no
@@ -445,7 +449,7 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, *, offs
     kernels.panel_workspace(m, b.shape[0], d, a.dtype, a.device, image_grad, text_grad, torch.float32,
                             workspace_bytes)
     d_image, d_text, d_scale = torch.ops.mmkernels.clip_block_grads(
-        a, b, scale, row_lse.float().contiguous(), col_lse.float().contiguous(), grad, offset, n_total, eps,
+        a, b, scale, row_lse.double().contiguous(), col_lse.double().contiguous(), grad, offset, n_total, eps,
         normalize, image_grad, text_grad, torch.float32, workspace_bytes,
     )
     return ClipBlockGrads(d_image if image_grad else None, d_text if text_grad else None, d_scale)

@@ -50,19 +50,19 @@ def info_nce_fwd(
     query: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor, normalize: bool, label_smoothing: float,
     workspace_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss () fp32, row_lse (N,) fp32): one pass over S for its rows' statistics, 2·N²·D."""
+    """(loss () fp32, row_lse (N,) float64): one pass over S for its rows' statistics, 2·N²·D."""
     a, b, ra, rb = _operands(query, keys, normalize)
     n = a.shape[0]
     stats = kernels.clip_stats(a, b, ra, rb, logit_scale, 0, workspace_bytes, columns=False)
     eps = label_smoothing
     # CE_i with smoothing = lse_i - (1-eps)·S_ii - (eps/N)·Σ_j S_ij
     targets = (1 - eps) * stats.diag + eps / n * stats.row_sum
-    return (stats.row_lse - targets).sum() / n, stats.row_lse
+    return ((stats.row_lse - targets).sum() / n).float(), stats.row_lse
 
 
 @info_nce_fwd.register_fake
 def _(query, keys, logit_scale, normalize, label_smoothing, workspace_bytes):
-    return query.new_empty((), dtype=torch.float32), query.new_empty((query.shape[0],), dtype=torch.float32)
+    return query.new_empty((), dtype=torch.float32), query.new_empty((query.shape[0],), dtype=torch.float64)
 
 
 @torch.library.custom_op("mmkernels::info_nce_grads", mutates_args=())

@@ -81,15 +81,32 @@ def info_nce_loss(query, keys, logit_scale, normalize: bool = False, label_smoot
 # is returned: gradients come out explicitly, as the kernels give them.
 
 
+def _lse_float64(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """The log-sum-exp of `logits` along `dim` (which is not empty), in float64: max + log Σ exp(S - max)
+    with the max exact, so that exp(S - lse) (see _minus_lse) is as exact as a softmax."""
+    top = logits.amax(dim, keepdim=True)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    return (top.double() + torch.log(torch.exp(logits - top).sum(dim, keepdim=True)).double()).squeeze(dim)
+
+
+def _minus_lse(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """logits - lse in logits' dtype, for a float64 lse (broadcast against logits) split as hi + lo: exact
+    where a logit is near its lse (P ≈ 1), where an fp32 lse would lose u·|lse| in every P."""
+    hi = lse.to(logits.dtype)
+    lo = (lse.double() - hi.double()).to(logits.dtype)
+    return (logits - hi) - lo
+
+
 def clip_block_stats(image_emb, text_emb, logit_scale, offset: int, normalize: bool):
-    """(row_lse (M,), col_max (N,), col_sumexp (N,), diag (M,), row_sum (M,)) of the block's logits.
+    """(row_lse (M,), col_max (N,), col_sumexp (N,), diag (M,), row_sum (M,)) of the block's logits,
+    row_lse in float64 (see _minus_lse), the others in the compute dtype.
 
     col_sumexp_j = Σ_i exp(S_ij - col_max_j); an empty block (M = 0) gives col_max = -inf, col_sumexp = 0.
     """
     with torch.no_grad():
         logits = clip_logits(image_emb, text_emb, logit_scale, normalize)
         m, n = logits.shape
-        row_lse = torch.logsumexp(logits, dim=1)
+        row_lse = _lse_float64(logits, 1)
         if m == 0:
             col_max = torch.full((n,), float("-inf"), dtype=logits.dtype, device=logits.device)
             col_sumexp = torch.zeros(n, dtype=logits.dtype, device=logits.device)
@@ -101,11 +118,12 @@ def clip_block_stats(image_emb, text_emb, logit_scale, offset: int, normalize: b
 
 
 def merge_column_stats(col_max, col_sumexp):
-    """Column log-sum-exps (N,) from P blocks' partial statistics col_max, col_sumexp (P, N).
+    """Column log-sum-exps (N,) float64 from P blocks' partial statistics col_max, col_sumexp (P, N).
 
     Blocks whose columns are all -inf (or P = 0) add nothing; all of them so gives -inf; a NaN or
     +inf statistic gives NaN. One fixed reduction order: the same inputs give the same bits.
     """
+    col_max, col_sumexp = col_max.double(), col_sumexp.double()
     if col_max.shape[0] == 0:
         return torch.full(col_max.shape[1:], float("-inf"), dtype=col_max.dtype, device=col_max.device)
     top = col_max.max(dim=0).values
@@ -137,8 +155,8 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset:
         with torch.no_grad():
             targets = torch.full_like(logits, label_smoothing / n_total)
             targets[rows, offset + rows] += 1 - label_smoothing
-            w = ((torch.exp(logits - row_lse.to(dtype)[:, None]) - targets)
-                 + (torch.exp(logits - col_lse.to(dtype)[None, :]) - targets))
+            w = ((torch.exp(_minus_lse(logits, row_lse[:, None])) - targets)
+                 + (torch.exp(_minus_lse(logits, col_lse[None, :])) - targets))
             d_logits = w / (2 * n_total)
             if grad_output is not None:
                 d_logits = d_logits * grad_output.to(dtype)
