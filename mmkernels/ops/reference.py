@@ -93,7 +93,7 @@ def _minus_lse(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """logits - lse in logits' dtype, for a float64 lse (broadcast against logits) split as hi + lo: exact
     where a logit is near its lse (P ≈ 1), where an fp32 lse would lose u·|lse| in every P."""
     hi = lse.to(logits.dtype)
-    lo = (lse.double() - hi.double()).to(logits.dtype)
+    lo = torch.where(hi.isinf(), 0.0, (lse.double() - hi.double()).to(logits.dtype))
     return (logits - hi) - lo
 
 
