@@ -135,17 +135,20 @@ def reference_values(q, k, v, args, upstream, compute_dtype, dropout_keep=None, 
 
 
 def gradient_term_sizes(q, k, v, args, upstream, out, dropout_keep=None, dropout_p=0.0):
-    """float64 sizes (per (b, h, row)) of the sums that make dq and dk: Σ_j P_ij·(|dP_ij| + |Δ_i|)·|k_j|
+    """float64 sizes (per (b, h, row)) of the sums that make dq and dk: Σ_j P_ij·(|dP_ij| + |Δ|_i)·|k_j|
     (and over i with |q_i|), where dS = P·(dP - Δ) cancels. The kernels take Δ = rowsum(dO·O)
     (FlashAttention's identity) where the eager backward takes Σ_j P_ij·dP_ij: equal in exact
     arithmetic, not in rounding, so where dS cancels to ~0 (one key, say) the eager error is 0
-    and ours is not: the rule's floor scales with these sizes."""
+    and ours is not: the rule's floor scales with these sizes. Δ's size is that of its summands,
+    |Δ|_i = Σ_d |dO_id·O_id|: O comes to the backward rounded to the inputs' dtype, and Δ itself
+    cancels (fp16, one key, dropout: Δ = dO·O off by 2^-12·Σ|dO·O|, 2.5x over |Δ|'s floor, seed
+    2497692532)."""
     batch, heads, len_k = k.shape[0], k.shape[1], k.shape[2]
     identity = torch.eye(len_k, dtype=torch.float64).expand(batch, heads, len_k, len_k)
     probs = reference.cross_attention(q, k, identity, dropout_p=dropout_p, dropout_keep=dropout_keep,
                                       compute_dtype=torch.float64, **args)  # (B, H, Lq, Lk)
     d_probs = upstream @ v.transpose(-1, -2)
-    delta = (upstream * out).sum(-1, keepdim=True)
+    delta = (upstream * out).abs().sum(-1, keepdim=True)
     weight = probs * (d_probs.abs() + delta.abs()) * (args.get("scale") or q.shape[-1] ** -0.5)
     return weight @ k.abs(), weight.transpose(-1, -2) @ q.abs()
 
