@@ -177,8 +177,8 @@ class _ClipLoss(_FinishedGradients):
             image, text_all, scale, offset=off, normalize=opts.normalize, workspace_bytes=opts.workspace_bytes,
         )
         # L = (Σ_i row_lse_i + Σ_j col_lse_j - 2(1-ε)·Σ_i S_ii - (2ε/N)·Σ_ij S_ij) / (2N). The row terms are
-        # this rank's; the column log-sum-exps merge every rank's column statistics.
-        row_terms = (stats.row_lse.double() - 2 * (1 - eps) * stats.diag.double()
+        # this rank's; the column log-sum-exps merge every rank's column statistics (row_lse, col_lse: float64).
+        row_terms = (stats.row_lse - 2 * (1 - eps) * stats.diag.double()
                      - (2 * eps / n) * stats.row_sum.double()).sum()
         packed = torch.cat([stats.col_max.float(), stats.col_sumexp.float(), row_terms.float().reshape(1)])
         gathered = _gather_scalars(packed, plan)
@@ -186,10 +186,10 @@ class _ClipLoss(_FinishedGradients):
         if opts.scaling.local_value:
             # open_clip's local loss (local_loss=True): the mean cross-entropy of this rank's M rows and
             # of its M columns (ε = 0: nn.ClipLoss refuses label smoothing there).
-            value = (stats.row_lse.double().sum() + col_lse[off: off + m].double().sum()
+            value = (stats.row_lse.sum() + col_lse[off: off + m].sum()
                      - 2 * stats.diag.double().sum()) / (2 * m)
         else:
-            value = (gathered[:, 2 * n].double().sum() + col_lse.double().sum()) / (2 * n)
+            value = (gathered[:, 2 * n].double().sum() + col_lse.sum()) / (2 * n)
 
         grads = (None, None, None)
         if opts.runs_gradient_pass(plan):

@@ -149,7 +149,7 @@ def gradient_term_sizes(q, k, v, args, upstream, out, dropout_keep=None, dropout
                                       compute_dtype=torch.float64, **args)  # (B, H, Lq, Lk)
     d_probs = upstream @ v.transpose(-1, -2)
     delta = (upstream * out).abs().sum(-1, keepdim=True)
-    weight = probs * (d_probs.abs() + delta.abs()) * (args.get("scale") or q.shape[-1] ** -0.5)
+    weight = probs * (d_probs.abs() + delta) * (args.get("scale") or q.shape[-1] ** -0.5)
     return weight @ k.abs(), weight.transpose(-1, -2) @ q.abs()
 
 

@@ -404,7 +404,7 @@ def merge_column_stats(col_max: torch.Tensor, col_sumexp: torch.Tensor) -> torch
             f"expected col_max and col_sumexp of one shape (P, N), got {tuple(col_max.shape)} and "
             f"{tuple(col_sumexp.shape)}"
         )
-    return reference.merge_column_stats(col_max, col_sumexp.to(col_max.dtype))
+    return reference.merge_column_stats(col_max, col_sumexp)
 
 
 def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, *, offset: int, n_total: int,
