@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -515,6 +516,12 @@ def _rank_main(rank, fn, world_size, port, backend, timeout_s, out_dir, args):
     with open(path + ".tmp", "wb") as f:
         pickle.dump(result, f)
     os.replace(path + ".tmp", path)  # the parent never reads a half-written file
+    # Leave without the interpreter's finalisation: gloo's threads can abort it ("terminate called without
+    # an active exception", SIGABRT, after the result is written; seed 902928695, cf. pytorch#179291).
+    # A rank that dies before this line still fails the call (no result file, or a non-zero exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout_s: float = 120.0) -> list:
