@@ -71,9 +71,14 @@ def test_default_command_ab_report_and_learning(tmp_path, reference_path):
     # of its rounding), so which float32 run lies nearer the float64 one is chance: measured over 6
     # seeds, one run's error jumped 10x in one step at step 11 (seed 9001), and by step 150 the ratio
     # of the two runs' errors ranged from 0.05 to 22 (CI failed once on the whole curve, seed 2240,
-    # ratio 3.8). Over the whole run the two float32 curves stay much nearer each other than either
-    # is to the float64 one (largest step gap seen 9e-4 while float32 against float64 reached 1.4e-2;
-    # mean over the last 50 steps within 2.3e-5 relative): the bounds below are ~20x those.
+    # ratio 3.8). Past step 10 the two float32 curves are held to each other, with an allowance that
+    # is the larger of a fixed bound and 4x how far float32 itself (the baseline) strays from the
+    # float64 run on this seed. Measured over 11 seeds: on 10 the two float32 curves stay within
+    # 6e-4 per step and 1e-4 on the mean of the last 50 steps, while the baseline strays from
+    # float64 by at most 3e-4 per step; seed 1857 has a loss spike at step 44 (3.33 -> 5.18) that
+    # amplifies every rounding difference: the baseline strays 5.3e-3 from float64 (1.5e-3 on the
+    # tail mean), ours 1.3e-2 (3.8e-3) in the same direction, the two float32 runs 7.3e-3 (2.3e-3).
+    # That seed failed CI on a fixed tail bound of 1e-3.
     oracle = run(AB + ["--seed", seed, "--no-compare", "--precision", "fp64", "--out", str(tmp_path / "fp64")])
     truth = _curve(oracle, "mmkernels")
     base, ours = _curve(report, "baseline"), _curve(report, "mmkernels")
@@ -82,10 +87,16 @@ def test_default_command_ab_report_and_learning(tmp_path, reference_path):
     # negative control: a curve one step out of line fails the same comparison
     with pytest.raises(AssertionError):
         assert_within_rule("shifted loss curve", ours[1:k + 1], base[:k], truth[:k], torch.float32)
-    gap = (ours - base).abs()
-    assert bool((gap <= 0.02 * base.abs()).all()), f"step {int(gap.argmax())}: curves {gap.max():.3e} apart"
-    tail_gap = abs(ours[-50:].mean() - base[-50:].mean()) / base[-50:].mean()
-    assert tail_gap <= 1e-3, f"mean loss over the last 50 steps {tail_gap:.2e} apart (relative)"
+    chaos = float(((base - truth).abs() / truth.abs()).max())  # how far float32 strays on this seed
+    gap = (ours - base).abs() / base.abs()
+    step_bound = max(0.02, 4 * chaos)
+    assert float(gap.max()) <= step_bound, (
+        f"step {int(gap.argmax())}: curves {float(gap.max()):.3e} apart (relative), bound {step_bound:.3e}")
+    tail_gap = float(abs(ours[-50:].mean() - base[-50:].mean()) / base[-50:].mean())
+    tail_bound = max(1e-3, 4 * chaos)
+    assert tail_gap <= tail_bound, (
+        f"mean loss over the last 50 steps {tail_gap:.2e} apart (relative), bound {tail_bound:.2e}; "
+        f"the baseline strays {chaos:.2e} from the float64 run")
 
 
 def test_resume_refuses_other_options_and_existing_runs(tmp_path, reference_path, capsys):
