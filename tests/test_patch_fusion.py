@@ -12,7 +12,6 @@ off (eval mode) in every comparison: mmkernels' dropout draws from Philox, torch
 stream, so only the distribution is the same (checked on its own below).
 """
 import copy
-import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ from transformers import (  # noqa: E402
 from transformers.models.lxmert.modeling_lxmert import LxmertAttention  # noqa: E402
 
 import mmkernels  # noqa: E402
-from mmkernels.integrations import hf_common  # noqa: E402
 from mmkernels.integrations import transformers_fusion as fusion  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
 from mmkernels.ops import reference  # noqa: E402
@@ -446,23 +444,6 @@ def test_visual_bert_region_to_phrase_scores_are_left_as_they_are():
     handle.undo()
     with pytest.raises(StrictPatchError, match="attention"):
         mmkernels.patch(model, strict=True, losses=False)
-
-
-@pytest.mark.filterwarnings("ignore:mmkernels.patch left the transformers models unpatched")
-def test_untested_transformers_version_leaves_the_modules_as_they_are(reference_path, monkeypatch, op_calls):
-    case = lxmert()
-    # Through the shared gate, as if transformers 5.99 were installed. (Not by setting
-    # transformers.__version__: importing some modeling files, e.g. BLIP's, replaces the
-    # `transformers` entry of sys.modules, so modules can hold different `transformers` objects.)
-    monkeypatch.setattr(fusion, "untested_version_reason", functools.partial(hf_common.untested_version_reason, "5.99.0"))
-    handle = mmkernels.patch(case.model)
-    assert not handle.records
-    assert len(handle.skipped) == 5 and all("5.99.0" in s.reason and "5.24" in s.reason for s in handle.skipped)
-    case.model(**case.inputs)
-    assert not op_calls
-    handle.undo()
-    with pytest.raises(StrictPatchError, match="5.99.0"):
-        mmkernels.patch(case.model, strict=True)
 
 
 # --------------------------------------------------------------------------- undo, caches, dropout

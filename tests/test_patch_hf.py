@@ -9,7 +9,6 @@ DESIGN.md's rule (the loss, the outputs on the kept rows, every parameter's grad
 reference path and once on the Triton kernels under the interpreter; a negative control per family
 fails the same comparison.
 """
-import warnings
 
 import pytest
 import torch
@@ -34,7 +33,7 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import mmkernels  # noqa: E402
-from mmkernels.integrations import hf_common, hf_losses  # noqa: E402
+from mmkernels.integrations import hf_losses  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
 from mmkernels import clip_loss, info_nce_loss, siglip_loss  # noqa: E402
 from toolkit import OpTrace, compare_patched, fresh_seed, needs_triton, use_path  # noqa: E402
@@ -460,26 +459,6 @@ def test_state_untouched_undo_bit_identical_and_optimizer(monkeypatch):
     undone = model(**inputs, return_loss=True)
     for field in ("loss", "logits_per_image", "text_embeds", "image_embeds"):
         assert torch.equal(undone[field], reference[field]), field
-
-
-def test_version_gate(monkeypatch):
-    monkeypatch.setattr(hf_common.transformers, "__version__", "5.99.0")  # the module object the gate reads
-    monkeypatch.setattr(hf_common, "_warned", False)
-    model = build("clip").eval()
-    with pytest.warns(UserWarning, match="5.99.0 is not a version"):
-        handle = mmkernels.patch(model)
-    assert not handle.records and "forward" not in model.__dict__ and model.config._attn_implementation != "mmkernels"
-    assert sorted((s.path, s.kind) for s in handle.skipped) == [
-        ("", "loss"), ("text_model.encoder.layers.0.self_attn", "attention"),
-        ("vision_model.encoder.layers.0.self_attn", "attention")]
-    assert all("5.7 to 5.24" in s.reason for s in handle.skipped)
-    handle.undo()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(StrictPatchError, match="5.99.0"):
-            mmkernels.patch(model, strict=True)
-    monkeypatch.setenv("MMKERNELS_PATCH_UNTESTED_TRANSFORMERS", "1")
-    assert len(mmkernels.patch(model).records) == 4
 
 
 def test_signature_gate(monkeypatch):

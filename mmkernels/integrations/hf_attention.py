@@ -32,8 +32,9 @@ import copy
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from mmkernels.integrations import hf_compat
 from mmkernels.integrations import transformers as backend
-from mmkernels.integrations.hf_common import family, untested_version_reason
+from mmkernels.integrations.hf_common import family
 from mmkernels.integrations.patching import PatchContext, register_patcher
 from mmkernels.integrations.torch_mha import patch_multihead_attention
 
@@ -47,6 +48,32 @@ ATTENTION_CLASSES = {
     "bridgetower": ("BridgeTowerSelfAttention", "BridgeTowerCrossAttention"),
 }
 _POOLING_HEADS = {"siglip": "SiglipMultiheadAttentionPoolingHead", "siglip2": "Siglip2MultiheadAttentionPoolingHead"}
+
+# The upstream code each family's attention patch mirrors (hf_compat): the mask helpers the backend
+# calls or compares against, the code that builds the masks and calls the attention function, the
+# attention modules and the eager formula the kernels stand in for.
+_MASKING = tuple(f"transformers.masking_utils:{name}" for name in (
+    "sdpa_mask", "causal_mask_function", "bidirectional_mask_function", "create_causal_mask",
+    "create_bidirectional_mask"))
+_MASK_BUILDERS = {
+    "clip": ("CLIPTextModel.forward",),
+    "siglip": ("SiglipTextModel.forward",),
+    "siglip2": ("Siglip2TextModel.forward", "Siglip2VisionModel.forward"),
+    "bridgetower": ("BridgeTowerTextModel._create_attention_masks", "BridgeTowerModel.forward"),
+}
+UPSTREAM = {
+    name: hf_compat.declare(
+        f"attention: {name}", *_MASKING,
+        *(f"transformers.models.{name}.modeling_{name}:{q}" for q in (
+            "eager_attention_forward",
+            *(f"{cls}.{method}" for cls in classes for method in ("__init__", "forward")),
+            *_MASK_BUILDERS[name])))
+    for name, classes in ATTENTION_CLASSES.items()
+}
+POOLING_UPSTREAM = {
+    name: hf_compat.declare(f"attention: {name} pooling head", f"transformers.models.{name}.modeling_{name}:{cls}.forward")
+    for name, cls in _POOLING_HEADS.items()
+}
 _PIECE = "mmkernels.cross_attention via transformers' AttentionInterface (attn_implementation='mmkernels')"
 _CONFIG_PIECE = "private config copies with attn_implementation='mmkernels' (shared configs untouched)"
 _MEMO_KEY = "hf_attention: config copies"  # ids of the config copies this patch() made
@@ -63,7 +90,7 @@ def _patch_registry_family(module, path: str, ctx: PatchContext) -> bool:
     attention = [(sub_path, sub) for sub_path, sub in own if _is_registry_attention(sub)]
     if not attention and any(_is_registry_attention(sub) for sub in module.modules()):
         return False  # every attention module under it keeps the patch an earlier patch() gave its tower
-    reason = untested_version_reason()
+    reason = hf_compat.incompatibility(f"attention: {family(module)}")
     if reason is not None:
         for sub_path, _ in attention:
             ctx.skip(sub_path, "attention", reason)
@@ -109,7 +136,11 @@ def _patch_pooling_head(module, path: str, ctx: PatchContext) -> bool:
     attention = module.attention
     if not isinstance(attention, nn.MultiheadAttention) or ctx.is_patched(attention, "attention"):
         return False
-    if untested_version_reason() is not None:
-        return False  # the generic nn.MultiheadAttention patch still applies (need_weights=True falls back)
+    reason = hf_compat.incompatibility(f"attention: {family(module)} pooling head")
+    if reason is not None:
+        # Patched as a plain nn.MultiheadAttention it would fall back at every call (the head asks for
+        # the weights by default): leave it as it is, listed with the reason.
+        ctx.skip(f"{path}.attention", "attention", reason)
+        return True
     return patch_multihead_attention(attention, f"{path}.attention", ctx, weights_discarded_by=name)
 

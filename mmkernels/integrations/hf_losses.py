@@ -51,7 +51,7 @@ from transformers import (
 from transformers.utils.generic import can_return_tuple
 
 from mmkernels import clip_loss, info_nce_loss, siglip_loss  # the public functions: kernels may change, not the API
-from mmkernels.integrations.hf_common import untested_version_reason
+from mmkernels.integrations import hf_compat
 from mmkernels.integrations.patching import PatchContext, call_original, patch_state, register_patcher
 
 __all__ = ["LOSS_FORWARDS"]
@@ -297,6 +297,18 @@ _PIECES = {
     BridgeTowerForContrastiveLearning: "mmkernels.info_nce_loss for its three one-directional terms",
 }
 _FALLS_BACK = {FlavaForPreTraining: "return_dict=False, torch.distributed, itm_labels with non-matching pairs"}
+# The upstream code each loss patch mirrors (hf_compat): the forward it replaces, and the helpers that
+# define the loss it computes.
+_LOSS_HELPERS = {
+    CLIPModel: ("CLIPModel.get_image_features", "CLIPModel.get_text_features", "_get_vector_norm",
+                "contrastive_loss", "image_text_contrastive_loss"),
+    BlipModel: ("contrastive_loss", "image_text_contrastive_loss"),
+}
+UPSTREAM = {
+    cls: hf_compat.declare(f"loss: {cls.__name__}", f"{cls.__module__}:{cls.__name__}.forward",
+                           *(f"{cls.__module__}:{name}" for name in _LOSS_HELPERS.get(cls, ())))
+    for cls in LOSS_FORWARDS
+}
 
 
 @register_patcher("loss")
@@ -305,7 +317,7 @@ def _patch_contrastive_loss(module, path: str, ctx: PatchContext) -> bool:
     if entry is None:
         return False
     forward, parameters = entry
-    reason = untested_version_reason()
+    reason = hf_compat.incompatibility(f"loss: {type(module).__name__}")
     if reason is None and tuple(inspect.signature(type(module).forward).parameters) != parameters:
         reason = f"{type(module).__name__}.forward's parameters differ from those the patch was written for"
     if reason is not None:

@@ -18,7 +18,8 @@ How `patch()` works
 It walks `model.named_modules()` (parents before children) and offers each module to the registered
 family patchers of each enabled kind ("attention" if `attention=True`, "loss" if `losses=True`), in
 registration order, until one returns True. A module already patched for that kind (by this call, or
-by an earlier `patch()` of a model it belongs to) is not offered again. Then every *attention-like*
+by an earlier `patch()` of a model it belongs to), or already listed as skipped for it (a patcher of
+an ancestor left it as it is, with its reason), is not offered again. Then every *attention-like*
 module (an `nn.MultiheadAttention`, or a class whose name ends in "Attention") and every
 *loss-like* module (one that owns a `logit_scale`, or a class named like a contrastive loss) that is
 not covered is listed in `handle.skipped`, with the reason a patcher gave or "no mmkernels patch for
@@ -254,9 +255,14 @@ _LOSS_NAME_WORDS = ("clip", "siglip", "contrastive")
 
 
 def is_loss_like(module: nn.Module) -> bool:
-    """A module that owns a `logit_scale` (parameter, buffer or attribute), or a class named like a
-    contrastive loss ("...Loss" with clip, siglip or contrastive in the name)."""
-    own = "logit_scale" in module._parameters or "logit_scale" in module._buffers or "logit_scale" in module.__dict__
+    """A module that is not attention-like and owns a `logit_scale` (a parameter, buffer, tensor or
+    number; not None), or a class named like a contrastive loss ("...Loss" with clip, siglip or
+    contrastive in the name). An attention module's own logit_scale (open_clip's scaled-cosine
+    attention) scales its scores: it is no loss."""
+    if is_attention_like(module):
+        return False
+    scale = module._parameters.get("logit_scale", module._buffers.get("logit_scale", module.__dict__.get("logit_scale")))
+    own = isinstance(scale, (torch.Tensor, int, float))
     name = type(module).__name__
     named = name.endswith("Loss") and any(word in name.lower() for word in _LOSS_NAME_WORDS)
     return own or named
@@ -469,8 +475,8 @@ def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, keep
         modules = list(model.named_modules())
         for path, module in modules:
             for kind in kinds:
-                if ctx.is_patched(module, kind):
-                    continue
+                if ctx.is_patched(module, kind) or (path, kind) in handle._skipped:
+                    continue  # patched, or deliberately left as it is by a patcher of an ancestor
                 for patcher in _PATCHERS:
                     if patcher.kind == kind and patcher.fn(module, path, ctx):
                         break

@@ -1,6 +1,6 @@
 """Attention of the fusion models whose attention transformers writes by hand, through
-`mmkernels.cross_attention`: LXMERT, VisualBERT, ViLT, FLAVA and BLIP (tested on transformers 5.7,
-5.17 and 5.24; other versions are left unpatched by the shared gate in hf_common).
+`mmkernels.cross_attention`: LXMERT, VisualBERT, ViLT, FLAVA and BLIP (each patch applies where the
+module's code is one the tests ran on: see hf_compat).
 
 These models do not go through transformers' attention registry: each attention module computes
 softmax(q·kᵀ / √d + mask) · v itself. `replacements()` maps each such module class to a replacement
@@ -66,7 +66,7 @@ from transformers.models.visual_bert.modeling_visual_bert import (
     VisualBertSelfAttention,
 )
 
-from mmkernels.integrations.hf_common import untested_version_reason
+from mmkernels.integrations import hf_compat
 from mmkernels.integrations.patching import call_original, register_patcher
 from mmkernels.integrations.transformers import weights_requested
 from mmkernels.ops.attention import MAX_HEAD_DIM, cross_attention
@@ -305,6 +305,14 @@ def replacements() -> dict[type, Callable]:
 
 # --------------------------------------------------------------------------- registration with mmkernels.patch
 
+# The upstream code each replacement mirrors (hf_compat): the module's constructor (the attributes
+# the replacement reads) and its forward.
+UPSTREAM = {
+    cls: hf_compat.declare(f"attention: {cls.__name__}",
+                           *(f"{cls.__module__}:{cls.__name__}.{method}" for method in ("__init__", "forward")))
+    for cls in replacements()
+}
+
 _PIECE = "mmkernels.cross_attention"
 _WEIGHTS = "output_attentions=True"
 
@@ -345,7 +353,7 @@ def _patch_fusion_attention(module: nn.Module, path: str, ctx) -> bool:
     replacement = replacements().get(cls)
     if replacement is None:
         return False
-    reason = untested_version_reason()
+    reason = hf_compat.incompatibility(f"attention: {cls.__name__}")
     if reason is not None:
         ctx.skip(path, "attention", reason)
         return True
