@@ -14,7 +14,9 @@ patch gives the model's modules a private copy of their configs instead:
   `_attn_implementation = "mmkernels"` on it and its sub-configs (a tower that an earlier
   `patch()` switched on its own keeps that patch's copies: each handle undoes its own);
 - `integrations.transformers.register()` adds the name "mmkernels" to transformers'
-  AttentionInterface and AttentionMaskInterface (no existing name changes);
+  AttentionInterface and AttentionMaskInterface (no existing name changes), as a set-up of the
+  patch (`ctx.set_up`): it runs again in a process that loads a pickled copy of the model, whose
+  config copies name "mmkernels";
 - undo puts the original config objects back on every module.
 
 While patched, `model.config` is that copy: `model.config._attn_implementation == "mmkernels"`, and
@@ -68,7 +70,7 @@ def _patch_registry_family(module, path: str, ctx: PatchContext) -> bool:
         for sub_path, _ in attention:
             ctx.skip(sub_path, "attention", reason)
         return True
-    backend.register()
+    ctx.set_up(backend.register)
     memo: dict = {}
     for _, sub in own:
         config = sub.__dict__.get("config")
