@@ -394,6 +394,33 @@ def test_bridgetower_contrastive_output(monkeypatch):
     assert not mmkernels.patch(model, strict=True).skipped
 
 
+@pytest.mark.parametrize("name", ["bridgetower", "bridgetower-contrastive"])
+def test_bridgetower_attentions_keep_eagers_structure_without_the_weights(name, monkeypatch):
+    """BridgeTowerModel returns its cross-modal layers' self-attention weights from every call: eager
+    attention always forms them, and the model passes no output_attentions to its layers. Patched,
+    `attentions` keeps that structure (one (text, image) pair per cross-modal layer) with None for
+    each weight, in every call (output_attentions=True too, which the model ignores), for
+    BridgeTowerModel and BridgeTowerForContrastiveLearning alike, with and without the loss; the
+    rest of the output is the unpatched model's."""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build(name).eval()
+    inputs = cast(inputs_for("bridgetower", fresh_seed()), torch.float32)
+    calls = [{}, {"output_attentions": True}] + ([{"return_loss": True}] if name != "bridgetower" else [])
+    expected = [model(**inputs, **call) for call in calls]
+    handle = mmkernels.patch(model)
+    got = [model(**inputs, **call) for call in calls]
+    layers = model.config.num_hidden_layers
+    for call, want, out in zip(calls, expected, got):
+        assert len(want.attentions) == len(out.attentions) == layers, call
+        for (text, image), weights in zip(want.attentions, out.attentions):
+            assert text.shape == (N, 2, 7, 7) and image.shape[:2] == (N, 2), call  # eager: (B, H, L, L)
+            assert weights == (None, None), call
+        first = "text_features" if name == "bridgetower" else "text_embeds"
+        torch.testing.assert_close(out[first], want[first])
+    assert not handle.fallbacks
+
+
 # --------------------------------------------------------------------------- instances only, exact undo
 
 

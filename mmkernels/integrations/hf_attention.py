@@ -23,6 +23,13 @@ While patched, `model.config` is that copy: `model.config._attn_implementation =
 a change made to `model.config` lasts until undo. Calls that the backend cannot compute are decided
 by the backend (integrations/transformers.py), not here.
 
+BridgeTower's `attentions` output: BridgeTowerModel collects its cross-modal layers' self-attention
+weights from every call (eager attention always forms them) and passes no `output_attentions` to its
+layers, so the backend is never asked for them and returns None for each: a patched BridgeTower
+returns the same structure, one (text, image) pair per cross-modal layer, with None in both places,
+in every call. Forming them would put an (L, L) matrix per head back into every call the kernels
+exist to avoid; a caller that needs them runs the model unpatched.
+
 SigLIP's and SigLIP2's pooling heads call their nn.MultiheadAttention with its default
 `need_weights=True` and keep only the output: those instances are patched as "weights discarded"
 (see torch_mha), so they run the kernels instead of falling back at every call.
