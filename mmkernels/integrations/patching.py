@@ -93,11 +93,11 @@ A copy of a patched model is patched: `copy.deepcopy(model)`, and a model saved 
 in this process or another. The copy's patched forwards and private configs are its own, computing
 with its own weights, and it has its own handle (active, with the records, skipped items and
 fallback counts the original's had when copied; `mmkernels.patch(copy, **handle.options)` returns
-it), which counts the copy's fallbacks and undoes it exactly: `mmkernels.unpatch(copy)` gives the unpatched model's outputs bit for bit.
-Loading re-runs the patch's process-wide set-ups (the "mmkernels" names in transformers'
-registries), so a fresh process needs no `patch()` call first; it needs mmkernels importable, as
-any pickled object needs its classes. A model saved after `undo()` loads unpatched, and state_dict
-checkpoints load in either state.
+it), which counts the copy's fallbacks and undoes it exactly: `mmkernels.unpatch(copy)` gives the
+unpatched model's outputs bit for bit. Loading re-runs the patch's process-wide set-ups (the
+"mmkernels" names in transformers' registries), so a fresh process needs no `patch()` call first;
+it needs mmkernels importable, as any pickled object needs its classes. A model saved after `undo()`
+loads unpatched, and state_dict checkpoints load in either state.
 """
 from __future__ import annotations
 
@@ -195,10 +195,10 @@ class PatchState:
 
 
 class _InstanceForward:
-    """The instance `forward` that `PatchContext.replace_forward` sets: calls `function(module, ...)`,
-    as a method bound to the module would (`__func__`, `__self__`, `__name__` and `inspect.signature`
-    as a bound method has them). Unlike a bound method, which pickles as `getattr(module, name)`, it
-    pickles as its function (by qualified name) and its module, so a pickled patched model loads patched."""
+    """The instance `forward` that `PatchContext.replace_forward` sets: calls `function(module, ...)`
+    as a method bound to the module would, with a bound method's `__func__`, `__self__`, `__name__`
+    and `inspect.signature`. A bound method pickles as `getattr(module, name)`, which names nothing on
+    the loaded module; this pickles as its function (by qualified name) and its module."""
 
     __slots__ = ("__func__", "__self__")
 
@@ -456,10 +456,11 @@ class PatchContext:
 
     def replace_forward(self, module: nn.Module, path: str, kind: str, piece: str, forward: Callable,
                         falls_back: str = "") -> bool:
-        """Make `forward(module, *args, **kwargs)` the instance's forward (bound to it as a method is, and
-        picklable: `forward` must be a module-level function), and record it; `call_original(module, ...)` then runs the class's forward. Returns False, listing
-        the module in `handle.skipped`, where the instance already has a `forward` of its own (a hook
-        library's wrapper, or another patch): the patched forward would bypass it."""
+        """Make `forward(module, *args, **kwargs)` the instance's forward (bound to it as a method is;
+        `forward` must be picklable by name: a module-level function), and record it;
+        `call_original(module, ...)` then runs the class's forward. Returns False, listing the module
+        in `handle.skipped`, where the instance already has a `forward` of its own (a hook library's
+        wrapper, or another patch): the patched forward would bypass it."""
         if "forward" in module.__dict__:
             self.skip(path, kind, "its forward is already replaced on the instance (a hook library's wrapper?); "
                                   "patch the model before wrapping it")

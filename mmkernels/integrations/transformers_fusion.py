@@ -328,6 +328,7 @@ class _FallingBackOnUnsupported:
 
     def __init__(self, replacement: Callable):
         self.replacement = replacement
+        self.__name__ = replacement.__name__
         self.__doc__ = replacement.__doc__
 
     @property
