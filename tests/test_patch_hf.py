@@ -9,6 +9,7 @@ DESIGN.md's rule (the loss, the outputs on the kept rows, every parameter's grad
 reference path and once on the Triton kernels under the interpreter; a negative control per family
 fails the same comparison.
 """
+import copy
 import os
 import subprocess
 import sys
@@ -538,6 +539,32 @@ def test_a_pickled_patched_model_loads_patched_with_its_own_handle(name, how, mo
     for field in fields:
         assert torch.equal(undone[field], unpatched[field]), field
     assert handle.active and model.config._attn_implementation == patched_implementation
+
+
+def test_deepcopy_and_save_pretrained_of_a_patched_model(tmp_path, monkeypatch):
+    """copy.deepcopy of a patched CLIPModel is patched, with its own handle and config copies;
+    save_pretrained writes the model's own config (no "mmkernels" in it) and from_pretrained loads
+    it unpatched, computing what the unpatched model computed."""
+    reference_calls = use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build("clip").eval()
+    inputs = cast(inputs_for("clip", fresh_seed()), torch.float32)
+    unpatched = model(**inputs, return_loss=True).loss
+    handle = mmkernels.patch(model)
+    patched = model(**inputs, return_loss=True).loss
+    clone = copy.deepcopy(model)
+    assert clone._mmkernels_handle is not handle and clone._mmkernels_handle.active
+    assert clone.config is not model.config and clone.config._attn_implementation == "mmkernels"
+    assert clone.text_model.config is clone.config.text_config
+    reference_calls.clear()
+    assert torch.equal(clone(**inputs, return_loss=True).loss, patched) and "clip_loss" in reference_calls
+    assert mmkernels.unpatch(clone) and torch.equal(clone(**inputs, return_loss=True).loss, unpatched)
+    model.save_pretrained(tmp_path)
+    assert "mmkernels" not in (tmp_path / "config.json").read_text()
+    loaded = CLIPModel.from_pretrained(tmp_path).eval()
+    assert "_mmkernels_handle" not in loaded.__dict__ and loaded.config._attn_implementation != "mmkernels"
+    assert torch.equal(loaded(**inputs, return_loss=True).loss, unpatched)
+    assert handle.active
 
 
 LOAD_IN_A_FRESH_PROCESS = """
