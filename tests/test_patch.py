@@ -9,6 +9,7 @@ and once on the Triton kernels under the interpreter; negative controls drop a m
 the same comparison fails.
 """
 import copy
+import inspect
 from collections import OrderedDict
 
 import pytest
@@ -19,7 +20,7 @@ from torch import nn
 import mmkernels
 from mmkernels.integrations import patching
 from mmkernels.integrations.patching import StrictPatchError, call_original, register_patcher
-from toolkit import compare_patched, eager_clip_loss, fresh_seed, needs_triton, use_path
+from toolkit import PICKLERS, compare_patched, eager_clip_loss, fresh_seed, needs_triton, pickled_copy, use_path
 
 PATHS = ["reference", pytest.param("kernels", marks=needs_triton)]
 
@@ -434,6 +435,41 @@ def test_deepcopy_of_a_patched_model_is_patched_with_its_own_weights(reference_p
     mmkernels.unpatch(clone)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, clone(images, text)))
     assert handle.active and "forward" in model.visual.transformer.resblocks[0].attn.__dict__
+
+
+@pytest.mark.parametrize("how", PICKLERS)
+def test_a_pickled_patched_model_loads_patched_with_its_own_handle(how, monkeypatch):
+    """pickle / torch.save of a patched model, loaded: the copy runs the kernels on its own modules
+    (bit-identical to the model it was saved from), its own handle counts its fallbacks, and undo
+    restores it to the unpatched model's outputs bit for bit; the saved model stays patched."""
+    reference_calls = use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = OpenClipLike(True)
+    images, text = clip_inputs(fresh_seed())
+    images = images.float()
+    unpatched = model(images, text)
+    handle = mmkernels.patch(model, losses=False)
+    patched = model(images, text)
+    loaded = pickled_copy(model, how)
+    loaded_handle = loaded._mmkernels_handle
+    assert loaded_handle is not handle and loaded_handle.active and loaded_handle.model is loaded
+    assert loaded_handle.records == handle.records and not loaded_handle.skipped
+    attn = loaded.text.transformer.resblocks[0].attn
+    assert attn.forward.__self__ is attn and patching.patch_state(attn).handle is loaded_handle
+    assert list(inspect.signature(attn.forward).parameters) == list(
+        inspect.signature(nn.MultiheadAttention(E, H).forward).parameters)
+    reference_calls.clear()
+    assert all(torch.equal(a, b) for a, b in zip(loaded(images, text), patched))
+    assert reference_calls == ["cross_attention"] * 3
+    x = torch.randn(B, L, E)
+    attn(x, x, x)  # need_weights=True: the module's own forward
+    assert loaded_handle.fallbacks == {("text.transformer.resblocks.0.attn", "need_weights=True"): 1}
+    assert not handle.fallbacks and mmkernels.patch(loaded, losses=False) is loaded_handle
+    assert mmkernels.unpatch(loaded) and not loaded_handle.active
+    assert all(torch.equal(a, b) for a, b in zip(loaded(images, text), unpatched))
+    for module in loaded.modules():
+        assert not any(name.startswith("_mmkernels") or name == "forward" for name in module.__dict__)
+    assert handle.active and "forward" in model.text.transformer.resblocks[0].attn.__dict__
 
 
 def test_existing_instance_forward_is_left_alone():

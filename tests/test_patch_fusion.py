@@ -48,8 +48,10 @@ from toolkit import (  # noqa: E402
     assert_within_rule,
     bias_sizes,
     fresh_seed,
+    PICKLERS,
     model_outputs_and_grads,
     needs_triton,
+    pickled_copy,
     use_path,
 )
 
@@ -469,6 +471,37 @@ def test_undo_is_bit_identical(family, reference_path, op_calls):
     assert len(op_calls) == case.attention_calls
     assert {k: v.data_ptr() for k, v in case.model.state_dict().items()} == state
     assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("how", PICKLERS)
+@pytest.mark.parametrize("family", ["lxmert", "visual_bert"])
+def test_a_pickled_patched_model_loads_patched_with_its_own_handle(family, how, reference_path, op_calls):
+    """pickle / torch.save of a patched fusion model, loaded: every attention call of the copy runs
+    the kernels (bit-identical to the model it was saved from), a call asking for the weights falls
+    back and is counted by the copy's own handle, and undo restores the unpatched outputs bit for bit."""
+    case = FAMILIES[family]()
+
+    def outputs(model, **kwargs):
+        with torch.no_grad():
+            return tensors(model(**case.inputs, **kwargs))
+
+    unpatched = outputs(case.model)
+    handle = mmkernels.patch(case.model)
+    patched = outputs(case.model)
+    loaded = pickled_copy(case.model, how)
+    loaded_handle = loaded._mmkernels_handle
+    assert loaded_handle is not handle and loaded_handle.active and loaded_handle.records == handle.records
+    op_calls.clear()
+    got = outputs(loaded)
+    assert len(op_calls) == case.attention_calls and not loaded_handle.fallbacks
+    assert all(torch.equal(a, b) for a, b in zip(got, patched))
+    outputs(loaded, output_attentions=True)
+    assert loaded_handle.fallbacks and all(WEIGHTS_REQUESTED in reason for _, reason in loaded_handle.fallbacks)
+    assert not handle.fallbacks
+    assert mmkernels.unpatch(loaded)
+    op_calls.clear()
+    assert all(torch.equal(a, b) for a, b in zip(outputs(loaded), unpatched)) and not op_calls
+    assert handle.active and outputs(case.model) and len(op_calls) == case.attention_calls
 
 
 def test_blip_decoder_steps_through_its_cache(path, op_calls):

@@ -9,6 +9,10 @@ DESIGN.md's rule (the loss, the outputs on the kept rows, every parameter's grad
 reference path and once on the Triton kernels under the interpreter; a negative control per family
 fails the same comparison.
 """
+import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,8 +40,17 @@ import mmkernels  # noqa: E402
 from mmkernels.integrations import hf_losses  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
 from mmkernels import clip_loss, info_nce_loss, siglip_loss  # noqa: E402
-from toolkit import OpTrace, compare_patched, fresh_seed, needs_triton, use_path  # noqa: E402
+from toolkit import (  # noqa: E402
+    PICKLERS,
+    OpTrace,
+    compare_patched,
+    fresh_seed,
+    needs_triton,
+    pickled_copy,
+    use_path,
+)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 hf_logging.set_verbosity_error()  # tiny vocabularies make transformers warn about token ids
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
@@ -381,6 +394,33 @@ def test_bridgetower_contrastive_output(monkeypatch):
     assert not mmkernels.patch(model, strict=True).skipped
 
 
+@pytest.mark.parametrize("name", ["bridgetower", "bridgetower-contrastive"])
+def test_bridgetower_attentions_keep_eagers_structure_without_the_weights(name, monkeypatch):
+    """BridgeTowerModel returns its cross-modal layers' self-attention weights from every call: eager
+    attention always forms them, and the model passes no output_attentions to its layers. Patched,
+    `attentions` keeps that structure (one (text, image) pair per cross-modal layer) with None for
+    each weight, in every call (output_attentions=True too, which the model ignores), for
+    BridgeTowerModel and BridgeTowerForContrastiveLearning alike, with and without the loss; the
+    rest of the output is the unpatched model's."""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build(name).eval()
+    inputs = cast(inputs_for("bridgetower", fresh_seed()), torch.float32)
+    calls = [{}, {"output_attentions": True}] + ([{"return_loss": True}] if name != "bridgetower" else [])
+    expected = [model(**inputs, **call) for call in calls]
+    handle = mmkernels.patch(model)
+    got = [model(**inputs, **call) for call in calls]
+    layers = model.config.num_hidden_layers
+    for call, want, out in zip(calls, expected, got):
+        assert len(want.attentions) == len(out.attentions) == layers, call
+        for (text, image), weights in zip(want.attentions, out.attentions):
+            assert text.shape == (N, 2, 7, 7) and image.shape[:2] == (N, 2), call  # eager: (B, H, L, L)
+            assert weights == (None, None), call
+        first = "text_features" if name == "bridgetower" else "text_embeds"
+        torch.testing.assert_close(out[first], want[first])
+    assert not handle.fallbacks
+
+
 # --------------------------------------------------------------------------- instances only, exact undo
 
 
@@ -459,6 +499,108 @@ def test_state_untouched_undo_bit_identical_and_optimizer(monkeypatch):
     undone = model(**inputs, return_loss=True)
     for field in ("loss", "logits_per_image", "text_embeds", "image_embeds"):
         assert torch.equal(undone[field], reference[field]), field
+
+
+@pytest.mark.parametrize("how", PICKLERS)
+@pytest.mark.parametrize("name", ["clip", "blip"])
+def test_a_pickled_patched_model_loads_patched_with_its_own_handle(name, how, monkeypatch):
+    """pickle / torch.save of a patched CLIPModel (config copies, registry attention, loss forward)
+    or BlipModel (hand-written attention, loss forward), loaded: the copy runs mmkernels with its own
+    weights, its config copies keep their structure, its own handle undoes it to the unpatched
+    model's outputs bit for bit; the saved model stays patched."""
+    reference_calls = use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build(name).eval()
+    inputs = cast(inputs_for(name, fresh_seed()), torch.float32)
+    fields = ("loss", "logits_per_image", "text_embeds", "image_embeds")
+    unpatched = model(**inputs, return_loss=True)
+    implementation = model.config._attn_implementation
+    handle = mmkernels.patch(model)
+    patched_implementation = model.config._attn_implementation
+    patched = model(**inputs, return_loss=True)
+    loaded = pickled_copy(model, how)
+    loaded_handle = loaded._mmkernels_handle
+    assert loaded_handle is not handle and loaded_handle.active and loaded_handle.model is loaded
+    assert loaded_handle.records == handle.records and not loaded_handle.skipped
+    assert loaded.config._attn_implementation == model.config._attn_implementation
+    assert loaded.text_model.config is loaded.config.text_config
+    assert loaded.forward.__self__ is loaded
+    reference_calls.clear()
+    got = loaded(**inputs, return_loss=True)
+    assert reference_calls.count("clip_loss") == 1 and reference_calls.count("cross_attention") >= 2
+    for field in fields:
+        assert torch.equal(got[field], patched[field]), field
+    assert not got.logits_per_image.requires_grad and not loaded_handle.fallbacks
+    assert mmkernels.unpatch(loaded)
+    assert loaded.config._attn_implementation == implementation
+    assert loaded.text_model.config is loaded.config.text_config
+    undone = loaded(**inputs, return_loss=True)
+    for field in fields:
+        assert torch.equal(undone[field], unpatched[field]), field
+    assert handle.active and model.config._attn_implementation == patched_implementation
+
+
+def test_deepcopy_and_save_pretrained_of_a_patched_model(tmp_path, monkeypatch):
+    """copy.deepcopy of a patched CLIPModel is patched, with its own handle and config copies;
+    save_pretrained writes the model's own config (no "mmkernels" in it) and from_pretrained loads
+    it unpatched, computing what the unpatched model computed."""
+    reference_calls = use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build("clip").eval()
+    inputs = cast(inputs_for("clip", fresh_seed()), torch.float32)
+    unpatched = model(**inputs, return_loss=True).loss
+    handle = mmkernels.patch(model)
+    patched = model(**inputs, return_loss=True).loss
+    clone = copy.deepcopy(model)
+    assert clone._mmkernels_handle is not handle and clone._mmkernels_handle.active
+    assert clone.config is not model.config and clone.config._attn_implementation == "mmkernels"
+    assert clone.text_model.config is clone.config.text_config
+    reference_calls.clear()
+    assert torch.equal(clone(**inputs, return_loss=True).loss, patched) and "clip_loss" in reference_calls
+    assert mmkernels.unpatch(clone) and torch.equal(clone(**inputs, return_loss=True).loss, unpatched)
+    model.save_pretrained(tmp_path)
+    assert "mmkernels" not in (tmp_path / "config.json").read_text()
+    loaded = CLIPModel.from_pretrained(tmp_path).eval()
+    assert "_mmkernels_handle" not in loaded.__dict__ and loaded.config._attn_implementation != "mmkernels"
+    assert torch.equal(loaded(**inputs, return_loss=True).loss, unpatched)
+    assert handle.active
+
+
+LOAD_IN_A_FRESH_PROCESS = """
+import sys, torch
+saved = torch.load(sys.argv[1], weights_only=False)
+model, inputs = saved["model"], saved["inputs"]
+out = model(**inputs, return_loss=True)
+handle = model._mmkernels_handle
+result = dict(loss=out.loss.detach(), text_embeds=out.text_embeds.detach(), active=handle.active,
+              fallbacks=dict(handle.fallbacks), implementation=model.config._attn_implementation)
+handle.undo()
+result["undone_loss"] = model(**inputs, return_loss=True).loss.detach()
+torch.save(result, sys.argv[2])
+"""
+
+
+def test_a_patched_model_saved_whole_loads_patched_in_a_fresh_process(tmp_path, monkeypatch):
+    """torch.save of a patched CLIPModel, loaded in a process that never called mmkernels.patch:
+    the "mmkernels" attention backend is registered on load, and the copy computes what the saved
+    model computed."""
+    use_path(monkeypatch, "reference")
+    fresh_seed()
+    model = build("clip").eval()
+    inputs = cast(inputs_for("clip", fresh_seed()), torch.float32)
+    unpatched = model(**inputs, return_loss=True).loss
+    mmkernels.patch(model)
+    patched = model(**inputs, return_loss=True)
+    torch.save(dict(model=model, inputs=inputs), tmp_path / "model.pt")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), TRITON_INTERPRET="0")
+    env.pop("MMKERNELS_PATCH_UNTESTED_TRANSFORMERS", None)  # loading never asks the version gate
+    script = [sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(tmp_path / "model.pt"), str(tmp_path / "result.pt")]
+    run = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt")
+    assert result["active"] and result["implementation"] == "mmkernels" and not result["fallbacks"]
+    assert torch.equal(result["loss"], patched.loss) and torch.equal(result["text_embeds"], patched.text_embeds)
+    assert torch.equal(result["undone_loss"], unpatched)
 
 
 def test_signature_gate(monkeypatch):

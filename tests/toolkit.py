@@ -17,8 +17,10 @@ puts this folder on sys.path).
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
+import pickle
 import sys
 import weakref
 from contextlib import contextmanager
@@ -466,6 +468,22 @@ def compare_patched(make_model, run, patch, path: str, reference_calls: list, *,
     dtype = next(eager.parameters()).dtype
     assert_models_within_rule(*results, dtype, what=type(eager).__name__, sizes=sizes)
     return handle
+
+
+PICKLERS = ("pickle", "torch.save")
+
+
+def pickled_copy(obj, how: str):
+    """`obj` through `pickle.dumps` / `pickle.loads` ("pickle") or `torch.save` / `torch.load(...,
+    weights_only=False)` ("torch.save"): what loading a whole saved model gives."""
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    if how != "torch.save":
+        raise ValueError(f"expected how to be one of {PICKLERS}, got {how!r}")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 def assert_no_host_sync(step) -> None:

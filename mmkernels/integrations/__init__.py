@@ -4,7 +4,8 @@ imports transformers only then. Nothing inside mmkernels depends on these module
 family patchers on first use)."""
 import importlib
 
-_INTEGRATIONS = ("transformers", "patching", "torch_mha", "hf_common", "hf_attention", "hf_losses")
+_INTEGRATIONS = ("transformers", "patching", "torch_mha", "hf_common", "hf_compat", "hf_attention", "hf_losses",
+                 "transformers_fusion")
 
 
 def __getattr__(name):

@@ -14,12 +14,21 @@ patch gives the model's modules a private copy of their configs instead:
   `_attn_implementation = "mmkernels"` on it and its sub-configs (a tower that an earlier
   `patch()` switched on its own keeps that patch's copies: each handle undoes its own);
 - `integrations.transformers.register()` adds the name "mmkernels" to transformers'
-  AttentionInterface and AttentionMaskInterface (no existing name changes);
+  AttentionInterface and AttentionMaskInterface (no existing name changes), as a set-up of the
+  patch (`ctx.set_up`): it runs again in a process that loads a pickled copy of the model, whose
+  config copies name "mmkernels";
 - undo puts the original config objects back on every module.
 
 While patched, `model.config` is that copy: `model.config._attn_implementation == "mmkernels"`, and
 a change made to `model.config` lasts until undo. Calls that the backend cannot compute are decided
 by the backend (integrations/transformers.py), not here.
+
+BridgeTower's `attentions` output: BridgeTowerModel collects its cross-modal layers' self-attention
+weights from every call (eager attention always forms them) and passes no `output_attentions` to its
+layers, so the backend is never asked for them and returns None for each: a patched BridgeTower
+returns the same structure, one (text, image) pair per cross-modal layer, with None in both places,
+in every call. Forming them would put an (L, L) matrix per head back into every call the kernels
+exist to avoid; a caller that needs them runs the model unpatched.
 
 SigLIP's and SigLIP2's pooling heads call their nn.MultiheadAttention with its default
 `need_weights=True` and keep only the output: those instances are patched as "weights discarded"
@@ -95,7 +104,7 @@ def _patch_registry_family(module, path: str, ctx: PatchContext) -> bool:
         for sub_path, _ in attention:
             ctx.skip(sub_path, "attention", reason)
         return True
-    backend.register()
+    ctx.set_up(backend.register)
     memo: dict = {}
     for _, sub in own:
         config = sub.__dict__.get("config")

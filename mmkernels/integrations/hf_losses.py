@@ -169,7 +169,9 @@ def _blip_forward(self, input_ids=None, pixel_values=None, attention_mask=None, 
 @can_return_tuple
 def _bridgetower_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
                          pixel_mask=None, inputs_embeds=None, image_embeds=None, return_loss=None, **kwargs):
-    """BridgeTowerForContrastiveLearning.forward: the same towers and heads, the loss by info_nce_loss."""
+    """BridgeTowerForContrastiveLearning.forward: the same towers and heads, the loss by info_nce_loss.
+    `attentions` is what the patched BridgeTowerModel returns, with or without the loss: one (text,
+    image) pair of None per cross-modal layer where eager returns their weights (see hf_attention)."""
     if not return_loss:
         return _without_loss(self, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask,
                              inputs_embeds, image_embeds, return_loss, **kwargs)

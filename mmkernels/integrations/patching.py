@@ -56,12 +56,16 @@ A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one
   of its own, such as a hook library's wrapper, which the patch would bypass), `ctx.set_attribute(module, name, value)` (any other instance attribute, e.g. a private
   config copy), `ctx.mark_patched(module, path, kind, piece)` (a module patched through something
   else, such as the attention modules that read a swapped config). All of it is logged and undone
-  exactly. `ctx.skip(path, kind, reason)` records an item the patcher recognises and leaves as it is.
+  exactly. `ctx.set_up(fn)` runs `fn()`, something process-wide the patch needs (registering a name
+  with a library; idempotent), now and again in a process that loads a pickled copy of the model.
+  `ctx.skip(path, kind, reason)` records an item the patcher recognises and leaves as it is.
   `ctx.keep_logits`, `ctx.strict`, `ctx.is_patched(module, kind)` are there to read; `ctx.memo` is a
   dict shared by the patchers of one `patch()` call.
-- The patched forward is a plain function `forward(self, *args, **kwargs)`; it finds everything through
-  `self` (so `copy.deepcopy` of a patched model gives a patched copy computing with its own weights),
-  and `patch_state(self)` gives its `PatchState` (path, handle, handle options such as keep_logits).
+- The patched forward is a module-level function `forward(self, *args, **kwargs)` (or an instance of a
+  module-level class holding only such functions: it is pickled by name); it finds everything through
+  `self` (so a deep copy or a pickled copy of a patched model is a patched copy computing with its own
+  weights), and `patch_state(self)` gives its `PatchState` (path, handle, handle options such as
+  keep_logits).
 - Per-call fallback: whatever the kernels cannot compute for a call (weights requested, a head mask,
   an unsupported option) goes to `call_original(self, reason, *args, **kwargs)`, which runs the
   module's own forward (its class's) and counts the call in `handle.fallbacks[(path, reason)]`; under `strict=True` it raises
@@ -81,13 +85,25 @@ Every change is a `(object, attribute, previous value or absent)` entry in the h
 raises and changes nothing: something else wrapped the model after the patch, e.g. a hook library,
 and restoring would drop that), then restores the log in reverse order: a previous instance
 attribute is put back, one that did not exist is deleted. Outputs are then bit-identical to before
-the patch. `undo()` twice is a no-op. While patched, `copy.deepcopy(model)` gives an independently
-patched copy with its own handle (`mmkernels.unpatch(copy)`); pickling the whole module object needs
-`undo()` first (state_dict checkpoints load in either state).
+the patch. `undo()` twice is a no-op.
+
+Copies and saved models
+-----------------------
+A copy of a patched model is patched: `copy.deepcopy(model)`, and a model saved whole while patched
+(`pickle`, `torch.save(model)`) and loaded (`pickle.load`, `torch.load(..., weights_only=False)`),
+in this process or another. The copy's patched forwards and private configs are its own, computing
+with its own weights, and it has its own handle (active, with the records, skipped items and
+fallback counts the original's had when copied; `mmkernels.patch(copy, **handle.options)` returns
+it), which counts the copy's fallbacks and undoes it exactly: `mmkernels.unpatch(copy)` gives the
+unpatched model's outputs bit for bit. Loading re-runs the patch's process-wide set-ups (the
+"mmkernels" names in transformers' registries), so a fresh process needs no `patch()` call first;
+it needs mmkernels importable, as any pickled object needs its classes. A model saved after `undo()`
+loads unpatched, and state_dict checkpoints load in either state.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import types
 import warnings
 from collections import Counter
@@ -177,6 +193,39 @@ class PatchState:
     @property
     def keep_logits(self) -> bool:
         return self.handle.keep_logits
+
+
+class _InstanceForward:
+    """The instance `forward` that `PatchContext.replace_forward` sets: calls `function(module, ...)`
+    as a method bound to the module would, with a bound method's `__func__`, `__self__`, `__name__`
+    and `inspect.signature`. A bound method pickles as `getattr(module, name)`, which names nothing on
+    the loaded module; this pickles as its function (by qualified name) and its module."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, function: Callable, module: nn.Module):
+        self.__func__ = function
+        self.__self__ = module
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __name__(self) -> str:
+        return getattr(self.__func__, "__name__", type(self.__func__).__name__)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(types.MethodType(self.__func__, self.__self__))
+
+    def __getstate__(self):
+        return self.__func__, self.__self__
+
+    def __setstate__(self, state) -> None:
+        self.__func__, self.__self__ = state
+
+    def __repr__(self) -> str:
+        return f"<mmkernels forward {self.__name__} of {type(self.__self__).__name__}>"
 
 
 @dataclass(frozen=True)
@@ -287,7 +336,15 @@ class PatchHandle:
         self._records: list[PatchRecord] = []
         self._skipped: dict[tuple[str, str], SkippedItem] = {}
         self._log: list[tuple[object, str, object, object]] = []  # (target, name, previous, new)
+        self._set_ups: list[Callable[[], None]] = []
         self._active = True
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (a model saved while patched): the process-wide set-ups run again in this process."""
+        self.__dict__.update(state)
+        if self._active:
+            for set_up in self._set_ups:
+                set_up()
 
     @property
     def records(self) -> tuple[PatchRecord, ...]:
@@ -405,17 +462,26 @@ class PatchContext:
 
     def replace_forward(self, module: nn.Module, path: str, kind: str, piece: str, forward: Callable,
                         falls_back: str = "") -> bool:
-        """Make `forward(module, *args, **kwargs)` the instance's forward (a method bound to it), and
-        record it; `call_original(module, ...)` then runs the class's forward. Returns False, listing
-        the module in `handle.skipped`, where the instance already has a `forward` of its own (a hook
-        library's wrapper, or another patch): the patched forward would bypass it."""
+        """Make `forward(module, *args, **kwargs)` the instance's forward (bound to it as a method is;
+        `forward` must be picklable by name: a module-level function), and record it;
+        `call_original(module, ...)` then runs the class's forward. Returns False, listing the module
+        in `handle.skipped`, where the instance already has a `forward` of its own (a hook library's
+        wrapper, or another patch): the patched forward would bypass it."""
         if "forward" in module.__dict__:
             self.skip(path, kind, "its forward is already replaced on the instance (a hook library's wrapper?); "
                                   "patch the model before wrapping it")
             return False
         self.mark_patched(module, path, kind, piece, falls_back)
-        self.handle._set(module, "forward", types.MethodType(forward, module))
+        self.handle._set(module, "forward", _InstanceForward(forward, module))
         return True
+
+    def set_up(self, set_up: Callable[[], None]) -> None:
+        """Run `set_up()` (something process-wide the patch needs, such as registering a name with a
+        library; idempotent, picklable by name: a module-level function) now, and again in any
+        process that unpickles the patched model."""
+        set_up()
+        if set_up not in self.handle._set_ups:
+            self.handle._set_ups.append(set_up)
 
     def skip(self, path: str, kind: str, reason: str) -> None:
         """Record an attention- or loss-like item left as it is, and why."""

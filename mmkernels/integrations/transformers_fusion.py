@@ -49,6 +49,7 @@ eager returns NaN.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Optional
 
@@ -328,17 +329,25 @@ def _describe(cls: type) -> tuple[str, str]:
     return f"{_PIECE} (additive mask, padding as kv_lens)", _WEIGHTS
 
 
-def _falling_back_on_unsupported(replacement: Callable) -> Callable:
-    """The instance forward: the replacement, or the module's own forward for a call it cannot do."""
+class _FallingBackOnUnsupported:
+    """The patched forward `(module, *args, **kwargs)`: the replacement, or the module's own forward
+    for a call it cannot do. A module-level class holding a module-level function, so that a pickled
+    patched model loads with it."""
 
-    def forward(self, *args, **kwargs):
+    def __init__(self, replacement: Callable):
+        self.replacement = replacement
+        self.__name__ = replacement.__name__
+        self.__doc__ = replacement.__doc__
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.replacement)
+
+    def __call__(self, module, *args, **kwargs):
         try:
-            return replacement(self, *args, **kwargs)
+            return self.replacement(module, *args, **kwargs)
         except Unsupported as why:
-            return call_original(self, why.reason, *args, **kwargs)
-
-    forward.__doc__ = replacement.__doc__
-    return forward
+            return call_original(module, why.reason, *args, **kwargs)
 
 
 @register_patcher("attention")
@@ -358,5 +367,5 @@ def _patch_fusion_attention(module: nn.Module, path: str, ctx) -> bool:
         ctx.skip(path, "attention", reason)
         return True
     piece, falls_back = _describe(cls)
-    ctx.replace_forward(module, path, "attention", piece, _falling_back_on_unsupported(replacement), falls_back)
+    ctx.replace_forward(module, path, "attention", piece, _FallingBackOnUnsupported(replacement), falls_back)
     return True
