@@ -91,3 +91,18 @@ def test_dry_run_writes_plots_and_summary(dry_run):
         assert f"## {kernel}" in summary
     assert "| clip_loss |" not in summary.split("## Not run")[0]  # ratios sit under their kernel's heading
     assert "| mmkernels | " in summary and "x** |" in summary
+
+
+def test_cpu_peak_memory_counts_live_storages():
+    """The CPU's peak: storages alive at once, a freed one released, a view not counted again."""
+    import torch
+
+    from mmkernels.bench.timing import peak_memory_mb
+
+    def step():
+        first, second = torch.empty(2**18), torch.empty(2**18)  # 1 MiB each
+        del first
+        third = torch.empty(2**18)
+        return second, third, third.view(-1)[:10]
+
+    assert peak_memory_mb(step, torch.device("cpu")) == 2.0

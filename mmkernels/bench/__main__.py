@@ -61,7 +61,9 @@ def main(argv=None) -> int:
     not_run_log = out_dir / "not_run.jsonl"
     for stale in (benchmark_json, not_run_log):
         stale.unlink(missing_ok=True)
-    if mode == "quick":
+    if mode != "dry-run" and not torch.cuda.is_available():
+        print(f"mmkernels.bench: no CUDA device, so the {mode} run takes the tiny CPU sizes of --dry-run", flush=True)
+    elif mode == "quick":
         print(f"mmkernels.bench --quick: expected {cases.estimate_seconds('quick') / 60:.1f} min on one H100 "
               "(an estimate, not a measurement)", flush=True)
 

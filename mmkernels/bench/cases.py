@@ -15,6 +15,7 @@ On CUDA every case runs in bf16.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections import Counter
@@ -56,15 +57,13 @@ class Case:
         return f"{self.kernel}-{self.x_name}{self.x_value}" + (f"-{fixed}" if fixed else "")
 
 
-def target(mode: str) -> tuple[torch.device, torch.dtype]:
-    """Where the cases run: CUDA in bf16 unless dry-run or no GPU; else the CPU in fp32."""
-    if mode != "dry-run" and torch.cuda.is_available():
+def target(mode: str, cuda: bool | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where the cases run: CUDA in bf16 unless dry-run or no GPU (cuda=None: whether this machine
+    has one); else the CPU in fp32."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if mode != "dry-run" and cuda:
         return torch.device("cuda"), torch.bfloat16
     return torch.device("cpu"), torch.float32
-
-
-def _sizes(mode: str) -> str:
-    return mode if target(mode)[0].type == "cuda" else "tiny"
 
 
 CONTRASTIVE_PROVIDERS = {
@@ -108,12 +107,14 @@ ROUNDS = {  # size set -> op -> (warm-up rounds, timed rounds)
 }
 
 
-def cases_for(mode: str, ops=OPS) -> list[Case]:
-    """Every case of these ops in this mode, in a stable order."""
+def cases_for(mode: str, ops=OPS, cuda: bool | None = None) -> list[Case]:
+    """Every case of these ops in this mode, in a stable order (cuda=None: for this machine; True:
+    the cases a CUDA machine runs)."""
     if mode not in MODES:
         raise ValueError(f"expected mode in {MODES}, got {mode!r}")
-    sizes = _sizes(mode)
-    dtype = str(target(mode)[1]).removeprefix("torch.")
+    device, dtype = target(mode, cuda)
+    sizes = mode if device.type == "cuda" else "tiny"
+    dtype = str(dtype).removeprefix("torch.")
     out = []
 
     def add(op, kernel, x_name, x_value, providers, operation="full", **config):
@@ -172,21 +173,33 @@ def _not_run(case: Case, provider: str, reason: str, skip: bool = True):
         pytest.skip(f"{provider}: {reason}")
 
 
+def _release_memory(device):
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def run_case(benchmark, case: Case, provider: str, mode: str) -> None:
     """Time one provider on one case with pytest-benchmark; what the report needs goes to extra_info.
     A provider that cannot run is skipped with its reason (and logged to $MMKERNELS_BENCH_NOT_RUN)."""
-    device, dtype = target(mode)
+    device, _ = target(mode)
+    reason = None
     try:
         step, work = build_step(case, provider, mode)
         measured = measure(benchmark, step, device, case.rounds, case.warmup, group=case.id)
-    except NotRun as reason:
-        _not_run(case, provider, str(reason))
+    except NotRun as not_run:
+        reason = str(not_run)
     except torch.OutOfMemoryError:
-        _not_run(case, provider, "out of GPU memory")
+        reason = "out of GPU memory"
     except Exception as error:
         _not_run(case, provider, f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
                  skip=False)
+        _release_memory(device)
         raise
+    if reason is not None:
+        # skipped outside the handler, so that the skip does not chain the error whose frames hold the tensors
+        _release_memory(device)
+        _not_run(case, provider, reason)
     config = case.settings
     if provider == "torch.compile":
         config["compile"] = compile_options(device) or "inductor"
@@ -244,7 +257,7 @@ def estimate_seconds(mode: str = "quick") -> float:
     measurement. Peers that are not installed cost nothing; they are counted as if they ran."""
     total = 0.0
     compiled, jitted = Counter(), set()
-    for case in _cuda_cases(mode):
+    for case in cases_for(mode, cuda=True):
         for provider in case.providers:
             calls = 2 + case.warmup + case.rounds  # first call, memory call, warm-up, timed rounds
             total += CASE_OVERHEAD_S + calls * _seconds_per_call(case, provider)
@@ -261,13 +274,3 @@ def estimate_seconds(mode: str = "quick") -> float:
             if case.op == "model":
                 total += MODEL_BUILD_S
     return total
-
-
-def _cuda_cases(mode):
-    """The cases a CUDA machine would run, computed on a machine without one."""
-    original = torch.cuda.is_available
-    torch.cuda.is_available = lambda: True
-    try:
-        return cases_for(mode)
-    finally:
-        torch.cuda.is_available = original
