@@ -11,6 +11,7 @@ summary.md; the raw pytest-benchmark JSON stays next to them (benchmark.json).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -53,6 +54,10 @@ def gpu_name(mode: str) -> str:
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    missing = [name for name in ("pytest", "pytest_benchmark", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"mmkernels.bench needs {', '.join(missing)}: pip install 'mmkernels[bench]'", file=sys.stderr)
+        return 2
     mode = "quick" if args.quick else "dry-run" if args.dry_run else "full"
     name = gpu_name(mode)
     out_dir = args.out / re.sub(r"[^A-Za-z0-9._-]+", "_", name)

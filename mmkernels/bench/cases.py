@@ -21,7 +21,6 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
-import pytest
 import torch
 
 from mmkernels.bench.models import model_step
@@ -170,6 +169,8 @@ def _not_run(case: Case, provider: str, reason: str, skip: bool = True):
             log.write(json.dumps(dict(kernel_name=case.kernel, kernel_provider=provider, case=case.id,
                                       reason=reason)) + "\n")
     if skip:
+        import pytest  # noqa: PLC0415  (the cases import without pytest; running them needs it)
+
         pytest.skip(f"{provider}: {reason}")
 
 

@@ -73,16 +73,19 @@ def _curves(rows, kernel, metric, x_key):
     return curves
 
 
-def plot_kernel(rows: list[dict], kernel: str, path: Path, x_key: str = "x", x_label: str | None = None) -> bool:
-    """Speed (top) and memory (bottom) against x, one column per fixed configuration, one line per
-    provider with its 20-80th percentile band. False when there is no curve of two points or more."""
+def plot_kernel(rows: list[dict], kernel: str, path: Path, x_key: str = "x", x_label: str | None = None,
+                min_points: int = 1) -> bool:
+    """Speed (top) and memory (bottom) against x, one column per fixed configuration with a curve of
+    at least `min_points` points, one line per provider with its 20-80th percentile band. False when
+    there is no such configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     speed = _curves(rows, kernel, "speed", x_key)
-    speed = {group: lines for group, lines in speed.items() if any(len(points) > 1 for points in lines.values())}
+    speed = {group: lines for group, lines in speed.items()
+             if any(len(points) >= min_points for points in lines.values())}
     if not speed:
         return False
     memory = _curves(rows, kernel, "memory", x_key)
@@ -99,6 +102,9 @@ def plot_kernel(rows: list[dict], kernel: str, path: Path, x_key: str = "x", x_l
             xs_all = sorted({p[0] for points in curves.get(group, {}).values() for p in points})
             if xs_all and xs_all[0] > 0 and xs_all[-1] / xs_all[0] >= 4:
                 ax.set_xscale("log", base=2)
+            ys_all = [p[1] for points in curves.get(group, {}).values() for p in points if p[1] > 0]
+            if ys_all and max(ys_all) / min(ys_all) >= 10:
+                ax.set_yscale("log")
             ax.set_xlabel(x_name)
             ax.set_ylabel(f"{metric} ({unit})")
             ax.set_title(f"{kernel} {metric}\n{group}", fontsize=9)
@@ -172,8 +178,8 @@ def write_report(benchmark_json: Path, not_run_log: Path, out_dir: Path, version
         if plot_kernel(rows, kernel, out_dir / f"{kernel}.png"):
             written["plots"].append(out_dir / f"{kernel}.png")
         if kernel == "cross_attention" and plot_kernel(rows, kernel, out_dir / f"{kernel}_padding.png", "padding",
-                                                       "padding fraction"):
+                                                       "padding fraction", min_points=2):
             written["plots"].append(out_dir / f"{kernel}_padding.png")
-    plots = ", ".join(p.name for p in written["plots"]) or "none (no curve of two points)"
+    plots = ", ".join(p.name for p in written["plots"]) or "none (nothing ran)"
     written["summary"].write_text(summary_markdown(rows, not_run, header + ["", f"Plots: {plots}."]))
     return written
