@@ -106,3 +106,13 @@ def test_cpu_peak_memory_counts_live_storages():
         return second, third, third.view(-1)[:10]
 
     assert peak_memory_mb(step, torch.device("cpu")) == 2.0
+
+
+@pytest.mark.parametrize("padding", [0.0, 0.25, 0.5, 0.75])
+def test_attention_key_lengths_pad_the_asked_fraction(padding):
+    from mmkernels.bench.steps import key_lengths
+
+    lens = key_lengths(8, 2048, padding)
+    assert lens.min() >= 1 and lens.max() <= 2048
+    assert abs(1 - lens.sum().item() / (8 * 2048) - padding) < 1e-3
+    assert (padding == 0) == bool((lens == 2048).all())

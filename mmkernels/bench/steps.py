@@ -103,9 +103,11 @@ def contrastive_step(case, provider, device, dtype):
 # --------------------------------------------------------------------------- attention
 
 def key_lengths(batch: int, length: int, padding: float) -> torch.Tensor:
-    """(B,) key lengths evenly spread so that a fraction `padding` of the B·L keys is padding:
-    sample b keeps L·(1 − 2·padding·(b + ½)/B) keys (at least one)."""
-    fractions = 1 - 2 * padding * (torch.arange(batch, dtype=torch.float64) + 0.5) / batch
+    """(B,) key lengths evenly spread around L·(1 − padding), so that a fraction `padding` of the B·L
+    keys is padding (up to rounding; at least one key per sample): the kept fractions cover
+    1 − padding ± min(padding, 1 − padding) in B even steps."""
+    width = 2 * min(padding, 1 - padding)
+    fractions = (1 - padding) + width * (0.5 - (torch.arange(batch, dtype=torch.float64) + 0.5) / batch)
     return (fractions * length).round().clamp(min=1).long()
 
 
