@@ -248,8 +248,9 @@ def _seconds_per_call(case: Case, provider: str) -> float:
         return max(flops / H100_BF16_FLOPS / 0.5, moved / H100_BYTES_PER_S)
     if case.op == "region":
         return max(4 * case.x_value * s["R"] * s["D"] * 2 / H100_BYTES_PER_S, 20e-6)
-    # CLIP ViT-B/16: ~17.6 GFLOP per image and ~3 GFLOP per caption forward, x3 with the backward
-    return 3 * 20.6e9 * case.x_value / H100_BF16_FLOPS / 0.4
+    # CLIP ViT-B/16 forward: ~35 GFLOP per image (17.6 G multiply-adds) and ~6 GFLOP per 77-token
+    # caption; x3 with the backward
+    return 3 * 41e9 * case.x_value / H100_BF16_FLOPS / 0.4
 
 
 def estimate_seconds(mode: str = "quick") -> float:
