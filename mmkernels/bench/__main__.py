@@ -2,7 +2,7 @@
 SDPA / FlexAttention / varlen and the installed peers, in one command.
 
     python -m mmkernels.bench              # the full sizes (CUDA); tiny CPU sizes without a GPU
-    python -m mmkernels.bench --quick      # what a short GPU loan runs: ~7.6 min on one H100 (estimate)
+    python -m mmkernels.bench --quick      # what a short GPU loan runs: under 8 min on one H100 (estimated)
     python -m mmkernels.bench --dry-run    # every case at tiny sizes on the CPU (Triton interpreter)
 
 Writes <out>/<gpu-name>/results.csv (Liger-Kernel's benchmark schema), one plot per op and
@@ -113,7 +113,11 @@ def main(argv=None) -> int:
         header += ["", "A dry run: tiny sizes on the CPU, mmkernels' Triton kernels under the interpreter and "
                        "torch.compile with the aot_eager backend. It checks that every case runs; its numbers say "
                        "nothing about GPU speed."]
-    written = report.write_report(benchmark_json, not_run_log, out_dir, mmkernels.__version__, header)
+    ran_kernels = {case.kernel for case in cases.cases_for(mode, args.ops.split(","))}
+    not_offered = [dict(kernel_name=kernel, kernel_provider=provider, case="all", reason=reason)
+                   for kernel, providers in cases.NOT_OFFERED.items() if kernel in ran_kernels
+                   for provider, reason in providers.items()]
+    written = report.write_report(benchmark_json, not_run_log, out_dir, mmkernels.__version__, header, not_offered)
     print(f"mmkernels.bench: {seconds:.0f} s; wrote {written['csv']}, {written['summary']}"
           + "".join(f", {p}" for p in written["plots"]))
     return returncode

@@ -73,6 +73,12 @@ CONTRASTIVE_PROVIDERS = {
 ATTENTION_PROVIDERS = ("mmkernels", "eager", "torch.compile", "sdpa", "flex", "varlen")
 REGION_PROVIDERS = ("mmkernels", "mmkernels-cuda", "mmkernels-torch", "eager")
 MODEL_PROVIDERS = ("mmkernels", "transformers")
+# Providers left out on purpose: kernel -> provider -> why (the summary lists them with the rest).
+NOT_OFFERED = {
+    kernel: {"torch.compile": "not benchmarked: the eager code's boolean indexing has data-dependent shapes "
+                              "(graph breaks), and its compilation would not fit --quick's 8 minutes"}
+    for kernel in ("region_mask", "masked_region_loss")
+}
 
 # size set -> per op: the x values and the fixed configurations
 CONTRASTIVE = {

@@ -157,7 +157,8 @@ def summary_markdown(rows: list[dict], not_run: list[dict], header: list[str]) -
         lines += ["| kernel | provider | reason | cases |", "|---|---|---|---|"]
         for (kernel, provider, reason), cases in grouped.items():
             reason = reason.replace("|", "\\|")
-            lines.append(f"| {kernel} | {provider} | not run: {reason} | {len(cases)} |")
+            count = "all" if "all" in cases else len(cases)
+            lines.append(f"| {kernel} | {provider} | not run: {reason} | {count} |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,11 +168,13 @@ def read_not_run(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def write_report(benchmark_json: Path, not_run_log: Path, out_dir: Path, version: str, header: list[str]) -> dict:
+def write_report(benchmark_json: Path, not_run_log: Path, out_dir: Path, version: str, header: list[str],
+                 not_offered: list[dict] = ()) -> dict:
     """results.csv, <kernel>.png (and cross_attention_padding.png) and summary.md in out_dir; returns
-    the paths written."""
+    the paths written. not_offered: providers left out on purpose, listed with those that did not run
+    (case "all")."""
     rows = rows_from_json(benchmark_json, version) if Path(benchmark_json).exists() else []
-    not_run = read_not_run(not_run_log)
+    not_run = read_not_run(not_run_log) + list(not_offered)
     written = {"csv": out_dir / "results.csv", "summary": out_dir / "summary.md", "plots": []}
     write_csv(rows, written["csv"])
     for kernel in dict.fromkeys(row["kernel_name"] for row in rows):
