@@ -11,6 +11,7 @@ summary.md; the raw pytest-benchmark JSON stays next to them (benchmark.json).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -46,6 +47,13 @@ def _parse(argv):
     if unknown:
         parser.error(f"--ops: expected names from {', '.join(cases.OPS)}, got {', '.join(sorted(unknown))}")
     return args
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def gpu_name(mode: str) -> str:
@@ -91,16 +99,16 @@ def main(argv=None) -> int:
         command += ["-k", args.keyword]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mmkernels-bench-") as scratch:
+        # a fresh Inductor cache unless the caller names one: a cached graph that calls one of mmkernels'
+        # ops with an older schema would be replayed (seen with torch 2.13 after an op gained arguments)
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(scratch) / "inductor"))
         returncode = subprocess.call(command, env=env, cwd=scratch)
     seconds = time.monotonic() - started
 
-    import triton  # noqa: PLC0415  (after the suite: its version for the header only)
-
     header = [
         f"# mmkernels benchmarks on {name}",
         "",
-        f"mmkernels {mmkernels.__version__}, torch {torch.__version__}, triton {triton.__version__}; mode `{mode}`; "
+        f"mmkernels {mmkernels.__version__}, torch {torch.__version__}, triton {_version('triton')}; mode `{mode}`; "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; the run took {seconds:.0f} s"
         + ("" if returncode == 0 else f" (pytest exit code {returncode}: see its output)") + ".",
         "",
