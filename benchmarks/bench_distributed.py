@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkernels.ops import contrastive as blocks
-from timing import CUDA, time_step
+from mmkernels.bench.timing import CUDA, measure
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -115,7 +115,9 @@ def test_one_rank_of_eight_fwd_bwd(benchmark, loss_name, provider, n, d):
         step = ((lambda: fn(image, text, image_all, text_all, scale, offset)) if loss_name == "clip"
                 else (lambda: fn(image, text_all, scale, bias, offset)))
     try:
-        seconds = time_step(benchmark, step, f"{loss_name}-rank-of-{RANKS}-N{n}-D{d}", rounds=10)
+        measured = measure(benchmark, step, DEVICE, rounds=10 if CUDA else 3, warmup_rounds=3 if CUDA else 1,
+                           group=f"{loss_name}-rank-of-{RANKS}-N{n}-D{d}", memory=CUDA)
+        seconds = measured.ms[0] / 1e3
     except torch.OutOfMemoryError:
         pytest.skip(f"{provider} ran out of GPU memory at N={n}, M={m}, D={d}")
     benchmark.extra_info.update(provider=provider, dtype=str(DTYPE), n=n, m=m, d=d,

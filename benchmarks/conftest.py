@@ -1,17 +1,10 @@
 """Collect the benchmark suites named bench_<op>.py, so that `pytest benchmarks/ --benchmark-only`
 runs every op's benchmark (pytest's default patterns only collect test_*.py).
 
-This folder (timing.py) and tests/ (toolkit.py: the eager baselines the tests check against) go on
-sys.path here, so the suites import them from any working directory."""
-import sys
-from pathlib import Path
-
+The cases, providers and timing live in mmkernels.bench (python -m mmkernels.bench runs the same
+cases and writes the CSV, plots and summary); MMKERNELS_BENCH_MODE=quick|full|dry-run picks the
+sizes here (default full: the GPU sizes on CUDA, tiny CPU sizes elsewhere)."""
 import pytest
-
-_HERE = Path(__file__).resolve().parent
-for _folder in (_HERE, _HERE.parent / "tests"):
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
 
 
 def pytest_collect_file(file_path, parent):

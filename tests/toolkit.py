@@ -1,6 +1,5 @@
 """What every test file shares: fresh seeds, the numerics rule, the eager baselines, the work and
-allocation counters. Benchmarks import the eager baselines from here too (benchmarks/conftest.py
-puts this folder on sys.path).
+allocation counters. The benchmarks time a copy of the eager baselines (mmkernels/bench/baselines.py).
 
     from toolkit import FLOOR, assert_within_rule, fresh_seed, needs_triton, OpTrace
 
