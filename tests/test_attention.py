@@ -168,6 +168,30 @@ def test_finfo_min_on_every_key_of_a_row_gives_exact_gradients(path, dtype, devi
                                atol=1e-3 if dtype == torch.float16 else 1e-6)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_float64_mask_below_float32_range_masks_nothing(path, device):
+    """An fp32 q, k, v with a float64 additive mask whose values are finite but below fp32's range
+    on every key of a row (-1e300, finfo(float64).min): a finite mask removes nothing, so the row
+    attends its keys uniformly, as the eager formula (whose scores torch promotes to float64) and
+    the reference give; its gradients too. A row with one key at 0 among -1e300 attends that key, and
+    one with a key at +1e300 (past fp32's range too) attends that key alone, as float64 scores do."""
+    q, k, v = _qkv((2, 2, 4, 16), (2, 2, 5, 16), device)
+    mask = torch.zeros(2, 1, 4, 5, dtype=torch.float64, device=device)
+    mask[..., 1, :] = -1e300
+    mask[..., 2, :] = torch.finfo(torch.float64).min
+    mask[..., 3, 1:] = -1e300
+    mask[..., 0, 2] = 1e300
+    args = dict(attn_mask=mask)
+    with on_path(path):
+        out = cross_attention(q, k, v, **args)
+        check_against_reference(q, k, v, args, out)
+    uniform = v.detach().double().mean(-2)
+    for row in (1, 2):
+        torch.testing.assert_close(out[:, :, row].double(), uniform, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[:, :, 3].double(), v.detach().double()[:, :, 0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[:, :, 0].double(), v.detach().double()[:, :, 2], rtol=1e-6, atol=1e-6)
+
+
 @NONFINITE_WARNINGS
 @pytest.mark.parametrize("path", PATHS)
 def test_nan_in_one_query_row_propagates_to_that_row(path, device):
