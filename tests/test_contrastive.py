@@ -3,6 +3,7 @@ float64 reference under DESIGN.md's rule, workspaces from one block to all of S,
 tower saves, CLIP's gradient where a positive dominates, the reference against Hugging Face's models,
 error paths, opcheck, compile."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -403,6 +404,8 @@ def test_reference_gradcheck(normalize):
 def _call(fn, a, b, scale=2.0, **kw):
     if fn == "clip":
         return mmkernels.clip_loss(a, b, scale, **kw)
+    if fn == "info_nce":
+        return mmkernels.info_nce_loss(a, b, scale, **kw)
     return mmkernels.siglip_loss(a, b, scale, -1.0, **kw)
 
 
@@ -466,6 +469,28 @@ def test_bad_workspace_raises(fn, device):
     grad_needed = kernels.panel_bytes(block, 300, 40, torch.float32, device, True, False, torch.float32)
     with pytest.raises(ValueError, match=f"expected workspace_bytes >= {grad_needed} "):
         _call(fn, a, b, workspace_bytes=grad_needed - 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("fn", ["clip", "siglip", "info_nce"])
+def test_workspace_minimum_named_is_enough_for_the_whole_call(fn, grad, device):
+    """The minimum that a too-small workspace's error names covers every pass of the call (the
+    statistics and the gradient pass): that many bytes run forward and backward, one byte fewer
+    raises, naming the same minimum."""
+    fresh_seed()
+    a, b = torch.randn(70, 24, device=device), torch.randn(70, 24, device=device)
+    a.requires_grad_(grad)
+    with pytest.raises(ValueError, match="expected workspace_bytes >= ") as raised:
+        _call(fn, a, b, workspace_bytes=1)
+    needed = int(re.search(r"expected workspace_bytes >= (\d+) ", str(raised.value)).group(1))
+    with pytest.raises(ValueError, match=f"expected workspace_bytes >= {needed} .*got {needed - 1}"):
+        _call(fn, a, b, workspace_bytes=needed - 1)
+    loss = _call(fn, a, b, workspace_bytes=needed)
+    if grad:
+        (d_image,) = torch.autograd.grad(loss, a)
+        assert torch.isfinite(d_image).all()
+    assert torch.isfinite(loss)
 
 
 def test_bad_bias_raises():

@@ -526,7 +526,8 @@ def clip_loss(image_emb, text_emb, logit_scale, *, normalize: bool = False, labe
         label_smoothing: as in `F.cross_entropy`, a float in [0, 1].
         workspace_bytes: the most bytes the kernels allocate beyond O(N·D) buffers (default
             $MMKERNELS_WORKSPACE_BYTES, else 256 MiB); S is processed in row panels that fit it.
-            Too small for one block of rows raises a ValueError naming the minimum.
+            Too small for one block of rows raises a ValueError naming the minimum for every pass
+            the call runs (forward and backward).
 
     Returns:
         () float32 tensor: (CE(rows of S) + CE(columns of S)) / 2 with S = logit_scale · image_emb @ text_emb.T.
@@ -541,11 +542,10 @@ def clip_loss(image_emb, text_emb, logit_scale, *, normalize: bool = False, labe
     if not triton_enabled(image_emb):
         return reference.clip_loss(image_emb, text_emb, scale, normalize, label_smoothing)
     n, d = image_emb.shape
-    kernels.stats_workspace(n, n, d, image_emb.dtype, image_emb.device, workspace_bytes)
     image_grad, text_grad, scale_grad = _grad_flags(image_emb, text_emb, scale)
-    if image_grad or text_grad or scale_grad:
-        kernels.panel_workspace(n, n, d, image_emb.dtype, image_emb.device, image_grad, text_grad, image_emb.dtype,
-                                workspace_bytes)
+    grads = image_grad or text_grad or scale_grad
+    kernels.check_call_workspace(n, n, d, image_emb.dtype, image_emb.device, workspace_bytes, stats=True,
+                                 panel=(image_grad, text_grad, image_emb.dtype) if grads else None)
     return torch.ops.mmkernels.clip_loss_fwd(image_emb, text_emb, scale, normalize, label_smoothing,
                                              workspace_bytes)[0]
 
@@ -578,8 +578,8 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, normalize: bool
         return reference.siglip_loss(image_emb, text_emb, scale, bias, normalize)
     n, d = image_emb.shape
     image_grad, text_grad, scale_grad, bias_grad = _grad_flags(image_emb, text_emb, scale, bias)
-    kernels.panel_workspace(n, n, d, image_emb.dtype, image_emb.device, image_grad, text_grad, image_emb.dtype,
-                            workspace_bytes)
+    kernels.check_call_workspace(n, n, d, image_emb.dtype, image_emb.device, workspace_bytes,
+                                 panel=(image_grad, text_grad, image_emb.dtype))
     return torch.ops.mmkernels.siglip_block(
         image_emb, text_emb, scale, bias, 0, n, normalize, image_grad, text_grad, scale_grad or bias_grad,
         image_emb.dtype, workspace_bytes,

@@ -142,9 +142,8 @@ def info_nce_loss(query, keys, logit_scale, *, normalize: bool = False, label_sm
     if not triton_enabled(query):
         return reference.info_nce_loss(query, keys, scale, normalize, label_smoothing)
     n, d = query.shape
-    kernels.stats_workspace(n, n, d, query.dtype, query.device, workspace_bytes, columns=False)
     query_grad, keys_grad, scale_grad = _grad_flags(query, keys, scale)
-    if query_grad or keys_grad or scale_grad:
-        kernels.panel_workspace(n, n, d, query.dtype, query.device, query_grad, keys_grad, query.dtype,
-                                workspace_bytes)
+    grads = query_grad or keys_grad or scale_grad
+    kernels.check_call_workspace(n, n, d, query.dtype, query.device, workspace_bytes, stats=True, columns=False,
+                                 panel=(query_grad, keys_grad, query.dtype) if grads else None)
     return torch.ops.mmkernels.info_nce_fwd(query, keys, scale, normalize, label_smoothing, workspace_bytes)[0]
