@@ -364,8 +364,8 @@ def _siglip_ring(image, text, scale, bias, plan: Plan, flags: dict, factor: floa
             return None
         return torch.stack([s[k].double() for s in shares]).sum().to(dtype)
 
-    block = _blocks.SiglipBlock(total(0, _accumulation_dtype(image)), image_grad.get("sum"), None, total(1, scale.dtype),
-                                total(2, bias.dtype))
+    block = _blocks.SiglipBlock(total(0, _accumulation_dtype(image)), image_grad.get("sum"), None,
+                                total(1, scale.dtype), total(2, bias.dtype))
     return block, g_text
 
 
