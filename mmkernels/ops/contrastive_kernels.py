@@ -471,7 +471,7 @@ def check_call_workspace(m: int, n: int, d: int, dtype, device, workspace_bytes:
         write_w = image_grad or text_grad
         layout = _panel_layout(rows, n, d, cfg, _w_dtype(dtype), write_w, image_grad and grad_dtype != torch.float32)
         needs["the gradient pass" if write_w else "the loss pass"] = layout.nbytes
-    need = max(needs.values(), default=0)
+    need = max([0, *needs.values()])
     if need > workspace_bytes:
         raise ValueError(
             f"expected workspace_bytes >= {need} (one block of {rows} rows of S for {' and '.join(needs)}), "
