@@ -234,6 +234,19 @@ def check_float64_is_exact(env, kind, mode="gather"):
     assert not bad, f"{kind} ({mode}), rank {env.rank}: {bad}"
 
 
+def check_autocast_changes_nothing(env):
+    """Under torch.autocast (bf16) the losses compute as their contract says (the block functions
+    they are built from turn it off): the same fp32 loss and gradients as without it, bit for bit."""
+    batch = env.batch()
+    for kind, kw in (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"})):
+        loss, grads = run_loss(kind, *batch, env.rows, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_loss, got_grads = run_loss(kind, *batch, env.rows, **kw)
+        assert got_loss.dtype == torch.float32 and torch.equal(got_loss, loss), (kind, kw, got_loss, loss)
+        for name, grad in grads.items():
+            assert torch.equal(got_grads[name], grad), (kind, kw, name)
+
+
 def check_non_finite(env):
     # A NaN in the last rank's image rows, an Inf in the first rank's text rows: NaN on every rank.
     runs = (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"}))
@@ -476,6 +489,7 @@ CHECKS = {
     "clip_float64": (functools.partial(check_float64_is_exact, kind="clip"), ("reference",)),
     "siglip_float64": (functools.partial(check_float64_is_exact, kind="siglip"), ("reference",)),
     "siglip_ring_float64": (functools.partial(check_float64_is_exact, kind="siglip", mode="ring"), ("reference",)),
+    "autocast_changes_nothing": (check_autocast_changes_nothing, ("reference", "triton")),
     "non_finite": (check_non_finite, ("reference", "triton")),
     "work_per_rank": (check_work_per_rank, ("reference", "triton")),
     "memory_per_rank": (check_memory_per_rank, ("triton",)),

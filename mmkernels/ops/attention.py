@@ -7,7 +7,8 @@ Name chain: `_cross_attention_fwd_kernel` / `_cross_attention_bwd_dq_kernel` /
 `cross_attention()` (public function) → `mmkernels.nn.CrossModalAttention` (module).
 
 CUDA tensors run the kernels (the CPU too, under TRITON_INTERPRET=1); other CPU tensors run
-`reference.cross_attention`. Both compute the function that `cross_attention` documents.
+`reference.cross_attention`. Both compute the function that `cross_attention` documents, under
+torch.autocast too (autocast off for its work, forward and backward).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from mmkernels.ops import reference
 from mmkernels.ops._common import (
+    autocast_off,
     check_float_tensor,
     check_same_device,
     interpreting,
@@ -28,6 +30,7 @@ from mmkernels.ops._common import (
     new_output,
     triton,
     triton_enabled,
+    without_autocast,
 )
 from mmkernels.ops.attention_kernels import (
     LOG2E,
@@ -541,13 +544,14 @@ def cross_attention(
         kv_lens = kv_lens.to(q.device, non_blocking=True) if kv_lens is not None else None
         q_lens = q_lens.to(q.device, non_blocking=True) if q_lens is not None else None
         seed = draw_dropout_seed(generator, q.device) if dropout_p > 0 else None
-        out, _ = torch.ops.mmkernels.cross_attention_fwd(
-            q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale
-        )
+        with autocast_off(q):
+            out, _ = torch.ops.mmkernels.cross_attention_fwd(
+                q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale
+            )
     else:
-        out = reference.cross_attention(
+        out = without_autocast(
+            functools.partial(reference.cross_attention, generator=generator),
             q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, is_causal, dropout_p, scale,
-            generator=generator,
         ).to(q.dtype)
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
     return out if layout == "bhld" else out.transpose(1, 2)
