@@ -515,7 +515,8 @@ def cross_attention(
     - An existing row i *attends* key j when j exists and no mask removes it: key_padding_mask[b, j]
       is False, a bool attn_mask is True, an additive attn_mask is not -inf, and j ≤ i if is_causal.
       A finite additive mask removes nothing, however negative: a row whose keys all carry
-      finfo(dtype).min attends them all (uniformly, as eager attention and nn.MultiheadAttention do).
+      finfo(dtype).min attends them all (uniformly, as eager attention and nn.MultiheadAttention do),
+      and so does a float64 mask whose values lie below fp32's range (-1e300) for fp32 inputs.
     - *A row with no key* is an existing row that attends no key. Masks and lengths alone decide
       it, never the values. It returns zeros and passes zero gradient to its query, never NaN.
     - Any other row returns softmax over its attended keys of (scale · q_i·k_j + attn_mask_ij),
