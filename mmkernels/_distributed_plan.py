@@ -250,13 +250,11 @@ def check_workspaces(caller: str, op: str, plan: Plan, col: dict, image, scaling
         runs = runs_gradient_pass(image_grad, scalar_grad, plan, scaling)
         try:
             if op == "clip_loss":
-                _kernels.stats_workspace(m, n, d, image.dtype, image.device, workspace)
-                if runs:
-                    _kernels.panel_workspace(m, n, d, image.dtype, image.device, image_grad, plan.text_grad,
-                                             torch.float32, workspace)
+                _kernels.check_call_workspace(m, n, d, image.dtype, image.device, workspace, stats=True,
+                                              panel=(image_grad, plan.text_grad, torch.float32) if runs else None)
             else:
-                _kernels.panel_workspace(m, n, d, image.dtype, image.device, runs and image_grad,
-                                         runs and plan.text_grad, torch.float32, workspace)
+                _kernels.check_call_workspace(m, n, d, image.dtype, image.device, workspace,
+                                              panel=(runs and image_grad, runs and plan.text_grad, torch.float32))
         except ValueError as err:
             columns = f"{n} columns (the widest ring block)" if mode == "ring" else f"N = {n} columns"
             raise ValueError(f"{caller}: rank {r} (M = {m} rows against {columns}): {err}") from None

@@ -40,7 +40,8 @@ GRAD_TAG = 1
 
 
 class Message(NamedTuple):
-    kind: str     # "rows" (a block's rows, the embeddings' dtype) or "grad" (a block's gradient sum, fp32)
+    kind: str     # "rows" (a block's rows, the embeddings' dtype) or "grad" (a block's gradient sum, fp32;
+                  # float64 for float64 rows)
     block: int    # the rank that owns the block
     send: bool    # True: to the next rank; False: from the previous one
 
@@ -89,13 +90,16 @@ def ring_pass(rows: torch.Tensor, sizes: tuple, group, compute: Callable, *, gra
     """Run `compute(q, rows_q)` on every rank's rows (q's rows (sizes[q], D), own rows first) as
     they pass around the ring of `group`, the exchange of the next block overlapping each compute.
 
-    rows: (sizes[rank], D) this rank's rows. compute returns the (sizes[q], D) fp32 contribution
-    to the gradient of q's rows (gradients=True) or anything (gradients=False; ignored).
-    Returns the (sizes[rank], D) fp32 sum over all ranks of the contributions to this rank's rows
-    (gradients=True), else None. Every rank of the group must call it with the same sizes and
-    gradients flag.
+    rows: (sizes[rank], D) this rank's rows. compute returns the (sizes[q], D) contribution to the
+    gradient of q's rows (gradients=True), in the accumulation dtype: fp32, float64 for float64
+    rows (what the block functions return); or anything (gradients=False; ignored).
+    Returns the (sizes[rank], D) sum over all ranks of the contributions to this rank's rows, in
+    that dtype (gradients=True), else None. Every rank of the group must call it with the same
+    sizes and gradients flag.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    # The gradient blocks received must have the dtype of those sent, or gloo aborts on the size.
+    grad_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     nxt, prv = (dist.get_global_rank(group, (rank + d) % world) for d in (1, -1))
     width = rows.shape[1]
     current = rows.contiguous()
@@ -111,7 +115,7 @@ def ring_pass(rows: torch.Tensor, sizes: tuple, group, compute: Callable, *, gra
             elif msg.send:
                 ops.append(dist.P2POp(dist.isend, outgoing, nxt, group, GRAD_TAG))
             else:
-                incoming_grad = rows.new_empty((sizes[msg.block], width), dtype=torch.float32)
+                incoming_grad = rows.new_empty((sizes[msg.block], width), dtype=grad_dtype)
                 ops.append(dist.P2POp(dist.irecv, incoming_grad, prv, group, GRAD_TAG))
         works = dist.batch_isend_irecv(ops) if ops else []
         contribution = None if step.block is None else compute(step.block, current)
@@ -129,5 +133,5 @@ def ring_pass(rows: torch.Tensor, sizes: tuple, group, compute: Callable, *, gra
             outgoing = None
         current = incoming_rows
     if gradients and own is None:  # this rank holds no rows
-        own = rows.new_zeros((0, width), dtype=torch.float32)
+        own = rows.new_zeros((0, width), dtype=grad_dtype)
     return own

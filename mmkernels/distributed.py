@@ -36,6 +36,8 @@ collective, so gloo on CPU and NCCL on GPU both run it):
 3. CLIP: one all_gather of 2N + 1 fp32 (the block's per-column max and sum of exponentials, and its
    rows' part of the loss); every rank merges them in rank order, so all ranks hold the same column
    log-sum-exps to the bit. SigLIP: one all_gather of the ranks' loss shares (one fp32 each).
+   Float64 embeddings send these (and the gradients of steps 4 and 5) in float64: float64 in,
+   float64-exact out, as the single-process losses.
 4. When some rank needs the text gradient: one reduce-scatter of the (N, D) fp32 partial text
    gradients (padded to W·M rows when the M_r differ), each rank receiving its own rows' sum.
    (gloo implements reduce-scatter as an all-reduce, twice the bytes; NCCL as a reduce-scatter.)
@@ -108,20 +110,27 @@ def _scatter_sum_rows(partial: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 def _gather_scalars(values: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """(W, k): every rank's (k,) fp32 values, in rank order."""
+    """(W, k): every rank's (k,) values, in rank order."""
     out = values.new_empty((plan.world_size * values.numel(),))
     all_gather_rows(out, values.reshape(-1).contiguous(), plan.group)
     return out.view(plan.world_size, -1)
 
 
-def _scalar_grads(shares: list, needed: tuple, plan: Plan, scaling: Scaling, factor: float) -> list:
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """What the statistics, loss shares and gradient sums travel and merge in: fp32, float64 for
+    float64 embeddings (float64 in, float64-exact out, as the single-process losses)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _scalar_grads(shares: list, needed: tuple, plan: Plan, scaling: Scaling, factor: float, dtype) -> list:
     """The scalars' gradients on this rank: its own shares × factor, or (scalar_total) the sum of
-    every rank's shares, which every rank then sends, needed or not (one all_gather of k fp32)."""
+    every rank's shares, which every rank then sends, needed or not (one all_gather of k values in
+    the accumulation `dtype`)."""
     if scaling.scalar_total:
         if not plan.scalar_grad:  # no rank needs them; every rank skips the all_gather alike
             return [None for _ in shares]
-        local = torch.stack([s.float().reshape(()) for s in shares])
-        total = _gather_scalars(local, plan).double().sum(0).float()
+        local = torch.stack([s.to(dtype).reshape(()) for s in shares])
+        total = _gather_scalars(local, plan).double().sum(0).to(dtype)
         shares = list(total.unbind())
         factor = 1.0
     return [s * factor if need else None for s, need in zip(shares, needed)]
@@ -172,6 +181,7 @@ class _ClipLoss(_FinishedGradients):
     def forward(ctx, image, text, scale, plan: Plan, opts: _Options):
         n, off, m = plan.n_total, plan.offset, image.shape[0]
         eps = opts.label_smoothing
+        acc = _accumulation_dtype(image)
         text_all = _gather_rows(text, plan)
         stats = _blocks.clip_block_stats(
             image, text_all, scale, offset=off, normalize=opts.normalize, workspace_bytes=opts.workspace_bytes,
@@ -180,7 +190,7 @@ class _ClipLoss(_FinishedGradients):
         # this rank's; the column log-sum-exps merge every rank's column statistics (row_lse, col_lse: float64).
         row_terms = (stats.row_lse - 2 * (1 - eps) * stats.diag.double()
                      - (2 * eps / n) * stats.row_sum.double()).sum()
-        packed = torch.cat([stats.col_max.float(), stats.col_sumexp.float(), row_terms.float().reshape(1)])
+        packed = torch.cat([stats.col_max.to(acc), stats.col_sumexp.to(acc), row_terms.to(acc).reshape(1)])
         gathered = _gather_scalars(packed, plan)
         col_lse = _blocks.merge_column_stats(gathered[:, :n], gathered[:, n: 2 * n])
         if opts.scaling.local_value:
@@ -201,11 +211,11 @@ class _ClipLoss(_FinishedGradients):
             factor = opts.scaling.factor(plan)
             del text_all
             g_text = None if g_text is None else _scatter_sum_rows(g_text * factor, plan)
-            (g_scale,) = _scalar_grads([g_scale], opts.scalar_grads, plan, opts.scaling, factor)
+            (g_scale,) = _scalar_grads([g_scale], opts.scalar_grads, plan, opts.scaling, factor, acc)
             grads = (None if g_image is None else g_image * factor, g_text, g_scale)
         ctx.save_for_backward(*grads)
         ctx.dtypes = (image.dtype, text.dtype, scale.dtype)
-        return value.float()
+        return value.to(acc)
 
 
 def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, label_smoothing,
@@ -264,8 +274,9 @@ def clip_loss(image_local, text_local, logit_scale, *, group=None, normalize: bo
         workspace_bytes: the block-row kernels' workspace bound (default: theirs).
 
     Returns:
-        () float32, the same value on every rank: the loss one process computes on the concatenated
-        batch, (CE(rows of S) + CE(columns of S)) / 2 with S = logit_scale · image @ text.T (N × N).
+        () float32 (float64 for float64 inputs), the same value on every rank: the loss one process
+        computes on the concatenated batch, (CE(rows of S) + CE(columns of S)) / 2 with
+        S = logit_scale · image @ text.T (N × N).
 
     Gradients (what `loss.backward()` leaves on rank r; L is that single-process loss):
         - "ddp": image_local and text_local get W · dL/d(their rows), logit_scale gets
@@ -306,6 +317,7 @@ class _SiglipLoss(_FinishedGradients):
             scalar_grads=any(opts.scalar_grads) or (opts.scaling.scalar_total and plan.scalar_grad),
         )
         factor = opts.scaling.factor(plan)
+        acc = _accumulation_dtype(image)
         if opts.mode == "ring":
             block, g_text = _siglip_ring(image, text, scale, bias, plan, flags, factor)
         else:
@@ -313,18 +325,18 @@ class _SiglipLoss(_FinishedGradients):
             block = _blocks.siglip_block(image, text_all, scale, bias, offset=plan.offset, **flags)
             del text_all
             g_text = None if block.text_grad is None else _scatter_sum_rows(block.text_grad * factor, plan)
-        shares = _gather_scalars(block.loss.float().reshape(1), plan)
+        shares = _gather_scalars(block.loss.to(acc).reshape(1), plan)
         value = block.loss.double() * factor if opts.scaling.local_value else shares.double().sum()
         # Finite inputs give a finite loss; an Inf among them leaves it undefined: NaN, as for CLIP.
         value = torch.where(torch.isinf(value), torch.nan, value)
         grads = (None, None, None, None)
         if passes:
             g_scale, g_bias = _scalar_grads([block.scale_grad, block.bias_grad], opts.scalar_grads, plan,
-                                            opts.scaling, factor)
+                                            opts.scaling, factor, acc)
             grads = (None if block.image_grad is None else block.image_grad * factor, g_text, g_scale, g_bias)
         ctx.save_for_backward(*grads)
         ctx.dtypes = (image.dtype, text.dtype, scale.dtype, bias.dtype)
-        return value.float()
+        return value.to(acc)
 
 
 def _siglip_ring(image, text, scale, bias, plan: Plan, flags: dict, factor: float):
@@ -352,8 +364,8 @@ def _siglip_ring(image, text, scale, bias, plan: Plan, flags: dict, factor: floa
             return None
         return torch.stack([s[k].double() for s in shares]).sum().to(dtype)
 
-    block = _blocks.SiglipBlock(total(0, torch.float32), image_grad.get("sum"), None, total(1, scale.dtype),
-                                total(2, bias.dtype))
+    block = _blocks.SiglipBlock(total(0, _accumulation_dtype(image)), image_grad.get("sum"), None,
+                                total(1, scale.dtype), total(2, bias.dtype))
     return block, g_text
 
 
@@ -426,10 +438,10 @@ def siglip_loss(image_local, text_local, logit_scale, logit_bias, *, group=None,
               W-1 steps in sequence (one launch and one message latency each) dominate.
 
     Returns:
-        () float32, the same value on every rank: -Σ_ij log σ(label_ij · S_ij) / N over the global
-        N × N logits S = logit_scale · image @ text.T + logit_bias (label +1 on the diagonal, -1
-        elsewhere), as one process computes it on the concatenated batch. NaN if an input is NaN
-        or infinite.
+        () float32 (float64 for float64 inputs), the same value on every rank:
+        -Σ_ij log σ(label_ij · S_ij) / N over the global N × N logits
+        S = logit_scale · image @ text.T + logit_bias (label +1 on the diagonal, -1 elsewhere), as
+        one process computes it on the concatenated batch. NaN if an input is NaN or infinite.
 
     Gradients, as for `clip_loss` ("ddp": W · dL/d(rows) for the embeddings, W · rank r's share
     (from its block row of S) for logit_scale and logit_bias; "none": the unscaled shares).

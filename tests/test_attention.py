@@ -168,6 +168,60 @@ def test_finfo_min_on_every_key_of_a_row_gives_exact_gradients(path, dtype, devi
                                atol=1e-3 if dtype == torch.float16 else 1e-6)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_float64_mask_below_float32_range_masks_nothing(path, device):
+    """An fp32 q, k, v with a float64 additive mask whose values are finite but below fp32's range
+    on every key of a row (-1e300, finfo(float64).min): a finite mask removes nothing, so the row
+    attends its keys uniformly, as the eager formula (whose scores torch promotes to float64) and
+    the reference give; its gradients too. A row with one key at 0 among -1e300 attends that key, and
+    one with a key at +1e300 (past fp32's range too) attends that key alone, as float64 scores do."""
+    q, k, v = _qkv((2, 2, 4, 16), (2, 2, 5, 16), device)
+    mask = torch.zeros(2, 1, 4, 5, dtype=torch.float64, device=device)
+    mask[..., 1, :] = -1e300
+    mask[..., 2, :] = torch.finfo(torch.float64).min
+    mask[..., 3, 1:] = -1e300
+    mask[..., 0, 2] = 1e300
+    args = dict(attn_mask=mask)
+    with on_path(path):
+        out = cross_attention(q, k, v, **args)
+        check_against_reference(q, k, v, args, out)
+    uniform = v.detach().double().mean(-2)
+    for row in (1, 2):
+        torch.testing.assert_close(out[:, :, row].double(), uniform, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[:, :, 3].double(), v.detach().double()[:, :, 0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[:, :, 0].double(), v.detach().double()[:, :, 2], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backward", ["outside", "inside"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", PATHS)
+def test_autocast_changes_nothing(path, dtype, backward, device):
+    """Under torch.autocast (bf16) cross_attention computes as it documents (scores and softmax in
+    fp32 from the inputs' own dtype, the output in that dtype): output and gradients are those
+    without autocast, bit for bit, whether the backward runs inside the autocast region or after
+    it. (Autocast once ran the reference path's products in bf16.)"""
+    if path == "kernels" and dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("bf16 on the CPU takes the reference path")
+    (q, k, v), args = make_inputs(CASES["additive_mask_kv_lens"], dtype, device)
+    upstream = torch.randn(q.shape, device=device).to(dtype)
+
+    def run(autocast: str):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with on_path(path), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast != "off"):
+            out = cross_attention(*leaves, **args)
+            grads = torch.autograd.grad(out, leaves, upstream) if autocast == "inside" else None
+        if grads is None:
+            with on_path(path):
+                grads = torch.autograd.grad(out, leaves, upstream)
+        return [out.detach(), *grads]
+
+    plain, got = run("off"), run(backward)
+    for name, g, p in zip(("out", "dq", "dk", "dv"), got, plain):
+        assert g.dtype == p.dtype == dtype and torch.equal(g, p), f"{name}: differs under autocast"
+    with on_path(path):
+        check_against_reference(q, k, v, args, cross_attention(q, k, v, **args), upstream)
+
+
 @NONFINITE_WARNINGS
 @pytest.mark.parametrize("path", PATHS)
 def test_nan_in_one_query_row_propagates_to_that_row(path, device):

@@ -3,6 +3,7 @@ float64 reference under DESIGN.md's rule, workspaces from one block to all of S,
 tower saves, CLIP's gradient where a positive dominates, the reference against Hugging Face's models,
 error paths, opcheck, compile."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
-from contrastive_oracle import LOSS_CASES, check_clip, check_siglip, random_leaves
+from contrastive_oracle import LOSS_CASES, NAMES, check_clip, check_siglip, random_leaves
 from mmkernels.ops import contrastive, reference
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops._common import triton_enabled
@@ -203,6 +204,44 @@ def test_softmax_gradients_keep_their_precision_at_large_logits(api, path, devic
     worst = (error / bound).argmax().item()
     assert (error <= bound).all(), (
         f"{api} {path}: d image_emb{divmod(worst, n)} off by {error.view(-1)[worst]:.3e} > {bound.view(-1)[worst]:.3e}")
+
+
+def autocast_values_and_grads(fn, leaves, device, backward: str):
+    """value_and_grads(fn, leaves) with fn run under torch.autocast (bf16) on `device`; the backward
+    inside the autocast region ("inside") or after it ("outside", as training loops run it)."""
+    if backward == "inside":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return value_and_grads(fn, leaves)
+    copies = [t.detach().clone().requires_grad_() for t in leaves]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = fn(*copies)
+    return [out.detach(), *(g.detach() for g in torch.autograd.grad(out, copies))]
+
+
+@pytest.mark.parametrize("backward", ["outside", "inside"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
+def test_autocast_changes_nothing(path, loss_name, dtype, backward, device, monkeypatch):
+    """Under torch.autocast (bf16) a loss computes as its contract says: the logits from the inputs'
+    own dtype with fp32 accumulation, an fp32 loss; the same loss and gradients as without autocast,
+    bit for bit, whether the backward runs inside the autocast region or after it. (Autocast once
+    ran the reference path's products in bf16: ~1e-3 off, and SigLIP's loss came back in bf16.)"""
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        device = torch.device("cpu")
+    elif dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("bf16 on the CPU takes the reference path")
+    fresh_seed()
+    leaves = random_leaves(33, 24, dtype, device, with_bias=loss_name == "siglip")
+    fn = _loss_fn(loss_name, True, 0.1 if loss_name == "clip" else 0.0)
+    plain = value_and_grads(fn, leaves)
+    got = autocast_values_and_grads(fn, leaves, device, backward)
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    for name, g, p in zip(NAMES, got, plain):
+        assert g.dtype == p.dtype and torch.equal(g, p), f"{name}: differs under autocast"
+    check = check_clip if loss_name == "clip" else check_siglip
+    check(got, leaves, dtype, f"{loss_name} {dtype} under autocast", True, *([0.1] if loss_name == "clip" else []))
 
 
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
@@ -403,6 +442,8 @@ def test_reference_gradcheck(normalize):
 def _call(fn, a, b, scale=2.0, **kw):
     if fn == "clip":
         return mmkernels.clip_loss(a, b, scale, **kw)
+    if fn == "info_nce":
+        return mmkernels.info_nce_loss(a, b, scale, **kw)
     return mmkernels.siglip_loss(a, b, scale, -1.0, **kw)
 
 
@@ -466,6 +507,28 @@ def test_bad_workspace_raises(fn, device):
     grad_needed = kernels.panel_bytes(block, 300, 40, torch.float32, device, True, False, torch.float32)
     with pytest.raises(ValueError, match=f"expected workspace_bytes >= {grad_needed} "):
         _call(fn, a, b, workspace_bytes=grad_needed - 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("fn", ["clip", "siglip", "info_nce"])
+def test_workspace_minimum_named_is_enough_for_the_whole_call(fn, grad, device):
+    """The minimum that a too-small workspace's error names covers every pass of the call (the
+    statistics and the gradient pass): that many bytes run forward and backward, one byte fewer
+    raises, naming the same minimum."""
+    fresh_seed()
+    a, b = torch.randn(70, 24, device=device), torch.randn(70, 24, device=device)
+    a.requires_grad_(grad)
+    with pytest.raises(ValueError, match="expected workspace_bytes >= ") as raised:
+        _call(fn, a, b, workspace_bytes=1)
+    needed = int(re.search(r"expected workspace_bytes >= (\d+) ", str(raised.value)).group(1))
+    with pytest.raises(ValueError, match=f"expected workspace_bytes >= {needed} .*got {needed - 1}"):
+        _call(fn, a, b, workspace_bytes=needed - 1)
+    loss = _call(fn, a, b, workspace_bytes=needed)
+    if grad:
+        (d_image,) = torch.autograd.grad(loss, a)
+        assert torch.isfinite(d_image).all()
+    assert torch.isfinite(loss)
 
 
 def test_bad_bias_raises():

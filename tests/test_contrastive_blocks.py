@@ -208,6 +208,27 @@ def test_blocks_with_a_workspace_of_one_block(loss_name, device):
         check_siglip(got, leaves, torch.float32, "SigLIP blocks, one-block workspace", True)
 
 
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_blocks_under_autocast_compute_as_without(loss_name, path_device):
+    """Under torch.autocast (bf16) the block functions compute as their contract says (the logits
+    from fp32 inputs in fp32): every statistic, share and gradient is what it is without autocast,
+    bit for bit, and the composition meets the rule."""
+    n, d, cuts = 70, 24, [3, 3, 40]
+    fresh_seed()
+    leaves = random_leaves(n, d, torch.float32, path_device, with_bias=loss_name == "siglip")
+    compose = (lambda: compose_clip(*leaves, split_rows(n, cuts), True, 0.1)) if loss_name == "clip" else (
+        lambda: compose_siglip(*leaves, split_rows(n, cuts), True))
+    plain = compose()
+    with torch.autocast(path_device.type, dtype=torch.bfloat16):
+        got = compose()
+    for name, g, p in zip(NAMES, got, plain):
+        assert g.dtype == p.dtype and torch.equal(g, p), f"{name}: differs under autocast"
+    if loss_name == "clip":
+        check_clip(got, leaves, torch.float32, "CLIP blocks under autocast", True, 0.1)
+    else:
+        check_siglip(got, leaves, torch.float32, "SigLIP blocks under autocast", True)
+
+
 def test_blocks_are_not_the_whole_batch(path_device):
     """Negative control: a block computed as if it were the whole batch (offset 0, n_total = M) is
     not a share of the global loss, and the composition above notices."""

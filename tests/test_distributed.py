@@ -206,6 +206,47 @@ def check_siglip_fp16(env, mode="gather"):
                                   normalize=True)
 
 
+def check_float64_is_exact(env, kind, mode="gather"):
+    """float64 in, float64-exact out, as single-process: the loss (float64) and every gradient within
+    1e-12 of the float64 single-process ones, relative to the size of their summands. The column
+    statistics, loss shares and gradient blocks travel and merge in float64 (in fp32 they cost ~1e-8;
+    the ring's float64 gradient blocks once met an fp32 receive buffer and aborted both ranks)."""
+    A, B, scale, bias = env.batch(torch.float64)
+    leaves = {"image": A[env.rows].clone().requires_grad_(), "text": B[env.rows].clone().requires_grad_(),
+              "scale": torch.tensor(scale, dtype=torch.float64, requires_grad=True)}
+    if kind == "clip":
+        loss = mmd.clip_loss(leaves["image"], leaves["text"], leaves["scale"], label_smoothing=0.1)
+    else:
+        leaves["bias"] = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
+        loss = mmd.siglip_loss(*leaves.values(), mode=mode)
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    oracle = single_process(kind, A, B, scale, bias, env.rows, dtype=torch.float64, eps=0.1 if kind == "clip" else 0.0)
+    assert loss.dtype == torch.float64, loss.dtype
+    whole = single_process(kind, A, B, scale, bias, slice(None), dtype=torch.float64,
+                           eps=0.1 if kind == "clip" else 0.0)
+    errors = {"loss": (abs(loss.item() - oracle["loss"].item()), max(abs(whole["loss"].item()),
+                                                                     scale * whole["scale_size"]))}
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float64, (name, grad.dtype)
+        size = max(oracle[name].norm().item(), oracle[f"{name}_size"])
+        errors[f"d {name}"] = ((grad / env.world_size - oracle[name]).norm().item(), size)
+    bad = {name: f"{err:.2e} of {size:.2e}" for name, (err, size) in errors.items() if err > 1e-12 * size}
+    assert not bad, f"{kind} ({mode}), rank {env.rank}: {bad}"
+
+
+def check_autocast_changes_nothing(env):
+    """Under torch.autocast (bf16) the losses compute as their contract says (the block functions
+    they are built from turn it off): the same fp32 loss and gradients as without it, bit for bit."""
+    batch = env.batch()
+    for kind, kw in (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"})):
+        loss, grads = run_loss(kind, *batch, env.rows, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_loss, got_grads = run_loss(kind, *batch, env.rows, **kw)
+        assert got_loss.dtype == torch.float32 and torch.equal(got_loss, loss), (kind, kw, got_loss, loss)
+        for name, grad in grads.items():
+            assert torch.equal(got_grads[name], grad), (kind, kw, name)
+
+
 def check_non_finite(env):
     # A NaN in the last rank's image rows, an Inf in the first rank's text rows: NaN on every rank.
     runs = (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"}))
@@ -445,6 +486,10 @@ CHECKS = {
                                        ("reference", "triton")),
     "siglip_ring_frozen_towers": (functools.partial(check_siglip_frozen_towers, mode="ring"), ("reference", "triton")),
     "siglip_ring_fp16": (functools.partial(check_siglip_fp16, mode="ring"), ("triton",)),
+    "clip_float64": (functools.partial(check_float64_is_exact, kind="clip"), ("reference",)),
+    "siglip_float64": (functools.partial(check_float64_is_exact, kind="siglip"), ("reference",)),
+    "siglip_ring_float64": (functools.partial(check_float64_is_exact, kind="siglip", mode="ring"), ("reference",)),
+    "autocast_changes_nothing": (check_autocast_changes_nothing, ("reference", "triton")),
     "non_finite": (check_non_finite, ("reference", "triton")),
     "work_per_rank": (check_work_per_rank, ("reference", "triton")),
     "memory_per_rank": (check_memory_per_rank, ("triton",)),

@@ -9,6 +9,7 @@ import mmkernels
 from contrastive_oracle import LOSS_CASES, check_clip, check_info_nce, random_leaves
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops import reference
+from test_contrastive import autocast_values_and_grads
 from test_contrastive_work import _bounded, gpu_tiles  # noqa: F401  (gpu_tiles: a fixture)
 from toolkit import OpTrace, eager_info_nce_loss, fresh_seed, needs_triton, value_and_grads
 
@@ -104,6 +105,29 @@ def test_non_finite_inputs_give_nan(interpret, monkeypatch):
                 (q, k)[side][3, 5] = bad
                 loss = mmkernels.info_nce_loss(q, k, 2.0, normalize=normalize)
                 assert torch.isnan(loss), f"{bad} in {('query', 'keys')[side]} (normalize={normalize}) gave {loss}"
+
+
+@pytest.mark.parametrize("backward", ["outside", "inside"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
+def test_autocast_changes_nothing(path, dtype, backward, device, monkeypatch):
+    """Under torch.autocast (bf16): an fp32 loss from logits in the inputs' own dtype with fp32
+    accumulation, the same loss and gradients as without autocast, bit for bit (test_contrastive.py's
+    test of the same name, for InfoNCE)."""
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        device = torch.device("cpu")
+    elif dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("bf16 on the CPU takes the reference path")
+    fresh_seed()
+    leaves = random_leaves(33, 24, dtype, device, with_bias=False)
+    fn = _loss(True, 0.1)
+    plain = value_and_grads(fn, leaves)
+    got = autocast_values_and_grads(fn, leaves, device, backward)
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    for name, g, p in zip(("loss", "d query", "d keys", "d logit_scale"), got, plain):
+        assert g.dtype == p.dtype and torch.equal(g, p), f"{name}: differs under autocast"
+    check_info_nce(got, leaves, dtype, f"InfoNCE {dtype} under autocast", True, 0.1)
 
 
 def test_bf16_on_the_cpu_takes_the_reference_path(monkeypatch):

@@ -40,11 +40,17 @@ import mmkernels  # noqa: E402
 from mmkernels.integrations import hf_losses  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
 from mmkernels import clip_loss, info_nce_loss, siglip_loss  # noqa: E402
+from contrastive_oracle import magnitudes  # noqa: E402
+from mmkernels.ops import reference as reference_ops  # noqa: E402
 from toolkit import (  # noqa: E402
     PICKLERS,
     OpTrace,
+    assert_models_within_rule,
+    assert_within_rule,
+    bias_sizes,
     compare_patched,
     fresh_seed,
+    model_outputs_and_grads,
     needs_triton,
     pickled_copy,
     use_path,
@@ -251,6 +257,58 @@ def test_family_negative_control(name, monkeypatch):
     with pytest.raises(AssertionError, match="eager error"):
         compare_patched(make(name), make_run(name, seed, left), lambda m: mmkernels.patch(m, **patch_kwargs(name)),
                         "reference", use_path(monkeypatch, "reference"), got_run=got_run, sizes=floor_sizes)
+
+
+def _under_autocast(run):
+    def autocast_run(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return run(model)
+    return autocast_run
+
+
+@pytest.mark.parametrize("name", ["siglip2", "siglip"])
+def test_loss_under_cpu_bf16_autocast(name, path):
+    """Under torch.autocast("cpu", torch.bfloat16) (the towers run in bf16, the embeddings come out
+    bf16, both paths then take the reference path for them) the patched loss computes as the op's
+    contract says: fp32 logits from those embeddings, an fp32 loss, as accurate as fp32 allows.
+
+    (1) The loss alone patched: both models give the same embeddings, and the float64 loss of those
+    embeddings is the oracle; the patched loss and the gradients of logit_scale and logit_bias meet
+    the rule against the unpatched model's (whose logits are bf16) with fp32's floor. The patched
+    loss once came back quantised to bf16: 2.5-11x further from the float64 value than the
+    unpatched model's. (2) The whole patch (attention too): every output and parameter gradient
+    meets the rule against the unpatched model under autocast, the float64 model (without autocast)
+    the oracle, with bf16's floor: the towers' bf16 rounding dominates both."""
+    fresh_seed()
+    plain_run = make_run(name, fresh_seed())
+    run = _under_autocast(plain_run)
+    eager = make(name)()
+    patched = copy.deepcopy(eager)
+    handle = mmkernels.patch(patched, attention=False)
+    assert [r.kind for r in handle.records] == ["loss"]
+    (eager_values, eager_grads), (values, grads) = (model_outputs_and_grads(m, run) for m in (eager, patched))
+    assert values["loss"].dtype == eager_values["loss"].dtype == torch.float32
+    image, text = values["image_embeds"], values["text_embeds"]
+    assert image.dtype == torch.bfloat16
+    assert torch.equal(image, eager_values["image_embeds"]) and torch.equal(text, eager_values["text_embeds"])
+    log_scale, bias = (p.detach().double().reshape(()).requires_grad_() for p in (eager.logit_scale, eager.logit_bias))
+    oracle = reference_ops.siglip_loss(image.double(), text.double(), log_scale.exp(), bias)
+    oracle_grads = torch.autograd.grad(oracle, (log_scale, bias))
+    scale = log_scale.exp().item()
+    sizes = magnitudes("siglip", [image.double(), text.double(), log_scale.detach().exp(), bias.detach()], False)
+    assert_within_rule("loss", values["loss"], eager_values["loss"], oracle, torch.float32, size=sizes["loss"])
+    for param, oracle_grad, size in (("logit_scale", oracle_grads[0], scale * sizes["d logit_scale"]),
+                                     ("logit_bias", oracle_grads[1], sizes["d logit_bias"])):
+        assert_within_rule(f"d {param}", grads[param].reshape(()), eager_grads[param].reshape(()), oracle_grad,
+                           torch.float32, size=size)
+
+    patched = copy.deepcopy(eager)
+    handle = mmkernels.patch(patched)
+    assert "loss" in [r.kind for r in handle.records] and not handle.fallbacks
+    oracle_model = copy.deepcopy(eager).double()
+    assert_models_within_rule(model_outputs_and_grads(patched, run), (eager_values, eager_grads),
+                              model_outputs_and_grads(oracle_model, plain_run), torch.bfloat16, name,
+                              sizes={**bias_sizes(eager), **floor_sizes(eager)})
 
 
 # --------------------------------------------------------------------------- the loss outputs

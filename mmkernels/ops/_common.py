@@ -5,6 +5,7 @@ no-op decorator so the op files still import, and every op takes its reference p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable
 
@@ -40,6 +41,8 @@ __all__ = [
     "tl",
     "interpreting",
     "triton_enabled",
+    "autocast_off",
+    "without_autocast",
     "check_float_tensor",
     "check_same_device",
     "check_choice",
@@ -73,6 +76,61 @@ def triton_enabled(*tensors: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     return t.device.type == "cpu" and interpreting() and t.dtype != torch.bfloat16
+
+
+def autocast_off(t: torch.Tensor):
+    """A context with autocast off for `t`'s device type (nothing to do where it is off already).
+
+    The ops compute as their contracts say whatever autocast state the caller is in: in the inputs'
+    own dtype with fp32 accumulation (float64 for float64), their results in their documented dtypes.
+    Under autocast the reference path's products would otherwise run in the autocast dtype (an
+    fp32 loss from bf16 logits) and its autograd graph would record them so for the backward."""
+    device_type = t.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+class _AutocastOff(torch.autograd.Function):
+    """fn's autograd graph, built and differentiated with autocast off (see without_autocast)."""
+
+    @staticmethod
+    def forward(ctx, fn, args, positions, device_type, *leaves):
+        call = list(args)
+        inner = [leaf.detach().requires_grad_() for leaf in leaves]
+        for i, leaf in zip(positions, inner):
+            call[i] = leaf
+        with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            out = fn(*call)
+        ctx.graph, ctx.device_type = (out, inner), device_type
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        out, inner = ctx.graph
+        with torch.autocast(ctx.device_type, enabled=False):
+            grads = torch.autograd.grad(out, inner, grad, allow_unused=True)
+        del ctx.graph
+        return (None, None, None, None, *grads)
+
+
+def without_autocast(fn, *args):
+    """fn(*args) (a function of tensors returning one tensor, differentiable by autograd) with
+    autocast off for the first tensor's device type, in the forward and in its backward alike:
+    a backward run inside an autocast region would otherwise recompute the products of the
+    graph's backward in the autocast dtype. Outside autocast, plainly fn(*args)."""
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    off = autocast_off(first)
+    if isinstance(off, contextlib.nullcontext):
+        return fn(*args)
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not positions or not torch.is_grad_enabled():
+        with off:
+            return fn(*args)
+    return _AutocastOff.apply(fn, args, positions, first.device.type, *(args[i] for i in positions))
 
 
 def check_float_tensor(name: str, t, ndim: int | None = None, shape_doc: str = "") -> None:

@@ -7,7 +7,8 @@ Name chain: `_cross_attention_fwd_kernel` / `_cross_attention_bwd_dq_kernel` /
 `cross_attention()` (public function) → `mmkernels.nn.CrossModalAttention` (module).
 
 CUDA tensors run the kernels (the CPU too, under TRITON_INTERPRET=1); other CPU tensors run
-`reference.cross_attention`. Both compute the function that `cross_attention` documents.
+`reference.cross_attention`. Both compute the function that `cross_attention` documents, under
+torch.autocast too (autocast off for its work, forward and backward).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from mmkernels.ops import reference
 from mmkernels.ops._common import (
+    autocast_off,
     check_float_tensor,
     check_same_device,
     interpreting,
@@ -28,6 +30,7 @@ from mmkernels.ops._common import (
     new_output,
     triton,
     triton_enabled,
+    without_autocast,
 )
 from mmkernels.ops.attention_kernels import (
     LOG2E,
@@ -512,7 +515,8 @@ def cross_attention(
     - An existing row i *attends* key j when j exists and no mask removes it: key_padding_mask[b, j]
       is False, a bool attn_mask is True, an additive attn_mask is not -inf, and j ≤ i if is_causal.
       A finite additive mask removes nothing, however negative: a row whose keys all carry
-      finfo(dtype).min attends them all (uniformly, as eager attention and nn.MultiheadAttention do).
+      finfo(dtype).min attends them all (uniformly, as eager attention and nn.MultiheadAttention do),
+      and so does a float64 mask whose values lie below fp32's range (-1e300) for fp32 inputs.
     - *A row with no key* is an existing row that attends no key. Masks and lengths alone decide
       it, never the values. It returns zeros and passes zero gradient to its query, never NaN.
     - Any other row returns softmax over its attended keys of (scale · q_i·k_j + attn_mask_ij),
@@ -541,13 +545,14 @@ def cross_attention(
         kv_lens = kv_lens.to(q.device, non_blocking=True) if kv_lens is not None else None
         q_lens = q_lens.to(q.device, non_blocking=True) if q_lens is not None else None
         seed = draw_dropout_seed(generator, q.device) if dropout_p > 0 else None
-        out, _ = torch.ops.mmkernels.cross_attention_fwd(
-            q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale
-        )
+        with autocast_off(q):
+            out, _ = torch.ops.mmkernels.cross_attention_fwd(
+                q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale
+            )
     else:
-        out = reference.cross_attention(
+        out = without_autocast(
+            functools.partial(reference.cross_attention, generator=generator),
             q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, is_causal, dropout_p, scale,
-            generator=generator,
         ).to(q.dtype)
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
     return out if layout == "bhld" else out.transpose(1, 2)

@@ -16,7 +16,8 @@ Work, counted in matrix FLOPs (the three products of the loss need 6·N²·D for
 Memory: O((N + M)·D) and a workspace of at most `workspace_bytes` (the kernels: contrastive_kernels.py).
 
 CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) take the kernels; other CPU tensors, bf16 on
-the CPU and float64 take reference.py.
+the CPU and float64 take reference.py. Under torch.autocast every function here computes as without
+it (autocast off for its work, forward and backward): the contract's fp32 accumulation and dtypes.
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ import torch
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops import reference
 from mmkernels.ops._common import (
+    autocast_off,
     check_embedding_pair,
     check_float_tensor,
     check_same_device,
     last_dim_contiguous,
     scalar_tensor,
     triton_enabled,
+    without_autocast,
 )
 
 __all__ = [
@@ -379,11 +382,12 @@ def clip_block_stats(image_emb, text_emb, logit_scale, *, offset: int, normalize
     normalize = _check_flag("normalize", normalize)
     scale = scalar_tensor("logit_scale", logit_scale, image_emb).detach()
     workspace_bytes = resolve_workspace_bytes(workspace_bytes)
-    a, b = image_emb.detach(), text_emb.detach()
-    if not triton_enabled(a):
-        return ClipBlockStats(*reference.clip_block_stats(a, b, scale, offset, normalize))
-    kernels.stats_workspace(a.shape[0], b.shape[0], a.shape[1], a.dtype, a.device, workspace_bytes)
-    return ClipBlockStats(*torch.ops.mmkernels.clip_block_stats(a, b, scale, offset, normalize, workspace_bytes))
+    with autocast_off(image_emb):
+        a, b = image_emb.detach(), text_emb.detach()
+        if not triton_enabled(a):
+            return ClipBlockStats(*reference.clip_block_stats(a, b, scale, offset, normalize))
+        kernels.stats_workspace(a.shape[0], b.shape[0], a.shape[1], a.dtype, a.device, workspace_bytes)
+        return ClipBlockStats(*torch.ops.mmkernels.clip_block_stats(a, b, scale, offset, normalize, workspace_bytes))
 
 
 def merge_column_stats(col_max: torch.Tensor, col_sumexp: torch.Tensor) -> torch.Tensor:
@@ -441,18 +445,19 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, *, offs
     scale = scalar_tensor("logit_scale", logit_scale, image_emb).detach()
     grad = scalar_tensor("grad_output", 1.0 if grad_output is None else grad_output, image_emb).detach()
     workspace_bytes = resolve_workspace_bytes(workspace_bytes)
-    a, b = image_emb.detach(), text_emb.detach()
-    if not triton_enabled(a):
-        return ClipBlockGrads(*reference.clip_block_grads(
-            a, b, scale, row_lse, col_lse, offset, n_total, eps, normalize, image_grad, text_grad, grad))
-    m, d = a.shape
-    kernels.panel_workspace(m, b.shape[0], d, a.dtype, a.device, image_grad, text_grad, torch.float32,
-                            workspace_bytes)
-    d_image, d_text, d_scale = torch.ops.mmkernels.clip_block_grads(
-        a, b, scale, row_lse.double().contiguous(), col_lse.double().contiguous(), grad, offset, n_total, eps,
-        normalize, image_grad, text_grad, torch.float32, workspace_bytes,
-    )
-    return ClipBlockGrads(d_image if image_grad else None, d_text if text_grad else None, d_scale)
+    with autocast_off(image_emb):
+        a, b = image_emb.detach(), text_emb.detach()
+        if not triton_enabled(a):
+            return ClipBlockGrads(*reference.clip_block_grads(
+                a, b, scale, row_lse, col_lse, offset, n_total, eps, normalize, image_grad, text_grad, grad))
+        m, d = a.shape
+        kernels.panel_workspace(m, b.shape[0], d, a.dtype, a.device, image_grad, text_grad, torch.float32,
+                                workspace_bytes)
+        d_image, d_text, d_scale = torch.ops.mmkernels.clip_block_grads(
+            a, b, scale, row_lse.double().contiguous(), col_lse.double().contiguous(), grad, offset, n_total, eps,
+            normalize, image_grad, text_grad, torch.float32, workspace_bytes,
+        )
+        return ClipBlockGrads(d_image if image_grad else None, d_text if text_grad else None, d_scale)
 
 
 def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int | None, n_total: int,
@@ -489,19 +494,20 @@ def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int | 
     scale = scalar_tensor("logit_scale", logit_scale, image_emb).detach()
     bias = scalar_tensor("logit_bias", logit_bias, image_emb).detach()
     workspace_bytes = resolve_workspace_bytes(workspace_bytes)
-    a, b = image_emb.detach(), text_emb.detach()
-    if not triton_enabled(a):
-        return SiglipBlock(*reference.siglip_block(
-            a, b, scale, bias, offset, n_total, normalize, image_grad, text_grad, scalar_grads))
-    m, d = a.shape
-    kernels.panel_workspace(m, b.shape[0], d, a.dtype, a.device, image_grad, text_grad, torch.float32,
-                            workspace_bytes)
-    loss, d_image, d_text, d_scale, d_bias = torch.ops.mmkernels.siglip_block(
-        a, b, scale, bias, b.shape[0] if offset is None else offset, n_total, normalize, image_grad, text_grad,
-        scalar_grads, torch.float32, workspace_bytes,
-    )
-    return SiglipBlock(loss, d_image if image_grad else None, d_text if text_grad else None,
-                       d_scale if scalar_grads else None, d_bias if scalar_grads else None)
+    with autocast_off(image_emb):
+        a, b = image_emb.detach(), text_emb.detach()
+        if not triton_enabled(a):
+            return SiglipBlock(*reference.siglip_block(
+                a, b, scale, bias, offset, n_total, normalize, image_grad, text_grad, scalar_grads))
+        m, d = a.shape
+        kernels.panel_workspace(m, b.shape[0], d, a.dtype, a.device, image_grad, text_grad, torch.float32,
+                                workspace_bytes)
+        loss, d_image, d_text, d_scale, d_bias = torch.ops.mmkernels.siglip_block(
+            a, b, scale, bias, b.shape[0] if offset is None else offset, n_total, normalize, image_grad, text_grad,
+            scalar_grads, torch.float32, workspace_bytes,
+        )
+        return SiglipBlock(loss, d_image if image_grad else None, d_text if text_grad else None,
+                           d_scale if scalar_grads else None, d_bias if scalar_grads else None)
 
 
 # --------------------------------------------------------------------------- public losses
@@ -526,7 +532,8 @@ def clip_loss(image_emb, text_emb, logit_scale, *, normalize: bool = False, labe
         label_smoothing: as in `F.cross_entropy`, a float in [0, 1].
         workspace_bytes: the most bytes the kernels allocate beyond O(N·D) buffers (default
             $MMKERNELS_WORKSPACE_BYTES, else 256 MiB); S is processed in row panels that fit it.
-            Too small for one block of rows raises a ValueError naming the minimum.
+            Too small for one block of rows raises a ValueError naming the minimum for every pass
+            the call runs (forward and backward).
 
     Returns:
         () float32 tensor: (CE(rows of S) + CE(columns of S)) / 2 with S = logit_scale · image_emb @ text_emb.T.
@@ -539,15 +546,15 @@ def clip_loss(image_emb, text_emb, logit_scale, *, normalize: bool = False, labe
     scale = scalar_tensor("logit_scale", logit_scale, image_emb)
     workspace_bytes = resolve_workspace_bytes(workspace_bytes)
     if not triton_enabled(image_emb):
-        return reference.clip_loss(image_emb, text_emb, scale, normalize, label_smoothing)
-    n, d = image_emb.shape
-    kernels.stats_workspace(n, n, d, image_emb.dtype, image_emb.device, workspace_bytes)
-    image_grad, text_grad, scale_grad = _grad_flags(image_emb, text_emb, scale)
-    if image_grad or text_grad or scale_grad:
-        kernels.panel_workspace(n, n, d, image_emb.dtype, image_emb.device, image_grad, text_grad, image_emb.dtype,
-                                workspace_bytes)
-    return torch.ops.mmkernels.clip_loss_fwd(image_emb, text_emb, scale, normalize, label_smoothing,
-                                             workspace_bytes)[0]
+        return without_autocast(reference.clip_loss, image_emb, text_emb, scale, normalize, label_smoothing)
+    with autocast_off(image_emb):
+        n, d = image_emb.shape
+        image_grad, text_grad, scale_grad = _grad_flags(image_emb, text_emb, scale)
+        grads = image_grad or text_grad or scale_grad
+        kernels.check_call_workspace(n, n, d, image_emb.dtype, image_emb.device, workspace_bytes, stats=True,
+                                     panel=(image_grad, text_grad, image_emb.dtype) if grads else None)
+        return torch.ops.mmkernels.clip_loss_fwd(image_emb, text_emb, scale, normalize, label_smoothing,
+                                                 workspace_bytes)[0]
 
 
 def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, normalize: bool = False,
@@ -575,12 +582,13 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, normalize: bool
     bias = scalar_tensor("logit_bias", logit_bias, image_emb)
     workspace_bytes = resolve_workspace_bytes(workspace_bytes)
     if not triton_enabled(image_emb):
-        return reference.siglip_loss(image_emb, text_emb, scale, bias, normalize)
-    n, d = image_emb.shape
-    image_grad, text_grad, scale_grad, bias_grad = _grad_flags(image_emb, text_emb, scale, bias)
-    kernels.panel_workspace(n, n, d, image_emb.dtype, image_emb.device, image_grad, text_grad, image_emb.dtype,
-                            workspace_bytes)
-    return torch.ops.mmkernels.siglip_block(
-        image_emb, text_emb, scale, bias, 0, n, normalize, image_grad, text_grad, scale_grad or bias_grad,
-        image_emb.dtype, workspace_bytes,
-    )[0]
+        return without_autocast(reference.siglip_loss, image_emb, text_emb, scale, bias, normalize)
+    with autocast_off(image_emb):
+        n, d = image_emb.shape
+        image_grad, text_grad, scale_grad, bias_grad = _grad_flags(image_emb, text_emb, scale, bias)
+        kernels.check_call_workspace(n, n, d, image_emb.dtype, image_emb.device, workspace_bytes,
+                                     panel=(image_grad, text_grad, image_emb.dtype))
+        return torch.ops.mmkernels.siglip_block(
+            image_emb, text_emb, scale, bias, 0, n, normalize, image_grad, text_grad, scale_grad or bias_grad,
+            image_emb.dtype, workspace_bytes,
+        )[0]

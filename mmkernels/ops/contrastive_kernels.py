@@ -453,6 +453,32 @@ def panel_workspace(m, n, d, dtype, device, image_grad, text_grad, grad_dtype, w
     return _panel_plan(m, n, d, dtype, device, image_grad, text_grad, grad_dtype, workspace_bytes)[2]
 
 
+def check_call_workspace(m: int, n: int, d: int, dtype, device, workspace_bytes: int, *, stats: bool = False,
+                         columns: bool = True, panel: tuple | None = None) -> None:
+    """Raise ValueError unless the workspace holds one block of rows in every pass that a call runs:
+    clip_stats (`stats`, with or without `columns`) and panel_pass (`panel` = (image_grad, text_grad,
+    grad_dtype)). The minimum named is the largest over those passes, so that the size named works
+    for the whole call (a pass checked alone would name its own, too small for the next pass)."""
+    cfg = tile_config(d, dtype, device)
+    rows = min(cfg["BLOCK_M"], m)
+    if rows == 0:
+        return
+    needs = {}
+    if stats:
+        needs["the CLIP statistics" if columns else "the row statistics"] = _stats_layout(rows, n, cfg, columns).nbytes
+    if panel is not None:
+        image_grad, text_grad, grad_dtype = panel
+        write_w = image_grad or text_grad
+        layout = _panel_layout(rows, n, d, cfg, _w_dtype(dtype), write_w, image_grad and grad_dtype != torch.float32)
+        needs["the gradient pass" if write_w else "the loss pass"] = layout.nbytes
+    need = max([0, *needs.values()])
+    if need > workspace_bytes:
+        raise ValueError(
+            f"expected workspace_bytes >= {need} (one block of {rows} rows of S for {' and '.join(needs)}), "
+            f"got {workspace_bytes}"
+        )
+
+
 # --------------------------------------------------------------------------- launchers
 
 

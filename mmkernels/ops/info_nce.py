@@ -13,7 +13,8 @@ products W·keys and W.T·query on cuBLAS (2·N²·D each), one per side that ne
 Memory: O(N·D) and a workspace of at most `workspace_bytes`.
 
 CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) take the kernels; other CPU tensors, bf16 on
-the CPU and float64 take reference.py.
+the CPU and float64 take reference.py. Under torch.autocast it computes as without it (autocast off
+for its work, forward and backward).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops import reference
-from mmkernels.ops._common import check_embedding_pair, scalar_tensor, triton_enabled
+from mmkernels.ops._common import autocast_off, check_embedding_pair, scalar_tensor, triton_enabled, without_autocast
 from mmkernels.ops.contrastive import (
     _check_flag,
     _check_label_smoothing,
@@ -140,11 +141,11 @@ def info_nce_loss(query, keys, logit_scale, *, normalize: bool = False, label_sm
     scale = scalar_tensor("logit_scale", logit_scale, query)
     workspace_bytes = resolve_workspace_bytes(workspace_bytes)
     if not triton_enabled(query):
-        return reference.info_nce_loss(query, keys, scale, normalize, label_smoothing)
-    n, d = query.shape
-    kernels.stats_workspace(n, n, d, query.dtype, query.device, workspace_bytes, columns=False)
-    query_grad, keys_grad, scale_grad = _grad_flags(query, keys, scale)
-    if query_grad or keys_grad or scale_grad:
-        kernels.panel_workspace(n, n, d, query.dtype, query.device, query_grad, keys_grad, query.dtype,
-                                workspace_bytes)
-    return torch.ops.mmkernels.info_nce_fwd(query, keys, scale, normalize, label_smoothing, workspace_bytes)[0]
+        return without_autocast(reference.info_nce_loss, query, keys, scale, normalize, label_smoothing)
+    with autocast_off(query):
+        n, d = query.shape
+        query_grad, keys_grad, scale_grad = _grad_flags(query, keys, scale)
+        grads = query_grad or keys_grad or scale_grad
+        kernels.check_call_workspace(n, n, d, query.dtype, query.device, workspace_bytes, stats=True, columns=False,
+                                     panel=(query_grad, keys_grad, query.dtype) if grads else None)
+        return torch.ops.mmkernels.info_nce_fwd(query, keys, scale, normalize, label_smoothing, workspace_bytes)[0]
