@@ -42,7 +42,7 @@ from mmkernels.ops.attention_kernels import (
     _cross_attention_fwd_kernel,
 )
 
-__all__ = ["cross_attention", "check_bool", "check_real", "check_lengths", "describe_type", "draw_dropout_seed",
+__all__ = ["cross_attention", "attention_candidates", "check_bool", "check_real", "check_lengths", "describe_type", "draw_dropout_seed",
            "LAYOUTS", "MAX_HEAD_DIM"]
 
 LAYOUTS = ("bhld", "blhd")
@@ -69,22 +69,70 @@ def _length_bucket(n: int) -> int:
 # Under the interpreter every block costs Python time: small fixed blocks, no autotuning.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per padded head dim for the CUDA autotuner.
-_FWD_CANDIDATES = {
-    "small": [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 3), (128, 128, 8, 3)],
-    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
-    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the CUDA autotuner, by kernel, target and
+# padded head dim ("small": 16, 32 and 64). Each one compiles with ptxas for its target without a
+# register spill in every variant the kernels take (lengths, masks, causal, dropout) and within the
+# target's shared memory (sm_80: 163 KiB, sm_90: 227 KiB). On sm_90 the products' M side (BLOCK_M
+# in the forward and dq passes, BLOCK_N in the dk/dv pass, whose products are in (key, query)
+# orientation) is a multiple of 64 and num_warps a multiple of 4, so that fp16/bf16 products are
+# warpgroup MMAs (wgmma), except at d = 256 (see _SM90_CANDIDATES).
+_SM80_CANDIDATES = {
+    "fwd": {
+        "small": [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+        128: [(64, 32, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
+        256: [(32, 16, 4, 2), (32, 32, 8, 2)],
+    },
+    "dq": {
+        "small": [(64, 32, 4, 3), (128, 32, 8, 3)],
+        128: [(64, 32, 8, 3), (32, 64, 4, 3), (32, 32, 4, 3)],
+        256: [(32, 16, 4, 2), (32, 16, 8, 2)],
+    },
+    "dkdv": {
+        "small": [(16, 64, 4, 3)],
+        128: [(16, 64, 8, 3)],
+        256: [(16, 16, 4, 2), (16, 32, 8, 2), (32, 32, 8, 2)],
+    },
 }
-# dq pass: many queries per program; dk/dv pass: many keys per program.
-_BWD_DQ_CANDIDATES = {
-    "small": [(128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3)],
-    128: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
-    256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 64, 8, 2)],
+# At d = 256 every warpgroup tile tried on sm_90 (64 or 128 rows, 4 or 8 warps, 1 or 2 stages)
+# spills in the masked and dropout variants: a 64 x 256 fp32 accumulator plus the score tile and
+# its masks exceed 255 registers per thread. That head dim runs 32-row tiles there (mma.sync).
+_SM90_CANDIDATES = {
+    "fwd": {
+        "small": [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+        128: [(64, 32, 8, 3), (128, 32, 8, 3)],
+        256: [(32, 16, 4, 2), (32, 32, 8, 2)],
+    },
+    "dq": {
+        "small": [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+        128: [(64, 32, 4, 3), (128, 32, 8, 3)],
+        256: [(32, 16, 4, 2), (32, 16, 8, 2)],
+    },
+    "dkdv": {
+        "small": [(16, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3)],
+        128: [(16, 64, 8, 3)],
+        256: [(16, 16, 4, 2), (16, 32, 8, 2), (32, 32, 8, 2)],
+    },
 }
-_BWD_DKDV_CANDIDATES = {
-    "small": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
-    128: [(32, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3), (16, 64, 4, 3)],
-    256: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)],
+# fp32 runs DOT_PRECISION="ieee": FMA products, as accurate as eager fp32 (tf32 products would not
+# meet the numerics rule, an error at most 2x eager fp32's against float64). An FMA product holds
+# each thread's rows and columns of both operands over the whole head dim in registers, so only
+# small tiles compile without spills; the same ones on every target.
+_FP32_CANDIDATES = {
+    "fwd": {
+        "small": [(16, 16, 4, 2), (32, 16, 4, 2)],
+        128: [(16, 16, 4, 2), (32, 16, 4, 2)],
+        256: [(16, 16, 4, 2)],
+    },
+    "dq": {
+        "small": [(16, 16, 4, 2), (16, 32, 4, 2)],
+        128: [(16, 32, 4, 2)],
+        256: [(16, 16, 4, 2)],
+    },
+    "dkdv": {
+        "small": [(16, 16, 4, 2), (16, 32, 4, 2)],
+        128: [(16, 16, 4, 2)],
+        256: [(16, 16, 4, 2)],
+    },
 }
 _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HAS_KV_LENS", "HAS_Q_LENS", "HAS_KPM", "MASK_KIND",
              "IS_CAUSAL", "HAS_DROPOUT"]
@@ -92,17 +140,38 @@ _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HAS_KV_LENS", "HAS_Q_LENS", 
 _EXTRA_TUNE_KEY = {"fwd": [], "dq": ["COMPUTE_DQ"], "dkdv": ["COMPUTE_DK", "COMPUTE_DV"]}
 
 
+def _group(block_d: int):
+    return block_d if block_d >= 128 else "small"
+
+
+def _candidate_tables(dtype: torch.dtype, capability: tuple[int, int]) -> dict:
+    if dtype == torch.float32:
+        return _FP32_CANDIDATES
+    return _SM90_CANDIDATES if capability[0] >= 9 else _SM80_CANDIDATES
+
+
+def attention_candidates(kernel: str, block_d: int, dtype: torch.dtype,
+                         capability: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs that the CUDA autotuner tries for one of
+    the kernels ("fwd", "dq" or "dkdv") at a padded head dim (BLOCK_D: 16, 32, 64, 128 or 256), an
+    input dtype and a device's compute capability, e.g. (9, 0). Capabilities below 9 take the
+    sm_80 list, 9 and above the sm_90 one (devices with less shared memory than the A100 skip the
+    configs that do not fit, as the autotuner skips any that fail to launch)."""
+    return list(_candidate_tables(dtype, capability)[kernel][_group(block_d)])
+
+
 def _shape_of(config) -> tuple:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-def _candidates_for(table):
-    """All the table's configs, and a pruner keeping those of the head dim's group whose blocks
-    do not exceed the (power-of-two) lengths, or else the smallest of the group."""
+def _candidates_for(kernel: str, capability: tuple[int, int]):
+    """Every config that `attention_candidates` lists for the kernel on this capability, and a
+    pruner keeping those of the call's head dim and dtype whose blocks do not exceed the
+    (power-of-two) lengths, or else the smallest of them."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        group = set(table[args["BLOCK_D"] if args["BLOCK_D"] >= 128 else "small"])
+        group = set(attention_candidates(kernel, args["BLOCK_D"], args["Q"].dtype, capability))
         candidates = [c for c in configs if _shape_of(c) in group]
         fitting = [
             c for c in candidates
@@ -110,20 +179,26 @@ def _candidates_for(table):
         ]
         return fitting or [min(candidates, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
-    shapes = sorted({shape for group in table.values() for shape in group})
+    shapes = sorted({
+        shape
+        for dtype in (torch.float16, torch.float32)
+        for group in _candidate_tables(dtype, capability)[kernel].values()
+        for shape in group
+    })
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
     return configs, prune
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str):
-    """The CUDA autotuner around one of the three attention kernels (built on first use)."""
-    kernel, table = {
-        "fwd": (_cross_attention_fwd_kernel, _FWD_CANDIDATES),
-        "dq": (_cross_attention_bwd_dq_kernel, _BWD_DQ_CANDIDATES),
-        "dkdv": (_cross_attention_bwd_dkdv_kernel, _BWD_DKDV_CANDIDATES),
+def _tuned(kernel_name: str, capability: tuple[int, int]):
+    """The CUDA autotuner around one of the three attention kernels for a compute capability
+    (built on first use)."""
+    kernel = {
+        "fwd": _cross_attention_fwd_kernel,
+        "dq": _cross_attention_bwd_dq_kernel,
+        "dkdv": _cross_attention_bwd_dkdv_kernel,
     }[kernel_name]
-    configs, prune = _candidates_for(table)
+    configs, prune = _candidates_for(kernel_name, capability)
     key = _TUNE_KEY + _EXTRA_TUNE_KEY[kernel_name]
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
@@ -135,12 +210,14 @@ def _grid(length: int, block: str, batch: int, heads: int):
 
 
 def _launch(kernel_name: str, kernel, grid_of, args: list, meta: dict) -> None:
-    """Launch with the interpreter's fixed blocks or through the CUDA autotuner."""
+    """Launch with the interpreter's fixed blocks or through the CUDA autotuner of the device that
+    holds the first argument (q)."""
     if interpreting():
         blocks = dict(_INTERPRETER_BLOCKS)
         kernel[grid_of(blocks)](*args, **meta, **blocks)
     else:
-        _tuned(kernel_name)[grid_of](*args, **meta)
+        capability = torch.cuda.get_device_capability(args[0].device)
+        _tuned(kernel_name, capability)[grid_of](*args, **meta)
 
 
 # --------------------------------------------------------------------------- launchers
