@@ -78,37 +78,38 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 # warpgroup MMAs (wgmma), except at d = 256 (see _SM90_CANDIDATES).
 _SM80_CANDIDATES = {
     "fwd": {
-        "small": [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-        128: [(64, 32, 8, 3), (64, 64, 8, 3)],
+        "small": [(64, 32, 4, 3)],
+        128: [(64, 32, 8, 3)],
         256: [(32, 16, 4, 2)],
     },
     "dq": {
-        "small": [(32, 32, 4, 3), (32, 64, 4, 3)],
-        128: [(64, 32, 8, 3), (32, 64, 4, 3), (32, 32, 4, 3)],
+        "small": [(32, 32, 4, 3)],
+        128: [(64, 32, 8, 3)],
         256: [(32, 16, 4, 2), (32, 16, 8, 2)],
     },
     "dkdv": {
         "small": [(16, 64, 4, 3)],
         128: [(16, 64, 8, 3)],
-        256: [(16, 16, 4, 2), (16, 32, 8, 2), (32, 32, 8, 2)],
+        256: [(16, 32, 8, 2), (32, 32, 8, 2)],
     },
 }
 # At d = 256 every warpgroup tile tried on sm_90 (64 or 128 rows, 4 or 8 warps, 1 or 2 stages)
-# spills in the masked and dropout variants: a 64 x 256 fp32 accumulator plus the score tile and
-# its masks exceed 255 registers per thread. That head dim runs 32-row tiles there (mma.sync).
+# spills: the 64 x 256 fp32 accumulator of p·v, kept live by the asynchronous wgmma while the next
+# block's scores, masks and dropout bits are computed, leaves too few of the 255 registers. That
+# head dim runs 32-row tiles there (mma.sync).
 _SM90_CANDIDATES = {
     "fwd": {
-        "small": [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
-        128: [(64, 32, 8, 3), (128, 32, 8, 3)],
+        "small": [(64, 32, 4, 3), (128, 32, 8, 3)],
+        128: [(64, 32, 8, 3)],
         256: [(32, 16, 4, 2)],
     },
     "dq": {
-        "small": [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
-        128: [(64, 32, 4, 3), (128, 32, 8, 3)],
+        "small": [(64, 32, 4, 3), (128, 32, 8, 3)],
+        128: [(128, 16, 8, 3), (64, 16, 4, 3)],
         256: [(32, 16, 8, 2)],
     },
     "dkdv": {
-        "small": [(16, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3)],
+        "small": [(16, 64, 4, 3), (32, 128, 8, 3)],
         128: [(16, 64, 8, 3)],
         256: [(16, 16, 4, 2), (16, 32, 8, 2), (32, 32, 8, 2)],
     },
