@@ -104,8 +104,8 @@ def _scores(qk, offs_q, offs_k, kv_len, Lq, Lk, qk_scale, kpm_row, stride_kpm_n,
         if bias.dtype.is_fp64():
             # A finite float64 entry past fp32's range would round to ±inf (-inf removes the key):
             # clamp it into that range first, so that it stays finite; ±inf and NaN stay as they are.
-            nan = tl.PropagateNan.ALL
-            clamped = tl.minimum(tl.maximum(bias, -1e38, propagate_nan=nan), 1e38, propagate_nan=nan)
+            clamped = tl.minimum(tl.maximum(bias, -1e38, propagate_nan=tl.PropagateNan.ALL), 1e38,
+                                 propagate_nan=tl.PropagateNan.ALL)
             bias = tl.where((bias == float("-inf")) | (bias == float("inf")), bias, clamped)
         bias = bias.to(tl.float32)
         # Clamp before converting to log2 units so that finite masks such as finfo.min stay finite
