@@ -71,11 +71,16 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the CUDA autotuner, by kernel, target and
 # padded head dim ("small": 16, 32 and 64). Each one compiles with ptxas for its target without a
-# register spill in every variant the kernels take (lengths, masks, causal, dropout) and within the
-# target's shared memory (sm_80: 163 KiB, sm_90: 227 KiB). On sm_90 the products' M side (BLOCK_M
-# in the forward and dq passes, BLOCK_N in the dk/dv pass, whose products are in (key, query)
-# orientation) is a multiple of 64 and num_warps a multiple of 4, so that fp16/bf16 products are
-# warpgroup MMAs (wgmma), except at d = 256 (see _SM90_CANDIDATES).
+# register spill at head dims 16, 32, 64, 96, 128, 200 and 256 in the variants checked (no flag;
+# lengths, key padding, an additive mask, causal and dropout; the same with a bool mask; fp16 also
+# without dropout), and fits the target's shared memory (sm_80: 163 KiB, sm_90: 227 KiB). ptxas
+# trades a few bytes of spill for a register count at an occupancy step where it sees fit, so a
+# variant not checked can still spill a little: the fp32 forward at d = 256 with a float64 mask
+# does (8 bytes on sm_80; every other fp32 tile tried there spills in some variant).
+# On sm_90 the products' M side (BLOCK_M in the forward and dq passes, BLOCK_N in the dk/dv pass,
+# whose products are in (key, query) orientation) is a multiple of 64 and num_warps a multiple of
+# 4, so that fp16/bf16 products are warpgroup MMAs (wgmma), except at d = 256 (see
+# _SM90_CANDIDATES).
 _SM80_CANDIDATES = {
     "fwd": {
         "small": [(64, 32, 4, 3)],
