@@ -75,8 +75,8 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 # lengths, key padding, an additive mask, causal and dropout; the same with a bool mask; fp16 also
 # without dropout), and fits the target's shared memory (sm_80: 163 KiB, sm_90: 227 KiB). ptxas
 # trades a few bytes of spill for a register count at an occupancy step where it sees fit, so a
-# variant not checked can still spill a little: the fp32 forward at d = 256 with a float64 mask
-# does (8 bytes on sm_80; every other fp32 tile tried there spills in some variant).
+# variant not checked can still spill a little (the project's compile check compiles every variant
+# the launcher can pick; float64 masks reach the kernels as fp32).
 # On sm_90 the products' M side (BLOCK_M in the forward and dq passes, BLOCK_N in the dk/dv pass,
 # whose products are in (key, query) orientation) is a multiple of 64 and num_warps a multiple of
 # 4, so that fp16/bf16 products are warpgroup MMAs (wgmma), except at d = 256 (see
@@ -259,6 +259,11 @@ def _mask_args(q: Tensor, k: Tensor, key_padding_mask, attn_mask):
     if attn_mask is None:
         mask, mask_strides, mask_kind = q, (0, 0, 0, 0), MASK_NONE
     else:
+        if attn_mask.dtype == torch.float64:
+            # The kernels add the mask in fp32: round it once here, finite entries past fp32's range
+            # clamped to ±1e38 so that they stay finite (a finite mask masks nothing); ±inf and NaN
+            # stay as they are. (Kernels specialised for float64 masks would cost registers.)
+            attn_mask = torch.where(attn_mask.isinf(), attn_mask, attn_mask.clamp(-1e38, 1e38)).to(torch.float32)
         mask = attn_mask.expand(batch, heads, len_q, len_k)
         if mask.dtype == torch.bool:
             mask, mask_kind = mask.view(torch.uint8), MASK_BOOL

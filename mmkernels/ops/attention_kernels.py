@@ -101,12 +101,6 @@ def _scores(qk, offs_q, offs_k, kv_len, Lq, Lk, qk_scale, kpm_row, stride_kpm_n,
         # Out of bounds (keys past Lk in the dk/dv pass's last block): -inf, so that exp2 stays 0 there.
         bias = tl.load(mask_base + offs_q * stride_mask_m + offs_k * stride_mask_n, mask=in_bounds,
                        other=float("-inf"))
-        if bias.dtype.is_fp64():
-            # A finite float64 entry past fp32's range would round to ±inf (-inf removes the key):
-            # clamp it into that range first, so that it stays finite; ±inf and NaN stay as they are.
-            clamped = tl.minimum(tl.maximum(bias, -1e38, propagate_nan=tl.PropagateNan.ALL), 1e38,
-                                 propagate_nan=tl.PropagateNan.ALL)
-            bias = tl.where((bias == float("-inf")) | (bias == float("inf")), bias, clamped)
         bias = bias.to(tl.float32)
         # Clamp before converting to log2 units so that finite masks such as finfo.min stay finite
         # (as in the eager formula); -inf stays -inf, and a NaN bias stays NaN (a NaN score).
