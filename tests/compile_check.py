@@ -266,6 +266,27 @@ class Job:
 
 
 _BINDERS = {}  # (kernel, cc) -> (backend, Triton's argument binder for that target)
+_TWINS = {}  # kernel module name -> the module loaded again with the interpreter off
+
+
+def _compilable(kernel):
+    """The JITFunction of a kernel. Under TRITON_INTERPRET=1 (the test run) `triton.jit` made an
+    InterpretedFunction: its module is loaded once more with the interpreter off, so that the twin
+    carries the same source, callees and jit options (do_not_specialize) as on a GPU."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    name = kernel.fn.__module__
+    if name not in _TWINS:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(f"{name}__compiled", sys.modules[name].__file__)
+        module = importlib.util.module_from_spec(spec)
+        with _environment({"TRITON_INTERPRET": "0"}):
+            spec.loader.exec_module(module)
+        _TWINS[name] = module
+    return getattr(_TWINS[name], kernel.fn.__name__)
 
 
 def specialise(launch: Launch, cc: int) -> Job:
@@ -275,7 +296,7 @@ def specialise(launch: Launch, cc: int) -> Job:
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    fn = launch.kernel
+    fn = _compilable(launch.kernel)
     if (fn, cc) not in _BINDERS:
         backend = make_backend(GPUTarget("cuda", cc, 32))
         _BINDERS[fn, cc] = backend, create_function_from_signature(fn.signature, fn.params, backend)
@@ -288,7 +309,7 @@ def specialise(launch: Launch, cc: int) -> Job:
     attrs = tuple(sorted((k, json.dumps(v)) for k, v in attrs.items()))
     options = tuple(sorted(opts.items()))
     text = json.dumps([fn.cache_key, triton.__version__, cc, signature, constexprs, attrs, options], default=str)
-    return Job(fn.fn.__module__, fn.fn.__name__, cc, signature, constexprs, attrs, options,
+    return Job(launch.kernel.fn.__module__, fn.fn.__name__, cc, signature, constexprs, attrs, options,
                hashlib.sha256(text.encode()).hexdigest()[:24])
 
 
@@ -361,7 +382,7 @@ def compile_all(jobs: list, processes: int = 2) -> dict:
         # slowest first (the wide fp32 tiles) so the pool does not end on one long compile
         todo.sort(key=lambda j: -_weight(j))
         with tempfile.TemporaryDirectory() as triton_cache:
-            env = dict(os.environ, TRITON_CACHE_DIR=triton_cache, TRITON_DEFAULT_FP_FUSION="1")
+            env = dict(os.environ, TRITON_CACHE_DIR=triton_cache, TRITON_DEFAULT_FP_FUSION="1", TRITON_INTERPRET="0")
             context = multiprocessing.get_context("spawn")
             with _environment(env), context.Pool(processes) as pool:
                 for result in pool.imap_unordered(compile_job, todo):
