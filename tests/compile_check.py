@@ -101,8 +101,8 @@ _ABSENT = object()
 @contextlib.contextmanager
 def _cuda_choices(launches: list, label: list):
     """Within: the launchers take their CUDA branches on CPU tensors and record their launches."""
-    from mmkernels.ops import attention, attention_kernels, contrastive_kernels, region, region_kernels, \
-        region_loss, region_loss_kernels
+    from mmkernels.ops import attention, contrastive_kernels, region, region_kernels, region_loss, \
+        region_loss_kernels
 
     cuda = torch.device("cuda")
     saved = []
@@ -128,7 +128,6 @@ def _cuda_choices(launches: list, label: list):
             for name, value in vars(kernel_module).items():
                 if name.endswith("_kernel") and hasattr(value, "arg_names") and hasattr(module, name):
                     patch(module, name, _Recorder(value, launches, label))
-        del attention_kernels
         yield
     finally:
         for owner, name, value in reversed(saved):
