@@ -36,7 +36,7 @@ def gpu_tiles(monkeypatch, device):
 @pytest.mark.parametrize("d", [512, 768, 1152])
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_matrix_work_at_the_floor(loss_name, d, gpu_tiles, device):
-    n = 256  # a multiple of the GPU's 128-row tiles: no padding in the count
+    n = 256  # a multiple of the GPU's 64-row tiles: no padding in the count
     fresh_seed()
     leaves = random_leaves(n, d, torch.float32, device, with_bias=True)
     inputs = [t.clone().requires_grad_() for t in leaves]

@@ -168,7 +168,7 @@ def test_frozen_side_saves_its_product(frozen, device):
 @pytest.mark.parametrize("d", [512, 1152])
 def test_matrix_work_at_the_floor(d, gpu_tiles, device):  # noqa: F811
     """With the GPU's tiles: 8·N²·D, each logit computed once per pass (≤ 1.34 × 6·N²·D, as CLIP)."""
-    n = 256  # a multiple of the GPU's 128-row tiles: no padding in the count
+    n = 256  # a multiple of the GPU's 64-row tiles: no padding in the count
     fresh_seed()
     leaves = random_leaves(n, d, torch.float32, device, with_bias=False)
     inputs = [t.clone().requires_grad_() for t in leaves]

@@ -285,14 +285,28 @@ def _finish_grad_kernel(
 
 
 def gpu_tile_config(d: int, dtype: torch.dtype) -> dict:
-    """The GPU's tiles: 128×128 logits per program over BLOCK_K-wide steps of D (Hopper-class).
+    """The GPU's tiles: 64×64 logits per program (one warpgroup of 4 warps: wgmma on sm_90) over
+    BLOCK_K-wide steps of D; the same tiles in every pass, so a logit comes out the same in each.
+
+    Sized by ptxas (tests/compile_check.py): at 64×64 and 4 warps no kernel spills and each fits
+    two or more blocks per SM on sm_80 and sm_90. 64×128 (4 warps) and 128×128 (8 warps) spill
+    hundreds of bytes per thread in the gradient pass: its softmax terms (the logit, W, each
+    column's float64 log-sum-exp split into two fp32 values) stay live across the tile. fp32
+    inputs (FMA products) take BLOCK_K = 16: at 32 the statistics pass spills on sm_80.
+    A D that is not a multiple of 16 (the rows' stride: no 16-element alignment, so the loads are
+    neither vectorised nor asynchronous copies and every element keeps its own address) takes
+    BLOCK_K = 32 for fp16/bf16 and no software pipelining for fp32: otherwise the statistics pass
+    spills 16-52 bytes per thread on sm_80.
 
     `programs`: at least this many programs per launch of the statistics pass, which splits the
     columns when a panel has few row blocks (1024: several waves on any current GPU).
     """
     width = max(16, 1 << (d - 1).bit_length())
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(32 if dtype == torch.float32 else 64, width),
-                num_warps=8, num_stages=3, programs=1024)
+    aligned = d % 16 == 0
+    block_k = 16 if dtype == torch.float32 else (64 if aligned else 32)
+    stages = 1 if dtype == torch.float32 and not aligned else 3
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(block_k, width), num_warps=4, num_stages=stages,
+                programs=1024)
 
 
 def cpu_tile_config(d: int, dtype: torch.dtype) -> dict:

@@ -140,8 +140,9 @@ def _region_mask_bwd_triton(grad_out, source, grad_in, emb_partial, bert):
     )
     if bert:
         n_rows = n_samples * n_regions
-        # 16 x 256 on the GPU: a 64 x 512 tile spilled 1-4 KB per thread (ptxas, sm_80 and sm_90)
-        block_r = 16 if grad_out.is_cuda else 4
+        # 8 x 256 on the GPU: a 64 x 512 tile spilled 1-4 KB per thread (ptxas, sm_80 and sm_90), and
+        # 16 x 64 bf16 8-12 bytes on sm_80, whose bf16 atomic add is a compare-and-swap loop
+        block_r = 8 if grad_out.is_cuda else 4
         block_d = min(256, cfg["BLOCK_D"])
         grid = (triton.cdiv(n_rows, block_r), triton.cdiv(dim, block_d))
         _region_mask_scatter_kernel[grid](
