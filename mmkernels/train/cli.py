@@ -13,7 +13,7 @@ from mmkernels.train.machine import describe, machine_info
 from mmkernels.train.models import ModelSpec
 from mmkernels.train.report import build_report, write_report
 from mmkernels.train.tasks import VARIANTS
-from mmkernels.train.timing import interleaved_throughput
+from mmkernels.train.timing import BLOCK, interleaved_throughput, timing_rounds
 
 RUN_MARKER = "config.json"
 
@@ -112,6 +112,9 @@ def run(argv: list[str]) -> dict | None:
         ddp.barrier(ctx)
         variants = VARIANTS if cfg.compare else ("mmkernels",)
         results = [run_variant(cfg, ctx, data, spec, variant, cfg.out, clock) for variant in variants]
+        if ctx.is_main:
+            print(f"samples/s: {timing_rounds(cfg.steps)} rounds of {BLOCK} timed steps per variant, the "
+                  "variants taking turns", file=sys.stderr)
         timing = interleaved_throughput(cfg, ctx, data, spec, variants)
         if not ctx.is_main:
             return None
