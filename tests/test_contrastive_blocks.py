@@ -125,6 +125,8 @@ def test_siglip_block_without_positives(path_device, m, n, d, normalize):
             assert_within_rule("with positives", with_positives.loss, eager[0], oracle[0], torch.float32)
 
 
+# the NaN/Inf inputs make the interpreter's numpy arithmetic warn, where the GPU computes silently
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_siglip_block_without_positives_non_finite(path_device):
     fresh_seed()
     a, b = torch.randn(4, 3, device=path_device), torch.randn(6, 3, device=path_device)

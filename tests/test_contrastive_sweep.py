@@ -7,6 +7,7 @@ failure (replay one with MMKERNELS_TEST_SEED=<seed>).
 """
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -79,7 +80,10 @@ def test_random_case_against_float64(case_index, path, device, monkeypatch):
         where = torch.randint(n * d, (), generator=gen).item()
         target = leaves[torch.randint(2, (), generator=gen).item()]
         target.view(-1)[where] = case["poison"]
-        loss = ours(*leaves)
+        with warnings.catch_warnings():
+            # the NaN/Inf makes the interpreter's numpy arithmetic warn, where the GPU computes silently
+            warnings.simplefilter("ignore", RuntimeWarning)
+            loss = ours(*leaves)
         assert torch.isnan(loss), f"{case}: a non-finite input gave {loss}"
         return
     got = value_and_grads(ours, leaves)

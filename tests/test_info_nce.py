@@ -94,6 +94,9 @@ def test_both_directions_average_to_clip(path, device, monkeypatch):
     check_clip(both, leaves, torch.float32, f"InfoNCE both ways ({path})", True, 0.1)
 
 
+# NaN and Inf inputs make the interpreter's numpy arithmetic warn (invalid value, all-NaN slice)
+# where the GPU computes silently; the NaN result is what the test checks
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("interpret", ["1", "0"])
 def test_non_finite_inputs_give_nan(interpret, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", interpret)

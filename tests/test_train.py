@@ -7,6 +7,8 @@ take minutes per training step. The kernels themselves are proven op by op in th
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 import torch
@@ -145,7 +147,7 @@ def test_explicit_options_and_bad_values(capsys):
     assert main(["--task", "fusion", "--loss", "siglip"]) == 2
     assert "--loss applies to --task clip only" in capsys.readouterr().err
     assert main(["--data", "somewhere"]) == 2
-    assert "--data needs --tokenizer DIR" in capsys.readouterr().err
+    assert "expected --data to be a directory" in capsys.readouterr().err
 
 
 class _FakeTrainer:
@@ -196,7 +198,15 @@ def test_resume_sets_up_the_device_the_run_was_saved_with(tmp_path, reference_pa
     assert main(tiny + ["--device", "cpu", "--out", str(out)]) == 0
     devices, setup = [], ddp.setup
     monkeypatch.setattr(ddp, "setup", lambda device="auto", **kw: devices.append(device) or setup(device, **kw))
+    # the wall time counts the whole run: the time saved by the first process, plus the resumed part
+    elapsed = json.loads((out / "elapsed.json").read_text())["seconds"]
+    assert 0 < elapsed <= json.loads((out / "report.json").read_text())["wall_seconds"]
+    (out / "elapsed.json").write_text(json.dumps({"seconds": 1000.0}))
+    started = time.perf_counter()
     assert main(["--resume", str(out)]) == 0
+    resumed = time.perf_counter() - started
+    assert 1000 < json.loads((out / "report.json").read_text())["wall_seconds"] < 1000 + resumed
+    assert re.search(r"Wall time: 1\d{3} s", (out / "report.md").read_text())
     # on a GPU machine "auto" would resume a CPU run on the GPU
     assert devices == ["cpu"]
 
@@ -206,3 +216,77 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_the_run_starts
     assert main(["--steps", "1", "--batch-size", "16", "--train-size", "8", "--eval-size", "4", "--out", str(out)]) == 2
     assert "fewer than --batch-size 16" in capsys.readouterr().err
     assert not out.exists()  # no run directory that a corrected command would have to --resume
+
+
+TWO_STEPS = ["--model", "tiny", "--steps", "2", "--batch-size", "8", "--train-size", "16", "--eval-size", "16"]
+
+
+def test_a_run_that_did_not_learn_says_so_and_the_variants_are_timed_interleaved(tmp_path, reference_path):
+    out = tmp_path / "run"
+    report = run(TWO_STEPS + ["--out", str(out)])
+    md = (out / "report.md").read_text()
+    head = md.split("| |")[0]  # above the table
+    for name in ("baseline", "mmkernels"):
+        assert report["learned"][name] is False
+        assert f"**Warning:** {name} did not learn: held-out R@1" in head
+    on_disk = json.loads((out / "report.json").read_text())
+    assert len(on_disk["warnings"]) == 2
+
+    # the timed steps alternate in blocks between the variants, reversing the order each round
+    timing = on_disk["throughput"]
+    schedule = timing["schedule"]
+    rounds, block = timing["rounds"], timing["block"]
+    assert rounds >= 2 and len(schedule) == 2 * rounds * block
+    starts = [start for _, _, start, _ in schedule]
+    assert starts == sorted(starts)
+    runs = [schedule[0][0]]
+    for variant, _, _, _ in schedule[1:]:
+        if variant != runs[-1]:
+            runs.append(variant)
+    assert len(runs) == 2 * rounds - (rounds - 1)  # b m | m b | b m ...: the turns at round ends merge
+    for variant in ("baseline", "mmkernels"):
+        mine = [start for v, _, start, _ in schedule if v == variant]
+        others = [start for v, _, start, _ in schedule if v != variant]
+        assert min(others) < max(mine) and min(mine) < max(others)  # each one's time span overlaps the other's
+        v = report["variants"][variant]
+        assert v["samples_per_s_p20"] <= v["samples_per_s"] <= v["samples_per_s_p80"]
+    ratio = timing["ratio"]
+    assert ratio["p20"] <= ratio["p80"] and report["ratios"]["samples_per_s"] == pytest.approx(ratio["median"])
+    # on the CPU the ratio's own cell says it is no speed claim
+    speed_row = next(line for line in md.splitlines() if line.startswith("| samples/s"))
+    assert "interleaved" in speed_row and "not a speed claim" in speed_row.split("|")[-2]
+
+
+def _patch_nothing(monkeypatch):
+    """mmkernels.patch as on a transformers release it was not tested on: nothing swapped, each module skipped."""
+    import mmkernels
+    from mmkernels.integrations.patching import PatchHandle, SkippedItem
+
+    def patch(model, **kwargs):
+        handle = PatchHandle(model, attention=True, losses=True, keep_logits=True, strict=False)
+        item = SkippedItem(path="text_model.encoder.layers.0.self_attn", kind="attention",
+                           reason="transformers 9.9 changed CLIPAttention.forward")
+        handle._skipped[(item.path, item.kind)] = item
+        return handle
+
+    monkeypatch.setattr(mmkernels, "patch", patch)
+
+
+def test_a_run_with_nothing_patched_is_refused_before_training_unless_allowed(tmp_path, reference_path,
+                                                                              monkeypatch, capsys):
+    _patch_nothing(monkeypatch)
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--steps", "1", "--batch-size", "4", "--train-size", "8", "--eval-size", "4"]
+    assert main(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "mmkernels.patch swapped nothing" in err and "--allow-unpatched" in err
+    assert "text_model.encoder.layers.0.self_attn attention: transformers 9.9 changed CLIPAttention.forward" in err
+    assert not out.exists()  # refused before any run directory or checkpoint
+
+    assert main(args + ["--allow-unpatched", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["unpatched"] is True and "ratios" not in report
+    assert report["variants"]["mmkernels"]["patched_count"] == 0
+    md = (out / "report.md").read_text()
+    assert md.split("\n")[2].startswith("> **Warning:** mmkernels.patch swapped nothing in this run")
+    assert "| mmkernels / baseline |" not in md and "×" not in md  # no ratio column

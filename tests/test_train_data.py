@@ -12,7 +12,7 @@ from mmkernels.train import run, synthetic
 from mmkernels.train.cli import main
 from mmkernels.train.data import BatchOrder, rank_slice
 from mmkernels.train.folder import DataError, FolderPairs
-from mmkernels.train.tokenizer import encode, load_tokenizer, word_level_tokenizer
+from mmkernels.train.tokenizer import caption_tokenizer, encode, load_tokenizer, word_level_tokenizer
 from toolkit import fresh_seed
 
 N_GOOD = 10
@@ -85,6 +85,14 @@ def test_data_folder_trains_and_reports_bad_pairs_by_file_and_line(tmp_path, ref
     assert "4 bad pair(s)" in err and all(f"captions.jsonl:{n}:" in err for n in range(N_GOOD + 1, N_GOOD + 5))
     assert not (tmp_path / "refused").exists()
 
+    # too few pairs for the batch: the bad lines that explain it come first, then the refusal
+    assert main(common + ["--batch-size", "16", "--out", str(tmp_path / "small")]) == 2
+    err = capsys.readouterr().err
+    lines = [err.index(f"captions.jsonl:{n}:") for n in range(N_GOOD + 1, N_GOOD + 5)]
+    assert "4 bad pair(s) left out" in err and lines == sorted(lines)
+    assert max(lines) < err.index("fewer than --batch-size 16")
+    assert not (tmp_path / "small").exists()
+
 
 def test_fusion_data_folder_reads_regions_beside_the_images(tmp_path, reference_path):
     root = tmp_path / "data"
@@ -96,7 +104,8 @@ def test_fusion_data_folder_reads_regions_beside_the_images(tmp_path, reference_
     assert "empty caption" in reasons[1] and "'img/missing.png' not found" in reasons[2]
     example = pairs[0]
     assert example.image is None and example.regions.features.shape[1] == 12
-    report = run(["--task", "fusion", "--data", str(root), "--tokenizer", _tokenizer_dir(tmp_path), "--steps", "2",
+    # no --tokenizer: a word-level tokenizer is built from the training captions
+    report = run(["--task", "fusion", "--data", str(root), "--steps", "2",
                   "--batch-size", "4", "--eval-size", "2", "--model", "tiny", "--out", str(tmp_path / "run")])
     assert all(np.isfinite(v["final_loss"]) for v in report["variants"].values())
 
@@ -133,6 +142,26 @@ def test_tokenizers(tmp_path):
     assert torch.equal(encode(load_tokenizer(path), ["a red square"], 8)[0], encode(tok, ["a red square"], 8)[0])
     with pytest.raises(ValueError, match="not a directory"):
         load_tokenizer(str(tmp_path / "nowhere"))
+    # a folder with a vocab.txt only (no tokenizer_config.json naming its class): the folder is named,
+    # with what it must hold and how to make it
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nred\n")
+    with pytest.raises(ValueError, match="could not load a tokenizer from --tokenizer") as err:
+        load_tokenizer(str(bare))
+    assert str(bare) in str(err.value) and "tokenizer.json" in str(err.value)
+    assert "BertTokenizer(vocab='vocab.txt').save_pretrained(DIR)" in str(err.value)
+    from transformers import BertTokenizer
+
+    BertTokenizer(vocab=str(bare / "vocab.txt")).save_pretrained(str(bare))  # the recipe the message gives
+    ids, _ = encode(load_tokenizer(str(bare)), ["red"], 4)
+    assert ids[0, :3].tolist() == [2, 4, 3]
+
+    # built from captions: their words (split as the tokenizer splits), most frequent first
+    tok = caption_tokenizer(["A cat, on a mat.", "a dog"], max_words=4)
+    assert [tok.convert_ids_to_tokens(i) for i in range(5, 9)] == ["a", "cat", ",", "on"]
+    ids, _ = encode(tok, ["a dog on a mat"], 8)
+    assert ids[0, :7].tolist() == [tok.bos_token_id, 5, tok.unk_token_id, 8, 5, tok.unk_token_id, tok.eos_token_id]
 
 
 def test_synthetic_scenes_are_seeded_and_varied():

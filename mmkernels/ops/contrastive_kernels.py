@@ -86,7 +86,9 @@ def _finite_or_nan(s):
 def _log1p(u):
     """log(1 + u) accurate for small u >= 0: log(v)·u/(v - 1) with v = 1 + u rounded (Goldberg)."""
     v = 1.0 + u
-    return tl.where(v == 1.0, u, tl.log(v) * (u / (v - 1.0)))
+    exact = v == 1.0
+    # the divisor of the lanes that return u is 1, not 0: no division by zero is evaluated
+    return tl.where(exact, u, tl.log(v) * (u / tl.where(exact, 1.0, v - 1.0)))
 
 
 @triton.jit
@@ -183,7 +185,9 @@ def _merge_lse_kernel(
         l = l * tl.exp(m - ref) + l_p * tl.exp(m_p - ref)
         m = m_new
     if WRITE_LSE:  # lse is float64: see _minus_lse
-        lse = tl.where(m == float("-inf"), 0.0, m).to(tl.float64) + tl.log(l).to(tl.float64)
+        # l == 0 (no finite score, or a lane past L) gives lse = -inf without evaluating log(0)
+        log_l = tl.where(l == 0.0, float("-inf"), tl.log(tl.where(l == 0.0, 1.0, l)))
+        lse = tl.where(m == float("-inf"), 0.0, m).to(tl.float64) + log_l.to(tl.float64)
         tl.store(lse_ptr + offs, lse, mask=mask)
     else:
         tl.store(run_m_ptr + offs, m, mask=mask)
@@ -234,10 +238,13 @@ def _panel_kernel(
     else:
         z = tl.where(positive, s, -s)  # label · S
         # softplus(-z) = -log σ(z) = max(-z, 0) + log1p(exp(-|z|)), without overflow
-        terms = tl.maximum(-z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
+        e = tl.exp(-tl.abs(z))
+        terms = tl.maximum(-z, 0.0) + _log1p(e)
         tl.store(part, tl.sum(tl.sum(tl.where(valid, terms, 0.0), axis=1), axis=0))
         if SCALARS or WRITE_W:
-            w = tl.where(positive, -tl.sigmoid(-z), tl.sigmoid(-z))
+            # σ(-z) from the same exp(-|z|), which never overflows: 1/(1+e) for z <= 0, e/(1+e) above
+            sig = tl.where(z <= 0.0, 1.0, e) / (1.0 + e)
+            w = tl.where(positive, -sig, sig)
     if SCALARS or WRITE_W:
         w = tl.where(valid, w, 0.0)
     if SCALARS:

@@ -47,7 +47,9 @@ def _masked_region_loss_fwd_kernel(
             elif KIND == 1:
                 d = p - t
                 ad = tl.abs(d)
-                acc += tl.sum(tl.where(ad < beta, 0.5 * d * d / beta, ad - 0.5 * beta), axis=1)
+                # beta = 0 (pure L1) never takes the quadratic branch: divide by 1 there, not by 0
+                quadratic = 0.5 * d * d / tl.where(beta > 0, beta, 1.0)
+                acc += tl.sum(tl.where(ad < beta, quadratic, ad - 0.5 * beta), axis=1)
             else:
                 p_m = tl.where(ld, p, float("-inf"))
                 m_new = tl.maximum(m, tl.max(p_m, axis=1))

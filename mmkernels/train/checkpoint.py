@@ -7,11 +7,14 @@ SIGKILL or a power cut at any moment leaves a complete file.
     save_atomic(state, path)
     state = load(path)           # or None when there is no checkpoint
     state["rng"] = rng_state(); ...; set_rng_state(state["rng"])
+    clock = RunClock(run_dir); ...; clock.save(); clock.total()   # a run's wall time across resumes
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -94,3 +97,28 @@ def _python_state(state):
 def _numpy_state(state):
     kind, keys, pos, has_gauss, cached = state
     return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+class RunClock:
+    """The wall time of a run across its resumes: the seconds its earlier processes had spent by
+    their last save (run_dir/elapsed.json) plus this process's since the clock was made."""
+
+    FILE = "elapsed.json"
+
+    def __init__(self, run_dir: str, started: float | None = None):
+        """`started`: this process's start (a time.perf_counter() value), default now."""
+        self.path = os.path.join(run_dir, self.FILE)
+        self.started = time.perf_counter() if started is None else started
+        self.before = 0.0
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.before = float(json.load(f)["seconds"])
+
+    def total(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"seconds": self.total()}, f)
+        os.replace(tmp, self.path)

@@ -6,12 +6,14 @@ import sys
 import time
 
 from mmkernels.train import ddp, options
+from mmkernels.train.checkpoint import RunClock
 from mmkernels.train.data import build_data
-from mmkernels.train.loop import run_variant
+from mmkernels.train.loop import patch_preview, run_variant
 from mmkernels.train.machine import describe, machine_info
 from mmkernels.train.models import ModelSpec
 from mmkernels.train.report import build_report, write_report
 from mmkernels.train.tasks import VARIANTS
+from mmkernels.train.timing import BLOCK, interleaved_throughput, timing_rounds
 
 RUN_MARKER = "config.json"
 
@@ -57,6 +59,23 @@ def _summary(results) -> str:
     return "\n".join(lines)
 
 
+def _nothing_patched(cfg, skipped: list[str]) -> str:
+    lines = "\n".join(f"  {line}" for line in skipped) or "  (nothing it recognised as attention or a loss)"
+    fusion = (" (in the fusion task the mmkernels variant would still mask regions and compute the region "
+              "losses with mmkernels)") if cfg.task == "fusion" else ""
+    return (f"mmkernels.patch swapped nothing in the {cfg.task} model: the mmkernels variant would run the "
+            f"model's own code{fusion}, so the run would compare the model with itself. What it left as it is, "
+            f"and why:\n{lines}\nFix the cause, or pass --allow-unpatched to train anyway (the report then "
+            "says so and shows no mmkernels/baseline ratio).")
+
+
+def _too_few_examples(data, cfg) -> str:
+    """The batch-size refusal, after the bad pairs that may explain it."""
+    listed = "".join(f"  {p}\n" for p in data.problems)
+    bad = f"{len(data.problems)} bad pair(s) left out:\n{listed}" if data.problems else ""
+    return f"{bad}the training split has {len(data.train)} examples, fewer than --batch-size {cfg.batch_size}"
+
+
 def run(argv: list[str]) -> dict | None:
     """Run the command line `argv`; returns the report on rank 0 (None on the others)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # batches may be built in forked workers
@@ -70,15 +89,20 @@ def run(argv: list[str]) -> dict | None:
             cfg = _config(argv, ctx)
             spec = ModelSpec(cfg.task, cfg.loss, cfg.model)
             data = build_data(cfg, spec)
-            if len(data.train) < cfg.batch_size:  # refused before a run directory exists
-                raise ValueError(f"the training split has {len(data.train)} examples, "
-                                 f"fewer than --batch-size {cfg.batch_size}")
+            # refused before a run directory exists
+            if len(data.train) < cfg.batch_size:
+                raise ValueError(_too_few_examples(data, cfg))
+            if not cfg.allow_unpatched:
+                swapped, skipped = patch_preview(cfg, ctx, data, spec)
+                if swapped == 0:
+                    raise ValueError(_nothing_patched(cfg, skipped))
         except (ValueError, OSError) as err:
             raise UsageError(str(err)) from err
         if cfg.max_batch and ctx.device.type != "cuda" and ctx.is_main:
             print("--max-batch is GPU-only (it searches the GPU memory a step fits in): skipped on CPU",
                   file=sys.stderr)
         info = machine_info(ctx.device, ctx.world)
+        clock = RunClock(cfg.out, started)
         if ctx.is_main:
             os.makedirs(cfg.out, exist_ok=True)
             options.save_config(cfg, os.path.join(cfg.out, RUN_MARKER))
@@ -87,10 +111,17 @@ def run(argv: list[str]) -> dict | None:
                 print(f"skipped: {problem}", file=sys.stderr)
         ddp.barrier(ctx)
         variants = VARIANTS if cfg.compare else ("mmkernels",)
-        results = [run_variant(cfg, ctx, data, spec, variant, cfg.out) for variant in variants]
+        results = [run_variant(cfg, ctx, data, spec, variant, cfg.out, clock) for variant in variants]
+        if ctx.is_main:
+            print(f"samples/s: {timing_rounds(cfg.steps)} rounds of {BLOCK} timed steps per variant, the "
+                  "variants taking turns", file=sys.stderr)
+        timing = interleaved_throughput(cfg, ctx, data, spec, variants)
         if not ctx.is_main:
             return None
-        report = build_report(cfg, info, data.description, data.problems, results, time.perf_counter() - started)
+        for r in results:
+            t = timing["variants"][r.variant]
+            r.samples_per_s, r.samples_per_s_p20, r.samples_per_s_p80 = t["median"], t["p20"], t["p80"]
+        report = build_report(cfg, info, data.description, data.problems, results, clock.total(), timing)
         paths = write_report(cfg.out, report)
         print(_summary(results), file=sys.stderr)
         print(f"report: {paths['md']} (and {os.path.basename(paths['json'])}, {os.path.basename(paths['png'])})",

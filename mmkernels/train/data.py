@@ -26,7 +26,7 @@ import torch
 
 from mmkernels.train import synthetic
 from mmkernels.train.folder import FolderPairs, Problem, Subset
-from mmkernels.train.tokenizer import encode, end_token_id, load_tokenizer, word_level_tokenizer
+from mmkernels.train.tokenizer import caption_tokenizer, encode, end_token_id, load_tokenizer, word_level_tokenizer
 
 
 @dataclass
@@ -72,13 +72,15 @@ def build_data(cfg, spec) -> TrainData:
             num_region_classes=synthetic.NUM_CLASSES if cfg.task == "fusion" else 0,
             description=f"{train.describe()}; held out: {heldout.size} more (seed {cfg.seed})",
         )
-    if cfg.tokenizer is None:
-        raise ValueError("--data needs --tokenizer DIR: the built-in tokenizer only knows the synthetic captions' words")
     pairs = FolderPairs(cfg.data, cfg.task, spec.image_size, cfg.bad_data)
     heldout_size = min(cfg.eval_size, len(pairs) // 5)
     train_idx, heldout_idx = _split(len(pairs), heldout_size, cfg.seed)
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    else:  # the training captions' words; a held-out word they lack is [UNK]
+        tok = caption_tokenizer(pairs.caption(i) for i in train_idx)
     return TrainData(
-        Subset(pairs, train_idx), Subset(pairs, heldout_idx), load_tokenizer(cfg.tokenizer), spec.context_length,
+        Subset(pairs, train_idx), Subset(pairs, heldout_idx), tok, spec.context_length,
         max_regions=pairs.max_regions, region_dim=pairs.region_dim, num_region_classes=pairs.num_region_classes,
         description=f"{pairs.describe()}: {len(train_idx)} to train on, {len(heldout_idx)} held out",
         problems=pairs.problems,

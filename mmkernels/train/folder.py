@@ -200,6 +200,9 @@ class FolderPairs:
     def __len__(self) -> int:
         return len(self.items)
 
+    def caption(self, index: int) -> str:
+        return self.items[index][1]
+
     def __getitem__(self, index: int) -> Example:
         path, caption = self.items[index]
         if self.task == "fusion":

@@ -4,9 +4,10 @@
 
 The mmkernels variant is exactly the baseline's model after `handle = mmkernels.patch(model)` (and,
 in the fusion task, mmkernels' region masking and losses; see tasks.py); the patch is undone at the
-end. Throughput is the median over the steps after warm-up of global batch / step time, each step
-timed from a synchronised start to a synchronised end (forward, backward, optimizer; the batch is
-already on the device). Checkpoints (runs/<name>/<variant>/checkpoint.pt) hold the model, the
+end. Each step's time is recorded (a synchronised start to a synchronised end: forward, backward,
+optimizer; the batch is already on the device), but the variants train one after the other, so the
+throughput the report compares is measured apart, with the variants interleaved (timing.py).
+`patch_preview` tells, before anything is trained, what the patch would swap. Checkpoints (runs/<name>/<variant>/checkpoint.pt) hold the model, the
 optimizer, the scheduler, the gradient scaler, every RNG state of every rank, the step (the data
 position: batches are a function of the step) and the measurements so far, so a resumed run
 continues exactly where the checkpoint was taken.
@@ -18,7 +19,6 @@ import gc
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,7 +48,9 @@ class VariantResult:
     losses: list = field(default_factory=list)          # per step, all steps of the run
     step_seconds: list = field(default_factory=list)    # per step timed (a resumed run: all of them)
     warmup_steps: int = 0
-    samples_per_s: float | None = None
+    samples_per_s: float | None = None                  # from timing.py: median, p20, p80 of per-step samples/s
+    samples_per_s_p20: float | None = None
+    samples_per_s_p80: float | None = None
     peak_memory_bytes: int = 0
     memory_kind: str = ""
     final_loss: float | None = None
@@ -56,6 +58,7 @@ class VariantResult:
     max_batch: int | None = None
     max_batch_note: str = ""
     patched: str = ""
+    patched_count: int | None = None                    # modules the patch swapped (None: the baseline)
     parameters: int = 0
     resumed_from_step: int | None = None
 
@@ -64,8 +67,22 @@ class VariantResult:
 
 
 def warmup_steps(steps: int) -> int:
-    """Steps left out of the throughput median: the first 10% (at least 3, at most steps - 1)."""
+    """The first steps, whose times include one-off costs (allocations, compilation): the first 10%
+    (at least 3, at most steps - 1)."""
     return max(0, min(steps - 1, max(3, steps // 10)))
+
+
+def patch_preview(cfg, ctx, data, spec) -> tuple[int, list[str]]:
+    """(how many modules `mmkernels.patch` swaps in this run's model, "path kind: reason" of each one
+    it leaves as it is), from a model built as the mmkernels variant builds it, then undone and dropped."""
+    model = build_model(spec, len(data.tokenizer), data.pad_id, data.end_id, cfg.seed,
+                        region_dim=data.region_dim, num_region_classes=data.num_region_classes)
+    model.to(ctx.device, dtype=torch.float64 if cfg.precision == "fp64" else None)
+    handle = mmkernels.patch(model)
+    try:
+        return len(handle.records), [f"{s.path or '(model)'} {s.kind}: {s.reason}" for s in handle.skipped]
+    finally:
+        handle.undo()
 
 
 def _param_groups(model, weight_decay: float):
@@ -142,11 +159,13 @@ class _Trainer:
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
 
-    def close(self) -> str:
-        text = str(self.handle) if self.handle is not None else ""
-        if self.handle is not None:
-            self.handle.undo()
-        return text
+    def close(self) -> tuple[str, int | None]:
+        """Undo the patch; returns (what it did, as text, how many modules it swapped), ("", None) for the baseline."""
+        if self.handle is None:
+            return "", None
+        text, count = str(self.handle), len(self.handle.records)
+        self.handle.undo()
+        return text, count
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -162,7 +181,7 @@ def _fingerprint(cfg) -> dict:
     return {name: getattr(cfg, name) for name in FINGERPRINT}
 
 
-def _save(trainer, ctx, path, step, result: VariantResult, cfg) -> None:
+def _save(trainer, ctx, path, step, result: VariantResult, cfg, clock) -> None:
     """A checkpoint after `step` completed steps (every rank takes part: the RNG states are per rank)."""
     rngs = ddp.gather_objects(ctx, checkpoint.rng_state())
     if ctx.is_main:
@@ -170,6 +189,8 @@ def _save(trainer, ctx, path, step, result: VariantResult, cfg) -> None:
         state.update(step=step, rng=rngs, world=ctx.world, variant=result.variant, config=_fingerprint(cfg),
                      losses=list(result.losses), step_seconds=list(result.step_seconds))
         checkpoint.save_atomic(state, path)
+        if clock is not None:
+            clock.save()
     ddp.barrier(ctx)
 
 
@@ -206,8 +227,9 @@ def _evaluate(trainer, ctx, data, task) -> dict:
     return recall_at_k(scores, captions)
 
 
-def run_variant(cfg, ctx, data, spec, variant: str, run_dir: str) -> VariantResult:
-    """Train (or finish, or load the result of) one variant; returns its measurements."""
+def run_variant(cfg, ctx, data, spec, variant: str, run_dir: str, clock=None) -> VariantResult:
+    """Train (or finish, or load the result of) one variant; returns its measurements. `clock`
+    (a checkpoint.RunClock) saves the run's elapsed time with every checkpoint."""
     from tqdm import tqdm
 
     variant_dir = os.path.join(run_dir, variant)
@@ -236,7 +258,7 @@ def run_variant(cfg, ctx, data, spec, variant: str, run_dir: str) -> VariantResu
             _, batch = next(loader)
         except Exception:
             # the state is that of the last completed step: keep it before giving up
-            _save(trainer, ctx, ckpt_path, step, result, cfg)
+            _save(trainer, ctx, ckpt_path, step, result, cfg, clock)
             raise
         batch = _to_device(batch, ctx.device)
         _sync(ctx.device)
@@ -251,18 +273,16 @@ def run_variant(cfg, ctx, data, spec, variant: str, run_dir: str) -> VariantResu
         bar.update(1)
         done = step + 1
         if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
-            _save(trainer, ctx, ckpt_path, done, result, cfg)
+            _save(trainer, ctx, ckpt_path, done, result, cfg, clock)
     bar.close()
     result.peak_memory_bytes = memory.peak()
-    timed = result.step_seconds[result.warmup_steps:] or result.step_seconds
-    result.samples_per_s = cfg.batch_size / statistics.median(timed) if timed else None
     result.final_loss = result.losses[-1] if result.losses else None
     if ctx.is_main:
         result.retrieval = _evaluate(trainer, ctx, data, task)
     ddp.barrier(ctx)
     if cfg.max_batch:
         result.max_batch, result.max_batch_note = _max_batch(cfg, ctx, data, spec, variant, task, compiled)
-    result.patched = trainer.close()
+    result.patched, result.patched_count = trainer.close()
     del trainer
     gc.collect()
     if ctx.device.type == "cuda":
@@ -272,6 +292,8 @@ def run_variant(cfg, ctx, data, spec, variant: str, run_dir: str) -> VariantResu
         with open(tmp, "w") as f:
             json.dump(result.to_json(), f, indent=1)
         os.replace(tmp, result_path)
+        if clock is not None:
+            clock.save()
     return result
 
 

@@ -26,7 +26,7 @@ PRECISIONS = ("bf16", "fp16", "fp32", "fp64")
 WEIGHT_DECAY = 0.05
 
 # options that may differ when a run is resumed: they change nothing the run computes
-RESUMABLE_OVERRIDES = ("resume", "save_every", "workers")
+RESUMABLE_OVERRIDES = ("resume", "save_every", "workers", "allow_unpatched")
 
 
 @dataclass
@@ -54,6 +54,7 @@ class TrainConfig:
     mask_prob: float
     device: str
     workers: int
+    allow_unpatched: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -150,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the baseline: the model's own code as it is, or under torch.compile")
     ab.add_argument("--compile", action="store_true",
                     help="torch.compile every variant's model (the mmkernels variant too)")
+    ab.add_argument("--allow-unpatched", action="store_true",
+                    help="run even when mmkernels.patch swaps nothing in the model (both variants would run "
+                         "the model's own code): the report then says so and shows no mmkernels/baseline "
+                         "ratio. Without it such a run is refused before training, with the reasons")
     ab.add_argument("--max-batch", action="store_true",
                     help="GPU only: also search the largest batch each variant fits (one training step "
                          "per try, out-of-memory caught)")
@@ -159,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train on DIR's images and captions.jsonl/.csv (fusion: regions from an .npz "
                            "beside each image) (default: none, the synthetic scenes)")
     data.add_argument("--tokenizer", metavar="DIR", default=None,
-                      help="local tokenizer directory (needed with --data; default: the built-in "
-                           "word-level tokenizer of the synthetic captions)")
+                      help="a local Hugging Face tokenizer folder, as save_pretrained writes it: "
+                           "tokenizer.json (a fast tokenizer) with its tokenizer_config.json, or the "
+                           "vocabulary files of the tokenizer class its tokenizer_config.json names "
+                           "(e.g. vocab.txt for BertTokenizer); it needs a padding token and an eos or sep "
+                           "token; never downloaded (default: a word-level tokenizer built from the "
+                           "training captions, the synthetic ones or those of --data)")
     data.add_argument("--bad-data", choices=("skip", "error"), default="skip",
                       help="what to do with bad pairs (missing or unreadable image, empty caption, bad "
                            "line or region file): report and skip them, or report them and refuse to start")
@@ -207,8 +216,6 @@ def resolve(args: argparse.Namespace, cuda: bool) -> TrainConfig:
         values["out"] = os.path.join("runs", f"{values['task']}-{kind}-{values['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
     if values["task"] == "fusion" and values["loss"] != "clip":
         raise ValueError("--loss applies to --task clip only; the fusion task's losses are fixed")
-    if values["data"] is not None and values["tokenizer"] is None:
-        raise ValueError("--data needs --tokenizer DIR: the built-in tokenizer only knows the synthetic captions' words")
     return TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
 
 

@@ -1,11 +1,16 @@
 """The run's report: runs/<name>/report.json (everything), report.md (the table), curves.png (the plot).
 
-For each variant: median samples/s after warm-up, peak memory, final loss, held-out retrieval
-R@1/R@5 both ways, the largest batch (--max-batch), and the ratio mmkernels / baseline of each.
+For each variant: samples/s (median and p20-p80 of the interleaved timed steps, timing.py), peak
+memory, final loss, held-out retrieval R@1/R@5 both ways, the largest batch (--max-batch), and the
+ratio mmkernels / baseline of each. Warnings go at the top of report.md (and in report.json's
+"warnings"): a variant whose held-out R@1 is not above chance (it did not learn, so its ratios
+compare nothing), and a run in which `mmkernels.patch` swapped nothing (--allow-unpatched; no ratio
+is shown then). On the CPU the samples/s ratio says in its cell that it is no speed claim.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from mmkernels.train.machine import describe
@@ -41,7 +46,34 @@ def curve_gap(a: list, b: list) -> dict:
             "max_rel": max(abs(x - y) / max(abs(x), 1e-12) for x, y in pairs)}
 
 
-def build_report(cfg, info: dict, data_description: str, problems: list, results: list, wall_seconds: float) -> dict:
+def learned(retrieval: dict) -> bool | None:
+    """Whether held-out R@1 is above chance in either direction: more hits than chance gives plus 3
+    standard deviations (binomial over the n pairs). None without held-out pairs."""
+    n, chance = retrieval.get("n", 0), retrieval.get("chance_r1")
+    if not n or chance is None:
+        return None
+    bound = n * chance + 3 * math.sqrt(n * chance * (1 - chance))
+    return max(retrieval.get("i2t_r1", 0), retrieval.get("t2i_r1", 0)) * n > bound
+
+
+def _warnings(report: dict) -> list[str]:
+    out = []
+    if report["unpatched"]:
+        out.append("mmkernels.patch swapped nothing in this run (--allow-unpatched): both variants ran the "
+                   "model's own code, so no mmkernels / baseline ratio is shown.")
+    for name, v in report["variants"].items():
+        r = v["retrieval"]
+        if report["learned"][name] is False:
+            out.append(f"{name} did not learn: held-out R@1 (image→text {r['i2t_r1']:.1%}, text→image "
+                       f"{r['t2i_r1']:.1%}) is not above chance ({r['chance_r1']:.2%}) over {r['n']} pairs; "
+                       "its numbers compare a model that learned nothing (more steps, another --lr?).")
+        elif report["learned"][name] is None:
+            out.append(f"{name}: no held-out pairs, so whether it learned is not measured.")
+    return out
+
+
+def build_report(cfg, info: dict, data_description: str, problems: list, results: list, wall_seconds: float,
+                 timing: dict | None = None) -> dict:
     variants = {r.variant: r.to_json() for r in results}
     report = {
         "config": cfg.to_json(),
@@ -50,10 +82,19 @@ def build_report(cfg, info: dict, data_description: str, problems: list, results
         "bad_data": [str(p) for p in problems],
         "variants": variants,
         "wall_seconds": wall_seconds,
+        "unpatched": variants.get("mmkernels", {}).get("patched_count") == 0,
+        "learned": {name: learned(v["retrieval"]) for name, v in variants.items()},
     }
+    if timing is not None:
+        report["throughput"] = timing
     if "baseline" in variants and "mmkernels" in variants:
-        report["ratios"] = ratios(variants["baseline"], variants["mmkernels"])
+        if not report["unpatched"]:
+            report["ratios"] = ratios(variants["baseline"], variants["mmkernels"])
+            if timing is not None and "ratio" in timing:
+                report["ratios"]["samples_per_s_p20"] = timing["ratio"]["p20"]
+                report["ratios"]["samples_per_s_p80"] = timing["ratio"]["p80"]
         report["loss_curve_gap"] = curve_gap(variants["baseline"]["losses"], variants["mmkernels"]["losses"])
+    report["warnings"] = _warnings(report)
     return report
 
 
@@ -65,10 +106,12 @@ def markdown(report: dict) -> str:
     cfg, variants = report["config"], report["variants"]
     names = list(variants)
     compare = "ratios" in report
+    cpu = report["machine"]["gpu"] is None
     model = f"{cfg['task']} task, {cfg['loss'] + ' loss, ' if cfg['task'] == 'clip' else ''}{cfg['model']} preset"
-    lines = [
-        f"# mmkernels training report: {model}",
-        "",
+    lines = [f"# mmkernels training report: {model}", ""]
+    if report.get("warnings"):
+        lines += [f"> **Warning:** {w}" for w in report["warnings"]] + [""]
+    lines += [
         f"- Machine: {describe(report['machine'])}",
         f"- Run: {cfg['steps']} steps, global batch {cfg['batch_size']}, {cfg['precision']}, lr {cfg['lr']}, "
         f"seed {cfg['seed']}, {report['machine']['processes']} process(es); baseline: {cfg['baseline']}"
@@ -88,8 +131,24 @@ def markdown(report: dict) -> str:
         lines.append(f"| {label} | {cells}{ratio} |")
 
     first = variants[names[0]]
-    row(f"samples/s (median after {first['warmup_steps']} warm-up steps)",
-        [_fmt(variants[n]["samples_per_s"], ".1f") for n in names], "samples_per_s")
+    throughput = report.get("throughput")
+    speed_label = "samples/s"
+    if throughput:
+        speed_label = (f"samples/s, median (p20–p80) of {throughput['rounds'] * throughput['block']} steps "
+                       f"each, the variants interleaved")
+    speed = [_fmt(variants[n]["samples_per_s"], ".1f") + (
+        f" ({_fmt(variants[n]['samples_per_s_p20'], '.1f')}–{_fmt(variants[n]['samples_per_s_p80'], '.1f')})"
+        if variants[n].get("samples_per_s_p20") is not None else "") for n in names]
+    if compare:
+        r = report["ratios"]
+        cell = _fmt(r.get("samples_per_s"), ".3f", "×")
+        if r.get("samples_per_s_p20") is not None:
+            cell += f" (per round {r['samples_per_s_p20']:.2f}–{r['samples_per_s_p80']:.2f}×)"
+        if cpu:
+            cell += ": not a speed claim, the CPU runs mmkernels' reference path"
+        lines.append(f"| {speed_label} | {' | '.join(speed)} | {cell} |")
+    else:
+        row(speed_label, speed)
     row(f"peak memory, MiB ({first['memory_kind']})",
         [_fmt(variants[n]["peak_memory_bytes"] / MIB, ".1f") for n in names], "peak_memory")
     row("final loss", [_fmt(variants[n]["final_loss"], ".4f") for n in names], "final_loss")
@@ -99,14 +158,14 @@ def markdown(report: dict) -> str:
         row("largest batch", [_fmt(variants[n]["max_batch"], "d") for n in names], "max_batch", ".2f")
     chance = first["retrieval"].get("chance_r1")
     lines += ["", f"Retrieval over {first['retrieval'].get('n', 0)} held-out pairs; chance R@1 = {_fmt(chance, '.2%')}."]
-    if compare:
+    if "loss_curve_gap" in report:
         gap = report["loss_curve_gap"]
         lines.append(f"Loss curves: largest step-by-step difference {_fmt(gap['max_abs'], '.3g')} "
                      f"(relative {_fmt(gap['max_rel'], '.3g')}).")
         if cfg["task"] == "fusion":
             lines.append("(The fusion variants draw different region masks, eager torch.rand against "
                          "region_mask's counter-based hash: their curves agree in distribution, not step by step.)")
-    if compare and report["machine"]["gpu"] is None:
+    if compare and cpu:
         lines.append("(On the CPU the patched model runs mmkernels' plain-PyTorch reference path: the kernels "
                      "need a GPU, so this run shows the same function and learning, not the speed-up.)")
     notes = [f"- {n}: {variants[n]['max_batch_note']}" for n in names if variants[n]["max_batch_note"]]
@@ -140,11 +199,17 @@ def plot(report: dict, path: str) -> None:
                      color=colours.get(n), linestyle=styles.get(n), linewidth=1.2, alpha=0.85)
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss per step")
     ax_loss.legend()
-    bars = [(ax_speed, "samples_per_s", 1.0, "samples/s (median)"),
+    speed_note = ("CPU: reference path, not a speed claim" if report["machine"]["gpu"] is None
+                  else "the variants interleaved")
+    bars = [(ax_speed, "samples_per_s", 1.0, f"samples/s, median and p20–p80\n({speed_note})"),
             (ax_mem, "peak_memory_bytes", MIB, f"peak memory, MiB\n({variants[names[0]]['memory_kind']})")]
     for ax, key, scale, title in bars:
         values = [(variants[n][key] or 0) / scale for n in names]
-        ax.bar(names, values, color=[colours.get(n) for n in names])
+        errors = None
+        if key == "samples_per_s" and all(variants[n].get("samples_per_s_p20") is not None for n in names):
+            errors = [[v - variants[n]["samples_per_s_p20"] for n, v in zip(names, values)],
+                      [variants[n]["samples_per_s_p80"] - v for n, v in zip(names, values)]]
+        ax.bar(names, values, color=[colours.get(n) for n in names], yerr=errors, capsize=6)
         for i, v in enumerate(values):
             ax.annotate(f"{v:.4g}", (i, v), ha="center", va="bottom")
         ax.set_title(title, fontsize=10)

@@ -1,8 +1,9 @@
-"""Tokenizers: a word-level tokenizer built in code for the synthetic captions, or a local one.
+"""Tokenizers: a word-level tokenizer built in code from the training captions, or a local one.
 
 Both are Hugging Face fast tokenizers, so the rest of the loop sees one interface:
 
     tok = word_level_tokenizer(synthetic.vocabulary())       # '[BOS] words [EOS]', [PAD] = 0
+    tok = caption_tokenizer(captions)                         # the same, over the captions' words
     tok = load_tokenizer("path/to/tokenizer_dir")             # AutoTokenizer, local files only
     ids, mask = encode(tok, captions, context_length=32)      # (N, L) int64 each, padded to L
 """
@@ -13,6 +14,14 @@ import os
 import torch
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]")
+MAX_CAPTION_WORDS = 32768
+TOKENIZER_FOLDER = (
+    "a Hugging Face tokenizer as save_pretrained writes it: tokenizer.json (a fast tokenizer) with its "
+    "tokenizer_config.json, or the vocabulary files of the tokenizer class its tokenizer_config.json names "
+    "(e.g. vocab.txt for BertTokenizer), with a padding token and an eos or sep token. To make one offline "
+    "from a vocab.txt: BertTokenizer(vocab='vocab.txt').save_pretrained(DIR); or leave --tokenizer "
+    "out to build a word-level tokenizer from the training captions"
+)
 
 
 def word_level_tokenizer(words: list[str]):
@@ -36,16 +45,33 @@ def word_level_tokenizer(words: list[str]):
     )
 
 
+def caption_tokenizer(captions, max_words: int = MAX_CAPTION_WORDS):
+    """word_level_tokenizer over the words of `captions` (lower-cased, split as the tokenizer splits
+    them): the `max_words` most frequent, ties in order of first appearance."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.Whitespace()
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for word, _ in split.pre_tokenize_str(caption.lower()):
+            counts[word] = counts.get(word, 0) + 1
+    words = sorted(counts, key=lambda w: -counts[w])[:max_words]  # a stable sort keeps first appearance
+    return word_level_tokenizer(words)
+
+
 def load_tokenizer(directory: str):
     """The tokenizer saved in `directory` (tokenizer.json / vocab files), never downloaded."""
     from transformers import AutoTokenizer
 
     if not os.path.isdir(directory):
-        raise ValueError(f"expected --tokenizer to be a local tokenizer directory, got {directory!r} (not a directory)")
+        raise ValueError(f"expected --tokenizer to be a local tokenizer directory, got {directory!r} (not a "
+                         f"directory); it must hold {TOKENIZER_FOLDER}")
     try:
         tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"could not load a tokenizer from {directory!r}: {err}") from err
+    except Exception as err:  # transformers raises OSError, ValueError, ImportError, ... for an unusable folder
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"could not load a tokenizer from --tokenizer {directory!r} ({type(err).__name__}: "
+                         f"{reason}); the folder must hold {TOKENIZER_FOLDER}") from err
     if tok.pad_token_id is None:
         raise ValueError(f"the tokenizer in {directory!r} has no padding token; set pad_token in its tokenizer_config.json")
     if end_token_id(tok) is None:
