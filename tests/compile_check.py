@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -192,11 +193,15 @@ def _region_scenarios():
                         torch.ones(batch, regions), feats, feats, mask, stats, kind, 1.0, target_grad, "triton")
 
 
-def _attention_scenarios():
+def _attention_scenarios(full: bool = True):
     """cross_attention: every padded head dim (16 .. 256) and one that is not a power of two; no
     mask, and every mask and length at once (additive mask with causal, and the bool mask without);
     fwd, the full backward and the dv-only backward. Lengths of 1024: the early prune keeps every
-    candidate of the head dim's group (shorter lengths keep a subset of them)."""
+    candidate of the head dim's group (shorter lengths keep a subset of them).
+
+    full=False (the default test run, within CI's time): the variant with the most live values
+    (every mask, length, causal and dropout at once), fp16 and fp32, the largest head dim of each
+    candidate group (64, 128, 256), the forward and the full backward."""
     ops = torch.ops.mmkernels
     batch, heads, length = 2, 2, 1024
     variants = {
@@ -204,8 +209,13 @@ def _attention_scenarios():
         "all+additive+causal": ("kv_lens", "q_lens", "kpm", "additive_mask", "causal", "dropout"),
         "all+bool": ("kv_lens", "q_lens", "kpm", "bool_mask", "dropout"),
     }
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for head_dim in (16, 32, 64, 128, 256, 80):
+    dtypes, head_dims, needs = ((torch.float16, torch.bfloat16, torch.float32), (16, 32, 64, 128, 256, 80),
+                                ((True, True, True), (False, False, True)))
+    if not full:
+        variants = {"all+additive+causal": variants["all+additive+causal"]}
+        dtypes, head_dims, needs = (torch.float16, torch.float32), (64, 128, 256), ((True, True, True),)
+    for dtype in dtypes:
+        for head_dim in head_dims:
             q = torch.randn(batch, heads, length, head_dim, dtype=dtype)
             for name, variant in variants.items():
                 on = set(variant)
@@ -223,7 +233,7 @@ def _attention_scenarios():
                 tag = f"{str(dtype)[6:]} d={head_dim} {name}"
                 yield f"attention {tag}", lambda: ops.cross_attention_fwd(*args)
                 stats = torch.zeros(batch, heads, 2, length)
-                for need in ((True, True, True), (False, False, True)):
+                for need in needs:
                     yield f"attention bwd {tag}", lambda: ops.cross_attention_bwd(
                         q, q, q, q, q, stats, *args[3:], *need)
 
@@ -232,6 +242,7 @@ FAMILIES = {
     "contrastive": _contrastive_scenarios,
     "region": _region_scenarios,
     "attention": _attention_scenarios,
+    "attention-ci": functools.partial(_attention_scenarios, full=False),
 }
 
 

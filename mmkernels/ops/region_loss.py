@@ -42,7 +42,7 @@ def _loss_blocks(dim: int, device: torch.device) -> dict:
     """Tile sizes. Under the interpreter: small enough that the tests cross every block edge."""
     if device.type != "cuda":
         return dict(BLOCK_R=8, BLOCK_K=64, num_warps=4)
-    return dict(BLOCK_R=4, BLOCK_K=min(1024, triton.next_power_of_2(dim)), num_warps=4)
+    return dict(BLOCK_R=4, BLOCK_K=min(512, triton.next_power_of_2(dim)), num_warps=4)
 
 
 def _loss_fwd_triton(pred, target, mask_u8, kind, beta, loss, stats):

@@ -35,6 +35,8 @@ def _masked_region_loss_fwd_kernel(
     s = tl.zeros((BLOCK_R,), dtype=tl.float32)
     tp = tl.zeros((BLOCK_R,), dtype=tl.float32)
     t_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    # smooth_l1 with beta = 0 (pure L1) never takes the quadratic branch: divide by 1 there, not by 0
+    quadratic_beta = tl.where(beta > 0, beta, 1.0)
     if tl.sum(selected.to(tl.int32), axis=0) > 0:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -47,8 +49,7 @@ def _masked_region_loss_fwd_kernel(
             elif KIND == 1:
                 d = p - t
                 ad = tl.abs(d)
-                # beta = 0 (pure L1) never takes the quadratic branch: divide by 1 there, not by 0
-                quadratic = 0.5 * d * d / tl.where(beta > 0, beta, 1.0)
+                quadratic = 0.5 * d * d / quadratic_beta
                 acc += tl.sum(tl.where(ad < beta, quadratic, ad - 0.5 * beta), axis=1)
             else:
                 p_m = tl.where(ld, p, float("-inf"))
