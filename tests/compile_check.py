@@ -61,6 +61,7 @@ class Launch:
     args: tuple
     kwargs: dict
     label: str
+    cc: int  # the target it was launched for (the attention launcher picks candidates per target)
 
 
 class _Recorder:
@@ -71,7 +72,7 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):
-            self.launches.append(Launch(self.kernel, args, dict(kwargs), self.label[0]))
+            self.launches.append(Launch(self.kernel, args, dict(kwargs), self.label[0], self.label[1]))
 
         return record
 
@@ -91,7 +92,7 @@ class _TunedRecorder:
                      else lambda configs, named_args, **kw: configs)
             for config in prune(configs, named, **kwargs):
                 options = dict(kwargs, **config.all_kwargs())
-                self.launches.append(Launch(self.tuner.fn, args, options, self.label[0]))
+                self.launches.append(Launch(self.tuner.fn, args, options, self.label[0], self.label[1]))
 
         return record
 
@@ -123,7 +124,8 @@ def _cuda_choices(launches: list, label: list):
         for module in (region, region_loss):
             patch(module, "launch_device", lambda t: contextlib.nullcontext())
         patch(attention, "interpreting", lambda: False)
-        patch(attention, "_tuned", lambda name: _TunedRecorder(tuned(name), launches, label))
+        patch(attention, "_tuned", lambda name, capability: _TunedRecorder(tuned(name, capability), launches, label))
+        patch(torch.cuda, "get_device_capability", lambda device=None: divmod(label[1], 10))
         for module, kernel_module in ((contrastive_kernels, contrastive_kernels), (region, region_kernels),
                                       (region_loss, region_loss_kernels)):
             for name, value in vars(kernel_module).items():
@@ -250,10 +252,11 @@ def record_launches(families=tuple(FAMILIES)) -> dict:
     """{family: [Launch]}: what the launchers of each family launch on CUDA for its scenarios."""
     recorded = {}
     for family in families:
-        launches, label = [], [""]
+        launches, label = [], ["", 0]  # (scenario, target)
         with _cuda_choices(launches, label), torch.no_grad():
-            for label[0], run in FAMILIES[family]():
-                run()
+            for label[1] in TARGETS:
+                for label[0], run in FAMILIES[family]():
+                    run()
         recorded[family] = launches
     return recorded
 
@@ -466,6 +469,14 @@ class Row:
         return next((t for _, t in self.job.signature if t[1:] in ("fp16", "bf16")), "*fp32" if "fp32" in pointers
                     else "*")[1:]
 
+    def _mma_sync_documented(self) -> bool:
+        """The attention head dims whose sm_90 candidates are mma.sync tiles, with the reason in a
+        comment beside attention.SM90_MMA_SYNC_HEAD_DIMS."""
+        from mmkernels.ops import attention
+
+        return self.kernel.startswith("_cross_attention") and \
+            self.constexprs.get("BLOCK_D") in attention.SM90_MMA_SYNC_HEAD_DIMS
+
     def problems(self) -> list:
         r, cc = self.result, self.job.cc
         if r["error"]:
@@ -478,7 +489,8 @@ class Row:
         need = MIN_BLOCKS.get(self.kernel)
         if need and blocks_per_sm(r, self.num_warps, cc) < need:
             found.append(f"{blocks_per_sm(r, self.num_warps, cc)} block(s) per SM < {need}")
-        if cc == 90 and r["mma_sync"] and not r["wgmma"] and self.dtype in ("fp16", "bf16"):
+        if cc == 90 and r["mma_sync"] and not r["wgmma"] and self.dtype in ("fp16", "bf16") \
+                and not self._mma_sync_documented():
             found.append("fp16/bf16 matrix product without wgmma on sm_90")
         return found
 
@@ -487,7 +499,7 @@ def build_rows(launches: list) -> list:
     """One Row per unique (kernel specialisation, target), compiled (or from the cache)."""
     jobs, labels = {}, {}
     for launch in launches:
-        for cc in TARGETS:
+        for cc in (launch.cc,):
             job = specialise(launch, cc)
             jobs[job.key] = job
             labels.setdefault(job.key, [])

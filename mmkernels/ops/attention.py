@@ -93,7 +93,7 @@ _SM80_CANDIDATES = {
         256: [(32, 16, 4, 2), (32, 16, 8, 2)],
     },
     "dkdv": {
-        "small": [(16, 64, 4, 3)],
+        "small": [(16, 64, 4, 2), (16, 32, 4, 3)],
         128: [(16, 64, 8, 3)],
         256: [(16, 32, 8, 2), (32, 32, 8, 2)],
     },
@@ -101,7 +101,8 @@ _SM80_CANDIDATES = {
 # At d = 256 every warpgroup tile tried on sm_90 (64 or 128 rows, 4 or 8 warps, 1 or 2 stages)
 # spills: the 64 x 256 fp32 accumulator of p·v, kept live by the asynchronous wgmma while the next
 # block's scores, masks and dropout bits are computed, leaves too few of the 255 registers. That
-# head dim runs 32-row tiles there (mma.sync).
+# head dim runs 32-row tiles there (mma.sync); the compile check reads this set.
+SM90_MMA_SYNC_HEAD_DIMS = frozenset({256})
 _SM90_CANDIDATES = {
     "fwd": {
         "small": [(64, 32, 4, 3), (128, 32, 8, 3)],
@@ -137,7 +138,7 @@ _FP32_CANDIDATES = {
     },
     "dkdv": {
         "small": [(16, 16, 8, 2)],
-        128: [(16, 16, 4, 2)],
+        128: [(16, 16, 4, 1)],
         256: [(16, 16, 8, 1)],
     },
 }
