@@ -84,7 +84,7 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 _SM80_CANDIDATES = {
     "fwd": {
         "small": [(64, 32, 4, 3)],
-        128: [(64, 32, 8, 3)],
+        128: [(64, 32, 8, 3, 168)],
         256: [(32, 16, 4, 2)],
     },
     "dq": {
@@ -93,7 +93,7 @@ _SM80_CANDIDATES = {
         256: [(32, 16, 4, 2), (32, 16, 8, 2)],
     },
     "dkdv": {
-        "small": [(16, 64, 4, 2), (16, 32, 4, 3)],
+        "small": [(16, 64, 4, 2)],
         128: [(16, 64, 8, 3)],
         256: [(16, 32, 8, 2), (32, 32, 8, 2)],
     },
@@ -117,29 +117,31 @@ _SM90_CANDIDATES = {
     "dkdv": {
         "small": [(16, 64, 4, 3), (32, 128, 8, 3)],
         128: [(16, 64, 8, 3)],
-        256: [(16, 16, 4, 2), (16, 32, 8, 2), (32, 32, 8, 2)],
+        256: [(16, 16, 4, 2), (16, 32, 8, 2)],
     },
 }
 # fp32 runs DOT_PRECISION="ieee": FMA products, as accurate as eager fp32 (tf32 products would not
 # meet the numerics rule, an error at most 2x eager fp32's against float64). An FMA product holds
 # each thread's rows and columns of both operands over the whole head dim in registers, so only
-# small tiles compile without spills (from d = 128 on, 8 warps share a 16 x 16 tile); the same ones
-# on every target.
+# small tiles compile without spills (8 warps share a 16 x 16 tile where the head dim needs it); the same ones
+# on every target. Left to itself ptxas caps some of these at 80 or 128 registers and spills a few
+# bytes (an occupancy step it aims at); the fifth entry, `maxnreg` = 255, lifts that cap (a lower
+# explicit cap, 128 or 168, spills more).
 _FP32_CANDIDATES = {
     "fwd": {
-        "small": [(16, 16, 4, 2), (32, 16, 4, 2)],
-        128: [(16, 16, 8, 2)],
-        256: [(16, 16, 4, 2)],
+        "small": [(16, 16, 4, 2, 255), (32, 16, 4, 2, 255)],
+        128: [(16, 16, 8, 2, 255)],
+        256: [(16, 16, 8, 2, 255)],
     },
     "dq": {
-        "small": [(16, 16, 4, 2)],
-        128: [(16, 16, 8, 2)],
-        256: [(16, 16, 4, 2)],
+        "small": [(16, 16, 4, 2, 255)],
+        128: [(16, 16, 8, 2, 255)],
+        256: [(16, 16, 8, 2, 255)],
     },
     "dkdv": {
-        "small": [(16, 16, 8, 2)],
-        128: [(16, 16, 4, 1)],
-        256: [(16, 16, 8, 1)],
+        "small": [(16, 16, 8, 2, 255)],
+        128: [(16, 16, 4, 1, 255)],
+        256: [(16, 16, 8, 1, 255)],
     },
 }
 _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HAS_KV_LENS", "HAS_Q_LENS", "HAS_KPM", "MASK_KIND",
@@ -159,8 +161,8 @@ def _candidate_tables(dtype: torch.dtype, capability: tuple[int, int]) -> dict:
 
 
 def attention_candidates(kernel: str, block_d: int, dtype: torch.dtype,
-                         capability: tuple[int, int]) -> list[tuple[int, int, int, int]]:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs that the CUDA autotuner tries for one of
+                         capability: tuple[int, int]) -> list[tuple[int, ...]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) configs that the CUDA autotuner tries for one of
     the kernels ("fwd", "dq" or "dkdv") at a padded head dim (BLOCK_D: 16, 32, 64, 128 or 256), an
     input dtype and a device's compute capability, e.g. (9, 0). Capabilities below 9 take the
     sm_80 list, 9 and above the sm_90 one (devices with less shared memory than the A100 skip the
@@ -169,7 +171,15 @@ def attention_candidates(kernel: str, block_d: int, dtype: torch.dtype,
 
 
 def _shape_of(config) -> tuple:
-    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+    shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    return shape + ((config.maxnreg,) if config.maxnreg is not None else ())
+
+
+def _config(shape: tuple):
+    """A candidate (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) as a triton.Config."""
+    block_m, block_n, warps, stages, *maxnreg = shape
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg[0] if maxnreg else None)
 
 
 def _candidates_for(kernel: str, capability: tuple[int, int]):
@@ -193,7 +203,7 @@ def _candidates_for(kernel: str, capability: tuple[int, int]):
         for group in _candidate_tables(dtype, capability)[kernel].values()
         for shape in group
     })
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    configs = [_config(shape) for shape in shapes]
     return configs, prune
 
 
