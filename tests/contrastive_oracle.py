@@ -89,7 +89,7 @@ def magnitudes(loss_name: str, leaves64, normalize: bool, smoothing: float = 0.0
     # d x_i = Σ_j dL/dS_ij · s · y_j moves with each logit's rounding through the loss's curvature
     # c_ij = ∂²L/∂S_ij² (σ(z)σ(-z)/N for SigLIP, p(1 - p)/N per softmax direction): by c_ij · δS_ij ·
     # s|y_j| with δS_ij = s·Σ_k|x_ik y_jk| · u, large against the gradient where the logit's dot
-    # product cancels (SigLIP, N = 1, D = 16: d image_emb 2.2x its own size's floor, seed 150860644).
+    # product cancels (SigLIP with N = 1, say).
     with torch.no_grad():
         if loss_name == "siglip":
             z = signs * (logits + leaves64[3])

@@ -199,7 +199,7 @@ def test_autocast_changes_nothing(path, dtype, backward, device):
     """Under torch.autocast (bf16) cross_attention computes as it documents (scores and softmax in
     fp32 from the inputs' own dtype, the output in that dtype): output and gradients are those
     without autocast, bit for bit, whether the backward runs inside the autocast region or after
-    it. (Autocast once ran the reference path's products in bf16.)"""
+    it."""
     if path == "kernels" and dtype == torch.bfloat16 and device.type == "cpu":
         pytest.skip("bf16 on the CPU takes the reference path")
     (q, k, v), args = make_inputs(CASES["additive_mask_kv_lens"], dtype, device)

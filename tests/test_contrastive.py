@@ -230,8 +230,7 @@ def autocast_values_and_grads(fn, leaves, device, backward: str):
 def test_autocast_changes_nothing(path, loss_name, dtype, backward, device, monkeypatch):
     """Under torch.autocast (bf16) a loss computes as its contract says: the logits from the inputs'
     own dtype with fp32 accumulation, an fp32 loss; the same loss and gradients as without autocast,
-    bit for bit, whether the backward runs inside the autocast region or after it. (Autocast once
-    ran the reference path's products in bf16: ~1e-3 off, and SigLIP's loss came back in bf16.)"""
+    bit for bit, whether the backward runs inside the autocast region or after it."""
     if path == "reference":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         device = torch.device("cpu")
