@@ -36,6 +36,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from mmkernels.integrations.patching import _load_patchers
+
 __all__ = ["ALLOW_ENV", "declare", "declared", "fingerprint", "incompatibility", "unrecorded"]
 
 ALLOW_ENV = "MMKERNELS_PATCH_UNTESTED_TRANSFORMERS"
@@ -136,11 +138,10 @@ def _short(name: str) -> str:
 
 def _tested_versions(names) -> str:
     recorded = _recorded()
-    versions = sorted({v for name in names for vs in recorded.get(name, {}).values() for v in vs},
-                      key=lambda v: tuple(int(p) if p.isdigit() else 0 for p in v.split(".")))
+    versions = sorted({v for name in names for vs in recorded.get(name, {}).values() for v in vs}, key=_version_key)
     if not versions:
         return "no recorded release"
-    return versions[0] if len(versions) == 1 else f"transformers {versions[0]} to {versions[-1]}"
+    return f"transformers {versions[0]}" + (f" to {versions[-1]}" if len(versions) > 1 else "")
 
 
 def incompatibility(key: str) -> str | None:
@@ -168,14 +169,8 @@ def clear_cache() -> None:
     _warned.clear()
 
 
-def _load_patcher_modules() -> None:
-    from mmkernels.integrations.patching import _load_patchers
-
-    _load_patchers()
-
-
 def _record(version: str, root: str | None) -> int:
-    _load_patcher_modules()
+    _load_patchers()
     recorded = {name: {fp: tuple(vs) for fp, vs in fps.items()} for name, fps in _recorded().items()}
     missing = []
     for names in _DECLARED.values():
@@ -208,7 +203,7 @@ def _version_key(version: str):
 
 
 def _check() -> int:
-    _load_patcher_modules()
+    _load_patchers()
     import transformers
 
     bad = 0
