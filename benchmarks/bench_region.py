@@ -19,7 +19,7 @@ the peak memory above the inputs.
 
 When both mmkernels (Triton) and mmkernels-cuda ran, the end of the run prints, per op, which of the
 two is faster over all cases (the sum of their medians) and the AUTO_CUDA_BACKEND entry to set in
-mmkernels/ops/_extension.py (unmeasured until then).
+mmkernels/ops/_dispatch.py (unmeasured until then).
 """
 import os
 from collections import defaultdict
@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from mmkernels.bench.cases import cases_for, run_case
-from mmkernels.ops._extension import AUTO_CUDA_BACKEND
+from mmkernels.ops._dispatch import AUTO_CUDA_BACKEND
 
 MODE = os.environ.get("MMKERNELS_BENCH_MODE", "full")
 SELECTED = [(case, provider) for case in cases_for(MODE, ["region"]) for provider in case.providers]
@@ -63,7 +63,7 @@ def auto_cuda_backend_report(request):
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
         print("\nAUTO_CUDA_BACKEND, measured on " + torch.cuda.get_device_name() + ":\n  "
-              + "\n  ".join(lines) + f"\n  set in mmkernels/ops/_extension.py: AUTO_CUDA_BACKEND = {{{table}}}")
+              + "\n  ".join(lines) + f"\n  set in mmkernels/ops/_dispatch.py: AUTO_CUDA_BACKEND = {{{table}}}")
 
 
 @pytest.mark.parametrize("case,provider", SELECTED, ids=[f"{case.id}-{provider}" for case, provider in SELECTED])

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from mmkernels.ops import contrastive as _blocks
 from mmkernels.ops import contrastive_kernels as _kernels
-from mmkernels.ops._common import check_embedding_pair, triton_enabled
+from mmkernels.ops._args import check_embedding_pair
+from mmkernels.ops._dispatch import triton_enabled
 
 # --------------------------------------------------------------------------- gradient scaling
 

@@ -69,7 +69,7 @@ from mmkernels._distributed_plan import (
     runs_gradient_pass,
 )
 from mmkernels.ops import contrastive as _blocks
-from mmkernels.ops._common import scalar_tensor
+from mmkernels.ops._args import scalar_tensor
 
 __all__ = ["clip_loss", "siglip_loss"]
 

@@ -30,7 +30,12 @@ os.environ.setdefault("MMKERNELS_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
 
-import toolkit  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative import)
+# The shared helpers (toolkit.py, contrastive_oracle.py, attention_checks.py, compile_check.py) live
+# in tests/ beside this file; the tests live in folders that mirror the package (tests/ops/, tests/nn/,
+# ...), so tests/ goes on sys.path for them.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import toolkit  # noqa: E402
 
 
 def pytest_runtest_setup(item):

@@ -1,4 +1,4 @@
-"""The numerics rule for the contrastive losses, shared by tests/test_contrastive*.py and test_info_nce.py.
+"""The numerics rule for the contrastive losses, shared by tests/ops/test_contrastive*.py and test_info_nce.py.
 
 `check_clip` / `check_siglip` / `check_info_nce` take what a path computed (the loss and the gradients
 of its leaves) and hold each output to DESIGN.md's rule against the float64 reference, with the eager

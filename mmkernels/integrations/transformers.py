@@ -39,7 +39,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
-from mmkernels.ops.attention import check_bool, cross_attention
+from mmkernels.ops._args import check_bool
+from mmkernels.ops.attention import cross_attention
 
 __all__ = ["BACKEND_NAME", "register", "mmkernels_attention_forward", "mmkernels_attention_mask"]
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from mmkernels.ops.attention import check_bool, check_lengths, check_real, cross_attention, describe_type
+from mmkernels.ops._args import check_bool, check_lengths, check_real, describe_type
+from mmkernels.ops.attention import cross_attention
 
 __all__ = ["CrossModalAttention", "multi_head_attention_forward"]
 

@@ -1,4 +1,4 @@
-"""What every op file shares: the Triton import, the backend choice and input checks.
+"""What every op file shares: the Triton import, the kernel dtypes, autocast and output buffers.
 
 Triton is optional at import time (it installs on Linux only). Without it, `triton.jit` is a
 no-op decorator so the op files still import, and every op takes its reference path.
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable
 
 import torch
 
@@ -39,14 +38,8 @@ __all__ = [
     "HAS_TRITON",
     "triton",
     "tl",
-    "interpreting",
-    "triton_enabled",
     "autocast_off",
     "without_autocast",
-    "check_float_tensor",
-    "check_same_device",
-    "check_choice",
-    "scalar_tensor",
     "last_dim_contiguous",
     "new_output",
     "poisoning_outputs",
@@ -54,28 +47,6 @@ __all__ = [
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1, where the Triton kernels run on the CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_enabled(*tensors: torch.Tensor) -> bool:
-    """Whether these tensors go to the Triton kernels (CUDA, or CPU under the interpreter).
-
-    float64 always takes the reference path: it is the oracle's dtype, not a training dtype.
-    bfloat16 on the CPU takes it too: Triton's interpreter reads bf16 as raw 16-bit integers and
-    has no bf16 dot (upstream: not supported), so the kernels would return garbage there.
-    """
-    if not HAS_TRITON:
-        return False
-    t = tensors[0]
-    if t.dtype not in KERNEL_DTYPES:
-        return False
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and interpreting() and t.dtype != torch.bfloat16
 
 
 def autocast_off(t: torch.Tensor):
@@ -131,82 +102,6 @@ def without_autocast(fn, *args):
         with off:
             return fn(*args)
     return _AutocastOff.apply(fn, args, positions, first.device.type, *(args[i] for i in positions))
-
-
-def check_float_tensor(name: str, t, ndim: int | None = None, shape_doc: str = "") -> None:
-    """Raise TypeError/ValueError naming `name` unless `t` is a floating tensor of `ndim` dims."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"expected {name} to be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"expected {name} to be a floating-point tensor, got dtype {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        doc = f" {shape_doc}" if shape_doc else ""
-        raise ValueError(f"expected {name} to be {ndim}-D{doc}, got shape {tuple(t.shape)}")
-
-
-def check_same_device(named: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Raise ValueError if the given tensors are not all on one device."""
-    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor)]
-    devices = {t.device for _, t in named}
-    if len(devices) > 1:
-        seen = ", ".join(f"{n} on {t.device}" for n, t in named)
-        raise ValueError(f"expected all inputs on one device, got {seen}")
-
-
-def check_embedding_pair(a, b, names: tuple[str, str], rows: tuple[str, str] = ("N", "N"),
-                         same_rows: str | None = None) -> None:
-    """Two (rows, D) float embedding matrices `a`, `b` named `names`: on one device, one dtype, the
-    same D >= 1; with `same_rows` (what their rows are, "pairs N"), the same number of rows."""
-    name_a, name_b = names
-    check_float_tensor(name_a, a, 2, f"({rows[0]}, D)")
-    check_float_tensor(name_b, b, 2, f"({rows[1]}, D)")
-    check_same_device([(name_a, a), (name_b, b)])
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"expected {name_a} and {name_b} to have the same last dimension, got {a.shape[1]} and {b.shape[1]}"
-        )
-    if a.dtype != b.dtype:
-        raise TypeError(f"expected {name_a} and {name_b} to share a dtype, got {a.dtype} and {b.dtype}")
-    if a.shape[1] == 0:
-        raise ValueError("expected an embedding dimension D >= 1, got D = 0")
-    if same_rows is not None and a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"expected {name_a} and {name_b} to hold the same number of {same_rows}, got {a.shape[0]} and {b.shape[0]}"
-        )
-
-
-def check_choice(name: str, value, choices) -> None:
-    """Raise ValueError naming `name` unless `value` is one of the strings `choices`."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"expected {name} to be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """A Python number or 0-dim (or 1-element) tensor as a 0-dim fp32 tensor on `like`'s device.
-
-    Gradients flow through the conversion when `value` is a tensor that requires grad.
-    """
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"expected {name} to be a scalar (a Python float or a 0-dim tensor), "
-                f"got a tensor of shape {tuple(value.shape)}"
-            )
-        if not value.is_floating_point():
-            raise TypeError(f"expected {name} to be a floating-point scalar, got dtype {value.dtype}")
-        if value.device != like.device:
-            raise ValueError(
-                f"expected {name} on the inputs' device {like.device}, got {value.device}"
-            )
-        return value.reshape(()).to(torch.float32 if like.dtype != torch.float64 else torch.float64)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected {name} to be a float or a 0-dim tensor, got {type(value).__name__}")
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    # Rounded on the host as torch.tensor rounds it (a value past the dtype's range to ±inf, which
-    # torch.full would refuse), then filled on the device: torch.tensor(value, device="cuda") copies
-    # from the host and waits for the GPU.
-    rounded = torch.tensor(float(value), dtype=dtype).item()
-    return torch.full((), rounded, dtype=dtype, device=like.device)
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -13,25 +13,16 @@ torch.autocast too (autocast off for its work, forward and backward).
 from __future__ import annotations
 
 import functools
-import numbers
-import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from mmkernels.ops import reference
-from mmkernels.ops._common import (
-    autocast_off,
-    check_float_tensor,
-    check_same_device,
-    interpreting,
-    last_dim_contiguous,
-    new_output,
-    triton,
-    triton_enabled,
-    without_autocast,
-)
+from mmkernels.ops._args import check_bool, check_lengths, check_real, describe_type
+from mmkernels.ops._args import check_float_tensor, check_same_device
+from mmkernels.ops._common import autocast_off, last_dim_contiguous, new_output, triton, without_autocast
+from mmkernels.ops._dispatch import interpreting, triton_enabled
 from mmkernels.ops.attention_kernels import (
     LOG2E,
     MASK_ADDITIVE,
@@ -42,7 +33,7 @@ from mmkernels.ops.attention_kernels import (
     _cross_attention_fwd_kernel,
 )
 
-__all__ = ["cross_attention", "attention_candidates", "check_bool", "check_real", "check_lengths", "describe_type", "draw_dropout_seed",
+__all__ = ["cross_attention", "attention_candidates", "draw_dropout_seed",
            "LAYOUTS", "MAX_HEAD_DIM"]
 
 LAYOUTS = ("bhld", "blhd")
@@ -447,51 +438,6 @@ def draw_dropout_seed(generator: Optional[torch.Generator], device: torch.device
 
 
 # --------------------------------------------------------------------------- input checks
-
-
-def describe_type(value) -> str:
-    """A value's type as an error message names it: `int`, `numpy.int64`, `torch.Tensor`."""
-    kind = type(value)
-    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__qualname__}"
-
-
-def check_bool(name: str, value) -> bool:
-    """`value` as a Python bool: a bool or a numpy.bool_ (numpy bools are bools); TypeError otherwise."""
-    if isinstance(value, bool):
-        return value
-    numpy = sys.modules.get("numpy")  # a numpy bool can only exist where numpy is imported
-    if numpy is not None and isinstance(value, numpy.bool_):
-        return bool(value)
-    raise TypeError(f"expected {name} to be a bool (or numpy.bool_), got {describe_type(value)}")
-
-
-def check_real(name: str, value, *, optional: bool = False) -> None:
-    """Raise TypeError unless `value` is a real number (Python or numpy; not a bool), or None if optional."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        expected = "a float or None" if optional else "a float"
-        raise TypeError(f"expected {name} to be {expected}, got {describe_type(value)}")
-
-
-def check_lengths(name: str, lens, batch: int, limit: int, limit_name: str, device: torch.device) -> None:
-    """Raise unless `lens` is None or a (batch,) int32/int64 tensor on `device` or the CPU, with
-    values in [0, limit] (checked only where that needs no GPU sync: on the CPU, outside torch.compile)."""
-    if lens is None:
-        return
-    if not isinstance(lens, torch.Tensor):
-        raise TypeError(f"expected {name} to be a torch.Tensor of shape ({batch},), got {type(lens).__name__}")
-    if lens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"expected {name} to have dtype int32 or int64, got {lens.dtype}")
-    if tuple(lens.shape) != (batch,):
-        raise ValueError(f"expected {name} to have shape ({batch},) (one length per sample), got {tuple(lens.shape)}")
-    if lens.device != device and lens.device.type != "cpu":
-        raise ValueError(f"expected {name} on {device} (or on the CPU), got {lens.device}")
-    # Values are checked where that costs no GPU sync; on the GPU the kernels clamp them to [0, limit].
-    if lens.device.type == "cpu" and not torch.compiler.is_compiling() and lens.numel() > 0:
-        low, high = int(lens.min()), int(lens.max())
-        if low < 0 or high > limit:
-            raise ValueError(f"expected {name} in [0, {limit_name}={limit}], got values from {low} to {high}")
 
 
 def _check_on_device(name: str, t: Tensor, device: torch.device) -> None:

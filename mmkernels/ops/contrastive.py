@@ -29,16 +29,9 @@ import torch
 
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops import reference
-from mmkernels.ops._common import (
-    autocast_off,
-    check_embedding_pair,
-    check_float_tensor,
-    check_same_device,
-    last_dim_contiguous,
-    scalar_tensor,
-    triton_enabled,
-    without_autocast,
-)
+from mmkernels.ops._args import check_embedding_pair, check_float_tensor, check_same_device, scalar_tensor
+from mmkernels.ops._common import autocast_off, last_dim_contiguous, without_autocast
+from mmkernels.ops._dispatch import triton_enabled
 
 __all__ = [
     "clip_loss",

@@ -22,7 +22,9 @@ import torch
 
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops import reference
-from mmkernels.ops._common import autocast_off, check_embedding_pair, scalar_tensor, triton_enabled, without_autocast
+from mmkernels.ops._args import check_embedding_pair, scalar_tensor
+from mmkernels.ops._common import autocast_off, without_autocast
+from mmkernels.ops._dispatch import triton_enabled
 from mmkernels.ops.contrastive import (
     _check_flag,
     _check_label_smoothing,

@@ -9,7 +9,7 @@ everywhere.
 One chain per pass: `_region_mask_fwd_kernel` (Triton; csrc/region_mask.cu for CUDA) →
 `_region_mask_fwd_triton` / `_region_mask_fwd_cuda` (launchers) → `torch.ops.mmkernels.region_mask_fwd`
 (registered op, with its backward `region_mask_bwd` as autograd) → `mmkernels.region_mask`.
-The backend is chosen once per call by `_extension.resolve_backend`.
+The backend is chosen once per call by `_dispatch.resolve_backend`.
 
 Work: the forward reads each existing input row at most once per copy it makes and writes B·R·D
 elements; the backward reads the gradient of the kept, masked and copied rows and writes B·R·D
@@ -22,15 +22,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from mmkernels.ops import _extension, reference
-from mmkernels.ops._common import (
-    check_choice,
-    check_float_tensor,
-    check_same_device,
-    last_dim_contiguous,
-    new_output,
-    triton,
-)
-from mmkernels.ops._extension import DTYPE_CODE, check_backend, cuda_stream, launch_device, resolve_backend
+from mmkernels.ops._args import check_choice, check_float_tensor, check_same_device
+from mmkernels.ops._common import last_dim_contiguous, new_output, triton
+from mmkernels.ops._dispatch import check_backend, resolve_backend
+from mmkernels.ops._extension import DTYPE_CODE, cuda_stream, launch_device
 from mmkernels.ops.region_kernels import (
     _region_mask_bwd_kernel,
     _region_mask_fwd_kernel,
@@ -369,7 +364,7 @@ def region_mask(
         generator: a CPU torch.Generator; the default generator when None. Two 31-bit seeds are
             drawn from it; the same seeds give the same mask on every backend.
         backend: "auto", "triton", "cuda" (the compiled extension mmkernels._C) or "torch" (the
-            reference). "auto" runs CUDA tensors on mmkernels.ops._extension.AUTO_CUDA_BACKEND's
+            reference). "auto" runs CUDA tensors on mmkernels.ops._dispatch.AUTO_CUDA_BACKEND's
             choice, CPU float32/float16 on the Triton kernels under TRITON_INTERPRET=1, and
             everything else (CPU bfloat16 included) on the reference; "triton" on a CPU bfloat16
             tensor raises (Triton's interpreter has no bfloat16 support).

@@ -7,7 +7,7 @@ other than 0.
 One chain per pass: `_masked_region_loss_fwd_kernel` (Triton, region_loss_kernels.py; CUDA:
 csrc/region_loss.cu) → `_loss_fwd_triton` / `_loss_fwd_cuda` (launchers) →
 `torch.ops.mmkernels.masked_region_loss_fwd` (registered op, with `masked_region_loss_bwd` as its
-autograd) → `mmkernels.masked_region_loss`. The backend is chosen by `_extension.resolve_backend`.
+autograd) → `mmkernels.masked_region_loss`. The backend is chosen by `_dispatch.resolve_backend`.
 
 Work: the forward reads the selected rows of pred and target once; the backward reads them again
 and writes the (B, R, K) gradient of pred (and of target when asked). No matrix products.
@@ -17,15 +17,10 @@ from __future__ import annotations
 import torch
 
 from mmkernels.ops import _extension, reference
-from mmkernels.ops._common import (
-    check_choice,
-    check_float_tensor,
-    check_same_device,
-    last_dim_contiguous,
-    new_output,
-    triton,
-)
-from mmkernels.ops._extension import DTYPE_CODE, check_backend, cuda_stream, launch_device, resolve_backend
+from mmkernels.ops._args import check_choice, check_float_tensor, check_same_device
+from mmkernels.ops._common import last_dim_contiguous, new_output, triton
+from mmkernels.ops._dispatch import check_backend, resolve_backend
+from mmkernels.ops._extension import DTYPE_CODE, cuda_stream, launch_device
 from mmkernels.ops.region_loss_kernels import _masked_region_loss_bwd_kernel, _masked_region_loss_fwd_kernel
 
 __all__ = ["masked_region_loss"]

@@ -14,7 +14,7 @@ import mmkernels
 from contrastive_oracle import LOSS_CASES, NAMES, check_clip, check_siglip, random_leaves
 from mmkernels.ops import contrastive, reference
 from mmkernels.ops import contrastive_kernels as kernels
-from mmkernels.ops._common import triton_enabled
+from mmkernels.ops._dispatch import triton_enabled
 from toolkit import (OpTrace, assert_no_host_sync, eager_siglip_loss, fresh_seed, needs_triton, seeded_generator,
                      value_and_grads)
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from mmkernels.nn.region import RegionMasker
-from mmkernels.ops import _common, _extension, reference
-from mmkernels.ops._common import interpreting
+from mmkernels.ops import _common, _dispatch, _extension, reference
+from mmkernels.ops._dispatch import interpreting
 from mmkernels.ops import region as region_op
-from mmkernels.ops._extension import AUTO_CUDA_BACKEND, cuda_extension_available, resolve_backend
+from mmkernels.ops._dispatch import AUTO_CUDA_BACKEND, resolve_backend
+from mmkernels.ops._extension import cuda_extension_available
 from mmkernels.ops.region import RegionMaskOutput, region_mask
 from mmkernels.ops.region_loss import masked_region_loss
 from toolkit import CUDA, OpTrace, assert_within_rule, fresh_seed, needs_triton, value_and_grads
@@ -344,7 +345,7 @@ def test_triton_kernels_compile_for_sm90_and_the_hash_has_no_overflow_checks(tmp
     script = tmp_path / "compile_for_sm90.py"
     script.write_text(COMPILE_FOR_SM90)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile, do not replay a cached build
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -419,16 +420,16 @@ def test_auto_on_the_cpu_runs_the_interpreted_kernels_for_fp32_and_fp16_only(dty
 @pytest.mark.parametrize("op", ["region_mask", "masked_region_loss"])
 @pytest.mark.parametrize("entry", ["triton", "cuda"])
 def test_auto_on_cuda_tensors_takes_the_table_entry_and_falls_back(op, entry, monkeypatch):
-    """backend="auto" on CUDA tensors runs AUTO_CUDA_BACKEND[op] (unmeasured: see _extension.py);
+    """backend="auto" on CUDA tensors runs AUTO_CUDA_BACKEND[op] (unmeasured: see _dispatch.py);
     "cuda" without the extension runs "triton", "triton" without triton runs "cuda" or "torch"."""
     on_gpu = SimpleNamespace(dtype=torch.bfloat16, is_cuda=True, device=torch.device("cuda"))
     monkeypatch.setitem(AUTO_CUDA_BACKEND, op, entry)
-    monkeypatch.setattr(_extension, "HAS_TRITON", True)
+    monkeypatch.setattr(_dispatch, "HAS_TRITON", True)
     monkeypatch.setattr(_extension, "_C", SimpleNamespace())
     assert resolve_backend(op, "auto", on_gpu) == entry
     monkeypatch.setattr(_extension, "_C", None)
     assert resolve_backend(op, "auto", on_gpu) == "triton"
-    monkeypatch.setattr(_extension, "HAS_TRITON", False)
+    monkeypatch.setattr(_dispatch, "HAS_TRITON", False)
     assert resolve_backend(op, "auto", on_gpu) == "torch"
     monkeypatch.setattr(_extension, "_C", SimpleNamespace())
     assert resolve_backend(op, "auto", on_gpu) == "cuda"

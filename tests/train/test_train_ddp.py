@@ -14,7 +14,7 @@ import torch
 from mmkernels.train import run
 from toolkit import assert_within_rule, fresh_seed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 300
 
 

@@ -4,7 +4,7 @@ lengths, causality, dropout, layouts, and NaN/Inf injected anywhere (inside and 
 in q, k, v and the additive mask). Each case prints nothing unless it fails; its seed is in the
 failure report (replay with MMKERNELS_TEST_SEED=<seed>).
 
-    MMKERNELS_SWEEP_CASES=500 pytest -m slow tests/test_attention_sweep.py   # a longer sweep
+    MMKERNELS_SWEEP_CASES=500 pytest -m slow tests/ops/test_attention_sweep.py   # a longer sweep
 
 CI runs the default budget (MMKERNELS_SWEEP_CASES, 20 cases): shapes stay within two blocks of
 the interpreter's 32 × 32 tiles so that each case costs about a second.

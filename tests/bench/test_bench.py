@@ -13,7 +13,7 @@ import pytest
 from mmkernels.bench.cases import cases_for
 from mmkernels.bench.report import COLUMNS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # providers that run on any CPU, per kernel (the rest need CUDA or a peer from pip)
 CPU_PROVIDERS = {
     "clip_loss": {"mmkernels", "eager", "torch.compile"},

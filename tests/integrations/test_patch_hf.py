@@ -56,7 +56,7 @@ from toolkit import (  # noqa: E402
     use_path,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 hf_logging.set_verbosity_error()  # tiny vocabularies make transformers warn about token ids
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)

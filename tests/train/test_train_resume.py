@@ -15,7 +15,7 @@ import torch
 from mmkernels.train import checkpoint
 from toolkit import fresh_seed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 600
 
 

@@ -7,7 +7,8 @@ import torch
 from contrastive_oracle import NAMES, check_clip, check_siglip, random_leaves
 from mmkernels.ops import contrastive
 from mmkernels.ops import contrastive_kernels as kernels
-from mmkernels.ops._common import HAS_TRITON, interpreting
+from mmkernels.ops._common import HAS_TRITON
+from mmkernels.ops._dispatch import interpreting
 from toolkit import OpTrace, assert_within_rule, fresh_seed, value_and_grads
 
 PATHS = ["reference", pytest.param("kernels", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton"))]

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import mmkernels.distributed as mmd
 from mmkernels._ring import ring_schedule
 from mmkernels.ops import contrastive_kernels as _kernels
-from mmkernels.ops._common import HAS_TRITON, interpreting
+from mmkernels.ops._common import HAS_TRITON
+from mmkernels.ops._dispatch import interpreting
 from toolkit import CUDA, OpTrace, assert_within_rule, fresh_seed, run_ranks
 
 SIZES = {2: (5, 2), 3: (1, 0, 6)}   # M_r per rank: unequal, a rank with one pair, a rank with none
