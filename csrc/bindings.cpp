@@ -1,5 +1,5 @@
-// pybind11 bindings of mmkernels._C: the CUDA kernels of csrc/, driven from mmkernels/ops/region.py
-// (region_mask) and mmkernels/ops/region_loss.py (masked_region_loss).
+// pybind11 bindings of mmkernels._C: the CUDA kernels of csrc/, driven from
+// mmkernels/ops/region/launch.py (region_mask and masked_region_loss).
 // Arguments are device pointers and strides (integers), so the module needs no libtorch.
 #include <pybind11/pybind11.h>
 

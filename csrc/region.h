@@ -12,7 +12,7 @@ namespace mmkernels {
 // Element types, as mmkernels/ops/_extension.py's DTYPE_CODE.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Masked region loss kinds, as mmkernels/ops/region_loss.py's _KIND_CODE.
+// Masked region loss kinds, as mmkernels/ops/region/launch.py's _KIND_CODE.
 enum LossKind : int { kMse = 0, kSmoothL1 = 1, kKl = 2 };
 
 // feats (B, R, D) with strides (stride_fb, stride_fr, 1) -> out (B, R, D) contiguous, mask (B, R)

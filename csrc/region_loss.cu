@@ -1,7 +1,7 @@
 // masked_region_loss on CUDA: one warp per region, forward and backward. Rows that are not
 // selected are never read: the forward writes their loss as 0, the backward their gradient as 0.
 // The per-element math (region_math.h) is that of the Triton kernels in
-// mmkernels/ops/region_loss_kernels.py and of reference.masked_region_loss, for any target.
+// mmkernels/ops/region/kernels.py and of reference.masked_region_loss, for any target.
 #include <cmath>
 
 #include "region.h"

@@ -1,5 +1,5 @@
 // region_mask on CUDA: forward (select, then copy / replace each row once) and backward.
-// The same algorithm as the Triton kernels in mmkernels/ops/region_kernels.py, documented there and in
+// The same algorithm as the Triton kernels in mmkernels/ops/region/kernels.py, documented there and in
 // reference.region_mask_plan; the random numbers are identical bit for bit.
 #include "region.h"
 #include "region_common.cuh"

@@ -1,7 +1,7 @@
 // The numerics of the region kernels that do not depend on CUDA: the counter-based RNG of
 // region_mask and the per-element math of masked_region_loss. Under nvcc every function is
 // __host__ __device__; elsewhere it is plain C++, so that tests/csrc/region_math_check.cpp runs this
-// very code on the CPU against the float64 reference (tests/test_region_cuda_ext.py), no GPU needed.
+// very code on the CPU against the float64 reference (tests/ops/test_region_cuda_ext.py), no GPU needed.
 #pragma once
 
 #include <cmath>
@@ -17,7 +17,7 @@
 
 namespace mmkernels {
 
-// murmur3's fmix32 finalizer; region_random must equal mmkernels/ops/reference.py's bit for bit.
+// murmur3's fmix32 finalizer; region_random must equal mmkernels/ops/region/reference.py's bit for bit.
 MMK_HOST_DEVICE uint32_t mix_u32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x85EBCA6Bu;

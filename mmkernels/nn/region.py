@@ -6,8 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mmkernels.ops.region import RegionMaskOutput, region_mask
-from mmkernels.ops.region_loss import masked_region_loss
+from mmkernels.ops.region import RegionMaskOutput, masked_region_loss, region_mask
 
 __all__ = ["RegionMasker", "MaskedRegionLoss"]
 

@@ -1,5 +1,5 @@
 // Runs the CUDA kernels' numerics (csrc/region_math.h) on the CPU, as the kernels drive them, so that
-// tests/test_region_cuda_ext.py can check them against the float64 reference without a GPU:
+// tests/ops/test_region_cuda_ext.py can check them against the float64 reference without a GPU:
 // the hash bit for bit, and masked_region_loss's forward (32 lanes striding over a row in vectors
 // of `vec` elements, then the warp's xor butterfly) and backward, one region per row.
 // Built by the test with the host C++ compiler: c++ -std=c++17 -O2 -shared -fPIC -I csrc.

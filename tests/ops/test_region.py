@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from mmkernels.nn.region import RegionMasker
-from mmkernels.ops import _common, _dispatch, _extension, reference
+from mmkernels.ops import _common, _dispatch, _extension
 from mmkernels.ops._dispatch import interpreting
 from mmkernels.ops import region as region_op
+from mmkernels.ops.region import launch as region_launch, reference
 from mmkernels.ops._dispatch import AUTO_CUDA_BACKEND, resolve_backend
 from mmkernels.ops._extension import cuda_extension_available
-from mmkernels.ops.region import RegionMaskOutput, region_mask
-from mmkernels.ops.region_loss import masked_region_loss
+from mmkernels.ops.region import RegionMaskOutput, masked_region_loss, region_mask
 from toolkit import CUDA, OpTrace, assert_within_rule, fresh_seed, needs_triton, value_and_grads
 
 needs_extension = pytest.mark.skipif(not cuda_extension_available(), reason="mmkernels._C is not built")
@@ -296,7 +296,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mmkernels.ops import region_kernels as rk, region_loss_kernels as lk
+from mmkernels.ops.region import kernels as rk
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -328,9 +328,9 @@ compile_for_sm90(rk._region_mask_fwd_kernel, bf16, dict(
     CHUNK=128, BLOCK_R=8, BLOCK_D=512))
 compile_for_sm90(rk._region_mask_bwd_kernel, bf16, dict(HAS_EMB_GRAD=True, BLOCK_R=8, BLOCK_D=512))
 compile_for_sm90(rk._region_mask_scatter_kernel, bf16, dict(BLOCK_R=16, BLOCK_D=256))
-compile_for_sm90(lk._masked_region_loss_fwd_kernel, bf16, dict(KIND=2, BLOCK_R=4, BLOCK_K=1024))
+compile_for_sm90(rk._masked_region_loss_fwd_kernel, bf16, dict(KIND=2, BLOCK_R=4, BLOCK_K=1024))
 for kind in (1, 2):
-    compile_for_sm90(lk._masked_region_loss_bwd_kernel, bf16, dict(KIND=kind, TARGET_GRAD=True, BLOCK_R=4,
+    compile_for_sm90(rk._masked_region_loss_bwd_kernel, bf16, dict(KIND=kind, TARGET_GRAD=True, BLOCK_R=4,
                                                                    BLOCK_K=1024))
 print("compiled")
 """
@@ -468,7 +468,7 @@ def test_outputs_are_poisoned_under_test_and_never_filled_in_production(bert, mo
     assert "aten.fill_.Scalar" not in trace.ops, "production pays no fill"
     # a kernel that writes nothing leaves the poison in place, so a skipped element fails the tests
     monkeypatch.setattr(_common, "_POISON_OUTPUTS", True)
-    monkeypatch.setitem(region_op._FWD, "triton", lambda *a: None)
+    monkeypatch.setitem(region_launch._REGION_MASK_FWD, "triton", lambda *a: None)
     out, mask, source = torch.ops.mmkernels.region_mask_fwd(*args)
     assert out.isnan().all() and mask.all() and (source == -1).all()
 

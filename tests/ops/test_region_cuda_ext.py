@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmkernels.ops import _extension, reference
+from mmkernels.ops import _extension
+from mmkernels.ops.region import reference
 from mmkernels.ops._dispatch import resolve_backend
 from mmkernels.ops._extension import cuda_extension_available
-from mmkernels.ops.region import region_mask
-from mmkernels.ops.region_loss import masked_region_loss
+from mmkernels.ops.region import masked_region_loss, region_mask
 from test_region import generators
 from test_region_loss import assert_all_within_rule, eager, loss_inputs, oracle, run
 from toolkit import assert_no_host_sync, assert_within_rule, fresh_seed, value_and_grads

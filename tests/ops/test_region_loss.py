@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkernels.nn.region import MaskedRegionLoss
-from mmkernels.ops.region_loss import masked_region_loss
+from mmkernels.ops.region import masked_region_loss
 from test_region import PATHS, needs_interpreter, path_device, ran_kernels
 from toolkit import CUDA, assert_within_rule, eager_masked_region_loss, fresh_seed, needs_triton, value_and_grads
 

@@ -16,8 +16,7 @@ import torch
 
 from mmkernels.ops._common import HAS_TRITON
 from mmkernels.ops._extension import cuda_extension_available
-from mmkernels.ops.region import region_mask
-from mmkernels.ops.region_loss import masked_region_loss
+from mmkernels.ops.region import masked_region_loss, region_mask
 from toolkit import CUDA, assert_within_rule, fresh_seed, value_and_grads
 
 CASES = int(os.environ.get("MMKERNELS_SWEEP_CASES", "20"))
