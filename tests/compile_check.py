@@ -103,7 +103,10 @@ _ABSENT = object()
 @contextlib.contextmanager
 def _cuda_choices(launches: list, label: list):
     """Within: the launchers take their CUDA branches on CPU tensors and record their launches."""
-    from mmkernels.ops import attention, contrastive_kernels
+    from mmkernels.ops import attention
+    from mmkernels.ops.contrastive import kernels as contrastive_kernels
+    from mmkernels.ops.contrastive import launch as contrastive_launch
+    from mmkernels.ops.contrastive import plan as contrastive_plan
     from mmkernels.ops.region import kernels as region_kernels, launch as region_launch, plan as region_plan, \
         registered as region_registered
 
@@ -114,19 +117,19 @@ def _cuda_choices(launches: list, label: list):
         saved.append((owner, name, vars(owner).get(name, _ABSENT)))
         setattr(owner, name, value)
 
-    tile_config, region_blocks, loss_blocks = (contrastive_kernels.tile_config, region_plan._region_blocks,
+    tile_config, region_blocks, loss_blocks = (contrastive_plan.tile_config, region_plan._region_blocks,
                                                region_plan._loss_blocks)
     tuned = attention._tuned
     try:
         patch(torch.Tensor, "is_cuda", property(lambda self: True))
-        patch(contrastive_kernels, "tile_config", lambda d, dtype, device: tile_config(d, dtype, cuda))
+        patch(contrastive_plan, "tile_config", lambda d, dtype, device: tile_config(d, dtype, cuda))
         patch(region_launch, "_region_blocks", lambda r, d, device: region_blocks(r, d, cuda))
         patch(region_launch, "_loss_blocks", lambda d, device: loss_blocks(d, cuda))
         patch(region_registered, "launch_device", lambda t: contextlib.nullcontext())
         patch(attention, "interpreting", lambda: False)
         patch(attention, "_tuned", lambda name, capability: _TunedRecorder(tuned(name, capability), launches, label))
         patch(torch.cuda, "get_device_capability", lambda device=None: divmod(label[1], 10))
-        for module, kernel_module in ((contrastive_kernels, contrastive_kernels), (region_launch, region_kernels)):
+        for module, kernel_module in ((contrastive_launch, contrastive_kernels), (region_launch, region_kernels)):
             for name, value in vars(kernel_module).items():
                 if name.endswith("_kernel") and hasattr(value, "arg_names") and hasattr(module, name):
                     patch(module, name, _Recorder(value, launches, label))

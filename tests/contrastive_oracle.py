@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mmkernels.ops import reference
+from mmkernels.ops.contrastive import reference
 from toolkit import assert_within_rule, eager_clip_loss, eager_info_nce_loss, eager_siglip_loss, value_and_grads
 
 NAMES = ["loss", "d image_emb", "d text_emb", "d logit_scale", "d logit_bias"]

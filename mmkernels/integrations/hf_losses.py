@@ -50,7 +50,7 @@ from transformers import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from mmkernels import clip_loss, info_nce_loss, siglip_loss  # the public functions: kernels may change, not the API
+from mmkernels.ops.contrastive import clip_loss, info_nce_loss, siglip_loss  # public: they check their inputs
 from mmkernels.integrations import hf_compat
 from mmkernels.integrations.patching import PatchContext, call_original, patch_state, register_patcher
 

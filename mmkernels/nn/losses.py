@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmkernels import distributed
-from mmkernels.ops.contrastive import clip_loss, siglip_loss
-from mmkernels.ops.info_nce import info_nce_loss
+from mmkernels.distributed.api import clip_loss_scaled, siglip_loss_scaled
+from mmkernels.ops.contrastive import clip_loss, info_nce_loss, siglip_loss
 
 __all__ = ["ClipLoss", "SigLipLoss", "InfoNCELoss"]
 
@@ -140,7 +139,7 @@ class ClipLoss(nn.Module):
             loss = clip_loss(image_features, text_features, logit_scale, normalize=self.normalize,
                              label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes)
         else:
-            loss = distributed.clip_loss_scaled(
+            loss = clip_loss_scaled(
                 image_features, text_features, logit_scale, group=self.group, normalize=self.normalize,
                 label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes,
                 scaling=self._scaling(), caller="mmkernels.nn.ClipLoss",
@@ -178,7 +177,7 @@ class SigLipLoss(nn.Module):
     O(M·D) memory instead of O(N·D) for the same bytes sent); "reduce" and "gather" run
     mode="gather" (one all_gather of the texts, one reduce-scatter of their gradients). open_clip's
     "bidir" sends the blocks both ways (half the steps); the ring sends them one way, so that each
-    block's gradient sum, carried along behind it, ends one hop from its owner (see mmkernels._ring).
+    block's gradient sum, carried along behind it, ends one hop from its owner (see mmkernels.distributed.ring).
     `bidir` (older open_clip: True = "bidir", False = "shift") is accepted; `chunk_size` and
     `cache_labels` have no effect (no logit block and no labels tensor are built); `use_horovod=True`
     raises. `rank` and `world_size` must be the process group's.
@@ -215,7 +214,7 @@ class SigLipLoss(nn.Module):
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, normalize=self.normalize,
                                workspace_bytes=self.workspace_bytes)
         else:
-            loss = distributed.siglip_loss_scaled(
+            loss = siglip_loss_scaled(
                 image_features, text_features, logit_scale, logit_bias, group=self.group, normalize=self.normalize,
                 workspace_bytes=self.workspace_bytes, scaling="open_clip_siglip", mode=_SIGLIP_MODES[self.dist_impl],
                 caller="mmkernels.nn.SigLipLoss", extra_checks=_group_matches(self.rank, self.world_size),

@@ -20,8 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mmkernels.distributed as mmd
-from mmkernels._ring import ring_schedule
-from mmkernels.ops import contrastive_kernels as _kernels
+from mmkernels.distributed.ring import ring_schedule
+from mmkernels.ops import contrastive
+from mmkernels.ops.contrastive import plan
 from mmkernels.ops._common import HAS_TRITON
 from mmkernels.ops._dispatch import interpreting
 from toolkit import CUDA, OpTrace, assert_within_rule, fresh_seed, run_ranks
@@ -303,7 +304,7 @@ def check_memory_per_rank(env):
     env = Rank(env.rank, env.world_size, MEMORY_SIZES[env.world_size], env.seed)
     A, B, scale, bias = env.batch(d=4)
     n, m = A.shape[0], env.sizes[env.rank]
-    workspace = _kernels.panel_bytes(64, n, 4, torch.float32, A.device, True, True, torch.float32)
+    workspace = plan.panel_bytes(64, n, 4, torch.float32, A.device, True, True, torch.float32)
     block_row = m * n * 4
     for kind in ("clip", "siglip"):
         with OpTrace() as trace:
@@ -332,7 +333,7 @@ def check_ring_memory_per_rank(env):
     d = 4
     A, B, scale, bias = env.batch(d=d)
     n, widest = A.shape[0], max(env.sizes)
-    workspace = _kernels.panel_bytes(64, widest, d, torch.float32, A.device, True, True, torch.float32)
+    workspace = plan.panel_bytes(64, widest, d, torch.float32, A.device, True, True, torch.float32)
     block = widest * d * 4
     with OpTrace(collect_cycles=True) as trace:
         loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, mode="ring", workspace_bytes=workspace)
@@ -353,7 +354,7 @@ def check_ring_overlaps_exchange_with_compute(env):
     computes on the current block and waits for them after: the exchange runs during the compute.
     Seen by wrapping batch_isend_irecv, the works' wait and the block function."""
     A, B, scale, bias = env.batch()
-    events, real_batch, real_block = [], dist.batch_isend_irecv, mmd._blocks.siglip_block
+    events, real_batch, real_block = [], dist.batch_isend_irecv, contrastive.siglip_block_unchecked
 
     class Work:
         def __init__(self, work):
@@ -372,11 +373,11 @@ def check_ring_overlaps_exchange_with_compute(env):
         events.append("compute")
         return real_block(*args, **kwargs)
 
-    dist.batch_isend_irecv, mmd._blocks.siglip_block = batch, block
+    dist.batch_isend_irecv, contrastive.siglip_block_unchecked = batch, block
     try:
         loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, mode="ring")
     finally:
-        dist.batch_isend_irecv, mmd._blocks.siglip_block = real_batch, real_block
+        dist.batch_isend_irecv, contrastive.siglip_block_unchecked = real_batch, real_block
     assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
                                   dtype=torch.float32)
     w, r = env.world_size, env.rank
@@ -449,24 +450,24 @@ def check_small_workspace_raises_on_every_rank(env):
     A, B, scale, bias = env.batch()
     n, small = A.shape[0], min(m for m in env.sizes if m)
     big = env.sizes.index(max(env.sizes))
-    workspace = max(_kernels.stats_panel_bytes(small, n, D, torch.float32, A.device),
-                    _kernels.panel_bytes(small, n, D, torch.float32, A.device, True, True, torch.float32))
+    workspace = max(plan.stats_panel_bytes(small, n, D, torch.float32, A.device),
+                    plan.panel_bytes(small, n, D, torch.float32, A.device, True, True, torch.float32))
     for kind in ("clip", "siglip"):
         err = _raised(lambda: run_loss(kind, A, B, scale, bias, env.rows, workspace_bytes=workspace))
         assert isinstance(err, ValueError) and f"rank {big} (M = {max(env.sizes)} rows" in str(err) \
             and "expected workspace_bytes >=" in str(err), repr(err)
-    enough = max(_kernels.stats_panel_bytes(max(env.sizes), n, D, torch.float32, A.device),
-                 _kernels.panel_bytes(max(env.sizes), n, D, torch.float32, A.device, True, True, torch.float32))
+    enough = max(plan.stats_panel_bytes(max(env.sizes), n, D, torch.float32, A.device),
+                 plan.panel_bytes(max(env.sizes), n, D, torch.float32, A.device, True, True, torch.float32))
     loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=enough)
     assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
                                   dtype=torch.float32)
     # The ring's blocks are M_r rows against at most max M_r columns: so is the check.
     widest = max(env.sizes)
-    workspace = _kernels.panel_bytes(small, widest, D, torch.float32, A.device, True, True, torch.float32)
+    workspace = plan.panel_bytes(small, widest, D, torch.float32, A.device, True, True, torch.float32)
     err = _raised(lambda: run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=workspace, mode="ring"))
     assert isinstance(err, ValueError) and f"rank {big} (M = {widest} rows against {widest} columns (the widest " \
         "ring block))" in str(err) and "expected workspace_bytes >=" in str(err), repr(err)
-    enough = _kernels.panel_bytes(widest, widest, D, torch.float32, A.device, True, True, torch.float32)
+    enough = plan.panel_bytes(widest, widest, D, torch.float32, A.device, True, True, torch.float32)
     loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=enough, mode="ring")
     assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
                                   dtype=torch.float32)

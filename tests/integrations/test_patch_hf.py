@@ -41,7 +41,7 @@ from mmkernels.integrations import hf_losses  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
 from mmkernels import clip_loss, info_nce_loss, siglip_loss  # noqa: E402
 from contrastive_oracle import magnitudes  # noqa: E402
-from mmkernels.ops import reference as reference_ops  # noqa: E402
+from mmkernels.ops.contrastive import reference as reference_ops  # noqa: E402
 from toolkit import (  # noqa: E402
     PICKLERS,
     OpTrace,

@@ -15,7 +15,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 import mmkernels
-from mmkernels import _ring
+from mmkernels.distributed import ring as distributed_ring
 from test_distributed import Rank, on_path, single_process
 from toolkit import assert_within_rule, fresh_seed, run_ranks
 
@@ -152,17 +152,17 @@ def check_clip_loss_flags(env):
 @contextlib.contextmanager
 def _counting_ring_passes():
     """A list that gets one entry per run of mmkernels.distributed's point-to-point ring."""
-    calls, real = [], _ring.ring_pass
+    calls, real = [], distributed_ring.ring_pass
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    _ring.ring_pass = counted
+    distributed_ring.ring_pass = counted
     try:
         yield calls
     finally:
-        _ring.ring_pass = real
+        distributed_ring.ring_pass = real
 
 
 def check_siglip_loss_equal_batches(env):

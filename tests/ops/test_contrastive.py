@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import mmkernels
 from contrastive_oracle import LOSS_CASES, NAMES, check_clip, check_siglip, random_leaves
-from mmkernels.ops import contrastive, reference
-from mmkernels.ops import contrastive_kernels as kernels
+from mmkernels.ops import contrastive
+from mmkernels.ops.contrastive import launch, plan, reference
 from mmkernels.ops._dispatch import triton_enabled
 from toolkit import (OpTrace, assert_no_host_sync, eager_siglip_loss, fresh_seed, needs_triton, seeded_generator,
                      value_and_grads)
@@ -64,10 +64,10 @@ def test_cpu_path_matches_reference(loss_name, n, d, normalize, smoothing, monke
 
 def _workspace(kind: str, n: int, d: int, dtype, device) -> int:
     """Bytes for panels of one block of rows, of two blocks, or of all of S (both passes)."""
-    block = kernels.tile_config(d, dtype, device)["BLOCK_M"]
+    block = plan.tile_config(d, dtype, device)["BLOCK_M"]
     rows = {"one block": block, "two blocks": 2 * block, "all of S": n}[kind]
-    return max(kernels.stats_panel_bytes(rows, n, d, dtype, device),
-               kernels.panel_bytes(rows, n, d, dtype, device, True, True, dtype))
+    return max(plan.stats_panel_bytes(rows, n, d, dtype, device),
+               plan.panel_bytes(rows, n, d, dtype, device, True, True, dtype))
 
 
 @needs_triton
@@ -77,23 +77,23 @@ def test_workspace_sizes(loss_name, kind, device):
     """Exact whatever the panel height: the workspace decides how many rows of S a panel holds."""
     n, d = 300, 40
     workspace = _workspace(kind, n, d, torch.float32, device)
-    block = kernels.tile_config(d, torch.float32, device)["BLOCK_M"]
+    block = plan.tile_config(d, torch.float32, device)["BLOCK_M"]
     expected = {"one block": block, "two blocks": 2 * block, "all of S": n}[kind]
-    assert kernels.panel_workspace(n, n, d, torch.float32, device, True, True, torch.float32, workspace) == expected
-    assert kernels.stats_workspace(n, n, d, torch.float32, device, workspace) >= expected
+    assert plan.panel_workspace(n, n, d, torch.float32, device, True, True, torch.float32, workspace) == expected
+    assert plan.stats_workspace(n, n, d, torch.float32, device, workspace) >= expected
     _run_case(loss_name, n, d, True, 0.1, torch.float32, device, workspace_bytes=workspace)
 
 
 @needs_triton
 def test_statistics_split_over_columns(device, monkeypatch):
     """The forward's column splits (several programs per row block, merged in order) are exact too."""
-    config = kernels.tile_config
+    config = plan.tile_config
 
     def split_columns(d, dtype, dev):
         return {**config(d, dtype, dev), "programs": 12}
 
-    monkeypatch.setattr(kernels, "tile_config", split_columns)
-    assert kernels._column_splits(3, 300, split_columns(40, torch.float32, device))[0] > 1
+    monkeypatch.setattr(plan, "tile_config", split_columns)
+    assert plan.column_splits(3, 300, split_columns(40, torch.float32, device))[0] > 1
     _run_case("clip", 300, 40, False, 0.1, torch.float32, device)
 
 
@@ -254,7 +254,7 @@ def test_bf16_under_the_interpreter_is_right(loss_name, monkeypatch):
     (never the garbage that bf16 kernels give there)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     launched = []
-    monkeypatch.setattr(kernels, "panel_pass", lambda *a, **k: launched.append(1))
+    monkeypatch.setattr(launch, "panel_pass", lambda *a, **k: launched.append(1))
     _run_case(loss_name, 70, 24, True, 0.1 if loss_name == "clip" else 0.0, torch.bfloat16, torch.device("cpu"))
     assert not launched
 
@@ -352,7 +352,7 @@ def test_frozen_tower_saves_its_product(loss_name, frozen, device):
     if device.type != "cpu":
         pytest.skip("counts interpreted tl.dot")
     fresh_seed()
-    n = d = kernels.tile_config(64, torch.float32, device)["BLOCK_M"]  # one tile: no padding in the count
+    n = d = plan.tile_config(64, torch.float32, device)["BLOCK_M"]  # one tile: no padding in the count
     leaves = random_leaves(n, d, torch.float32, device, with_bias=True)
     a, b, scale, bias = (t.clone().requires_grad_() for t in leaves)
     a.requires_grad_(frozen in ("none", "text"))
@@ -500,17 +500,17 @@ def test_bad_workspace_raises(fn, device):
         _call(fn, a, b, workspace_bytes=-1)
     if not triton_enabled(a):
         return  # the reference path materialises S and uses no workspace
-    block = kernels.tile_config(40, torch.float32, device)["BLOCK_M"]
+    block = plan.tile_config(40, torch.float32, device)["BLOCK_M"]
     if fn == "clip":  # without gradients: the statistics pass only
-        needed = kernels.stats_panel_bytes(block, 300, 40, torch.float32, device)
+        needed = plan.stats_panel_bytes(block, 300, 40, torch.float32, device)
     else:
-        needed = kernels.panel_bytes(block, 300, 40, torch.float32, device, False, False, torch.float32)
+        needed = plan.panel_bytes(block, 300, 40, torch.float32, device, False, False, torch.float32)
     with pytest.raises(ValueError, match=f"expected workspace_bytes >= {needed} .*got {needed - 1}"):
         _call(fn, a, b, workspace_bytes=needed - 1)
     _call(fn, a, b, workspace_bytes=needed)
     # needing gradients needs W's rows too, and the error comes at the forward call
     a.requires_grad_()
-    grad_needed = kernels.panel_bytes(block, 300, 40, torch.float32, device, True, False, torch.float32)
+    grad_needed = plan.panel_bytes(block, 300, 40, torch.float32, device, True, False, torch.float32)
     with pytest.raises(ValueError, match=f"expected workspace_bytes >= {grad_needed} "):
         _call(fn, a, b, workspace_bytes=grad_needed - 1)
 
@@ -540,7 +540,7 @@ def test_workspace_minimum_named_is_enough_for_the_whole_call(fn, grad, device):
 def test_bad_bias_raises():
     with pytest.raises(ValueError, match="logit_bias to be a scalar"):
         mmkernels.siglip_loss(torch.randn(4, 8), torch.randn(4, 8), 2.0, torch.zeros(3))
-    with pytest.raises(TypeError, match="normalize to be a bool, got str"):
+    with pytest.raises(TypeError, match="normalize to be a bool \\(or numpy.bool_\\), got str"):
         mmkernels.siglip_loss(torch.randn(4, 8), torch.randn(4, 8), 2.0, 0.0, normalize="yes")
 
 

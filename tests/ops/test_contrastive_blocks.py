@@ -6,7 +6,7 @@ import torch
 
 from contrastive_oracle import NAMES, check_clip, check_siglip, random_leaves
 from mmkernels.ops import contrastive
-from mmkernels.ops import contrastive_kernels as kernels
+from mmkernels.ops.contrastive import plan
 from mmkernels.ops._common import HAS_TRITON
 from mmkernels.ops._dispatch import interpreting
 from toolkit import OpTrace, assert_within_rule, fresh_seed, value_and_grads
@@ -198,10 +198,10 @@ def test_blocks_with_a_workspace_of_one_block(loss_name, device):
         pytest.skip("needs triton")
     n, d, cuts = 200, 24, [70, 130]
     fresh_seed()
-    block = kernels.tile_config(d, torch.float32, device)["BLOCK_M"]
-    workspace = max(kernels.stats_panel_bytes(block, n, d, torch.float32, device),
-                    kernels.panel_bytes(block, n, d, torch.float32, device, True, True, torch.float32))
-    assert kernels.panel_workspace(70, n, d, torch.float32, device, True, True, torch.float32, workspace) == block
+    block = plan.tile_config(d, torch.float32, device)["BLOCK_M"]
+    workspace = max(plan.stats_panel_bytes(block, n, d, torch.float32, device),
+                    plan.panel_bytes(block, n, d, torch.float32, device, True, True, torch.float32))
+    assert plan.panel_workspace(70, n, d, torch.float32, device, True, True, torch.float32, workspace) == block
     leaves = random_leaves(n, d, torch.float32, device, with_bias=loss_name == "siglip")
     if loss_name == "clip":
         got = compose_clip(*leaves, split_rows(n, cuts), True, 0.1, workspace_bytes=workspace)
@@ -309,7 +309,7 @@ def test_block_grads_scale_with_grad_output(path_device):
         (dict(offset=True), TypeError, "offset to be an int, got bool"),
         (dict(offset=None), TypeError, "offset to be an int, got NoneType"),  # only SigLIP blocks go without positives
         (dict(offset=3), ValueError, "offset \\+ M <= N.*offset 3, M 4, N 6"),
-        (dict(offset=0, normalize=1), TypeError, "normalize to be a bool, got int"),
+        (dict(offset=0, normalize=1), TypeError, "normalize to be a bool \\(or numpy.bool_\\), got int"),
         (dict(offset=0, workspace_bytes=0), ValueError, "workspace_bytes > 0, got 0"),
         (dict(offset=0, workspace_bytes="1"), TypeError, "workspace_bytes to be an int"),
     ],

@@ -14,7 +14,7 @@ import torch
 
 import mmkernels
 from contrastive_oracle import check_clip, check_siglip
-from mmkernels.ops import contrastive_kernels as kernels
+from mmkernels.ops.contrastive import plan
 from mmkernels.ops._common import HAS_TRITON
 from toolkit import fresh_seed, value_and_grads
 
@@ -66,9 +66,9 @@ def test_random_case_against_float64(case_index, path, device, monkeypatch):
     leaves = [a, b, torch.tensor(case["scale"], device=device), torch.tensor(case["bias"], device=device)]
     kw = {}
     if case["one_block_workspace"] and path == "kernels":
-        block = kernels.tile_config(d, dtype, device)["BLOCK_M"]
-        kw["workspace_bytes"] = max(kernels.stats_panel_bytes(min(block, n), n, d, dtype, device),
-                                    kernels.panel_bytes(min(block, n), n, d, dtype, device, True, True, dtype))
+        block = plan.tile_config(d, dtype, device)["BLOCK_M"]
+        kw["workspace_bytes"] = max(plan.stats_panel_bytes(min(block, n), n, d, dtype, device),
+                                    plan.panel_bytes(min(block, n), n, d, dtype, device, True, True, dtype))
     if case["loss"] == "clip":
         def ours(x, y, s):
             return mmkernels.clip_loss(x, y, s, normalize=case["normalize"], label_smoothing=case["smoothing"], **kw)

@@ -11,7 +11,7 @@ import torch
 
 import mmkernels
 from contrastive_oracle import check_clip, check_siglip, random_leaves
-from mmkernels.ops import contrastive_kernels as kernels
+from mmkernels.ops.contrastive import plan
 from toolkit import OpTrace, eager_clip_loss, eager_siglip_loss, fresh_seed, needs_triton
 
 pytestmark = needs_triton
@@ -30,7 +30,7 @@ def gpu_tiles(monkeypatch, device):
     """The GPU's tile configuration (bf16's, the training dtype's) for every launch, under the interpreter."""
     if device.type != "cpu":
         pytest.skip("counts interpreted tl.dot")
-    monkeypatch.setattr(kernels, "tile_config", lambda d, dtype, dev: kernels.gpu_tile_config(d, torch.bfloat16))
+    monkeypatch.setattr(plan, "tile_config", lambda d, dtype, dev: plan.gpu_tile_config(d, torch.bfloat16))
 
 
 @pytest.mark.parametrize("d", [512, 768, 1152])
@@ -85,10 +85,10 @@ def _bounded(trace: OpTrace, workspace_bytes: int, rows: int, d: int) -> list[st
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_allocations_are_the_workspace_and_o_of_n_d(loss_name, device):
     n, d = 256, 4  # S in fp32 (256 KiB) dwarfs N·D (4 KiB): anything N² would show
-    block = kernels.tile_config(d, torch.float32, device)["BLOCK_M"]
-    workspace = max(kernels.panel_bytes(block, n, d, torch.float32, device, True, True, torch.float32),
-                    kernels.stats_panel_bytes(block, n, d, torch.float32, device))
-    assert kernels.panel_workspace(n, n, d, torch.float32, device, True, True, torch.float32, workspace) <= n / 4
+    block = plan.tile_config(d, torch.float32, device)["BLOCK_M"]
+    workspace = max(plan.panel_bytes(block, n, d, torch.float32, device, True, True, torch.float32),
+                    plan.stats_panel_bytes(block, n, d, torch.float32, device))
+    assert plan.panel_workspace(n, n, d, torch.float32, device, True, True, torch.float32, workspace) <= n / 4
     fresh_seed()
     leaves = random_leaves(n, d, torch.float32, device, with_bias=True)
     inputs = [t.clone().requires_grad_() for t in leaves]

@@ -7,8 +7,7 @@ import torch
 
 import mmkernels
 from contrastive_oracle import LOSS_CASES, check_clip, check_info_nce, random_leaves
-from mmkernels.ops import contrastive_kernels as kernels
-from mmkernels.ops import reference
+from mmkernels.ops.contrastive import launch, plan, reference
 from test_contrastive import autocast_values_and_grads
 from test_contrastive_work import _bounded, gpu_tiles  # noqa: F401  (gpu_tiles: a fixture)
 from toolkit import OpTrace, eager_info_nce_loss, fresh_seed, needs_triton, value_and_grads
@@ -53,14 +52,14 @@ def test_workspace_sizes(kind, device, monkeypatch):
     """Exact whatever the panel height; the row statistics also split over columns (several programs
     per row block, merged in order) where a panel has few row blocks."""
     n, d = 300, 40
-    config = kernels.tile_config
-    monkeypatch.setattr(kernels, "tile_config", lambda *args: {**config(*args), "programs": 12})
-    assert kernels._column_splits(1, n, kernels.tile_config(d, torch.float32, device))[0] > 1
-    block = kernels.tile_config(d, torch.float32, device)["BLOCK_M"]
+    config = plan.tile_config
+    monkeypatch.setattr(plan, "tile_config", lambda *args: {**config(*args), "programs": 12})
+    assert plan.column_splits(1, n, plan.tile_config(d, torch.float32, device))[0] > 1
+    block = plan.tile_config(d, torch.float32, device)["BLOCK_M"]
     rows = {"one block": block, "two blocks": 2 * block, "all of S": n}[kind]
-    workspace = max(kernels.stats_panel_bytes(rows, n, d, torch.float32, device, columns=False),
-                    kernels.panel_bytes(rows, n, d, torch.float32, device, True, True, torch.float32))
-    assert kernels.panel_workspace(n, n, d, torch.float32, device, True, True, torch.float32, workspace) == rows
+    workspace = max(plan.stats_panel_bytes(rows, n, d, torch.float32, device, columns=False),
+                    plan.panel_bytes(rows, n, d, torch.float32, device, True, True, torch.float32))
+    assert plan.panel_workspace(n, n, d, torch.float32, device, True, True, torch.float32, workspace) == rows
     _run_case(n, d, True, 0.1, torch.float32, device, workspace_bytes=workspace)
 
 
@@ -69,9 +68,9 @@ def test_row_statistics_need_no_column_workspace(device):
     """InfoNCE's statistics pass keeps no column statistics: its workspace is CLIP's minus the (row
     blocks, N) partials, and a workspace too small for CLIP's suffices."""
     n, d = 300, 40
-    block = kernels.tile_config(d, torch.float32, device)["BLOCK_M"]
-    rows_only = kernels.stats_panel_bytes(block, n, d, torch.float32, device, columns=False)
-    assert rows_only < kernels.stats_panel_bytes(block, n, d, torch.float32, device)
+    block = plan.tile_config(d, torch.float32, device)["BLOCK_M"]
+    rows_only = plan.stats_panel_bytes(block, n, d, torch.float32, device, columns=False)
+    assert rows_only < plan.stats_panel_bytes(block, n, d, torch.float32, device)
     a, b = torch.randn(n, d, device=device), torch.randn(n, d, device=device)
     with pytest.raises(ValueError, match=f"expected workspace_bytes >= {rows_only} .*the row statistics"):
         mmkernels.info_nce_loss(a, b, 2.0, workspace_bytes=rows_only - 1)
@@ -137,8 +136,8 @@ def test_bf16_on_the_cpu_takes_the_reference_path(monkeypatch):
     """The interpreter has no bf16 dot: bf16 CPU tensors take the reference path, never the kernels."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     launched = []
-    monkeypatch.setattr(kernels, "clip_stats", lambda *a, **k: launched.append("clip_stats"))
-    monkeypatch.setattr(kernels, "panel_pass", lambda *a, **k: launched.append("panel_pass"))
+    monkeypatch.setattr(launch, "clip_stats", lambda *a, **k: launched.append("clip_stats"))
+    monkeypatch.setattr(launch, "panel_pass", lambda *a, **k: launched.append("panel_pass"))
     _run_case(70, 24, True, 0.1, torch.bfloat16, torch.device("cpu"))
     assert not launched
 
@@ -154,7 +153,7 @@ def test_frozen_side_saves_its_product(frozen, device):
     if device.type != "cpu":
         pytest.skip("counts interpreted tl.dot")
     fresh_seed()
-    n = d = kernels.tile_config(64, torch.float32, device)["BLOCK_M"]  # one tile: no padding in the count
+    n = d = plan.tile_config(64, torch.float32, device)["BLOCK_M"]  # one tile: no padding in the count
     leaves = random_leaves(n, d, torch.float32, device, with_bias=False)
     q, k, scale = (t.clone().requires_grad_() for t in leaves)
     q.requires_grad_(frozen in ("none", "keys"))
@@ -187,10 +186,10 @@ def test_matrix_work_at_the_floor(d, gpu_tiles, device):  # noqa: F811
 @needs_triton
 def test_allocations_are_the_workspace_and_o_of_n_d(device):
     n, d = 256, 4  # S in fp32 (256 KiB) dwarfs N·D (4 KiB): anything N² would show
-    block = kernels.tile_config(d, torch.float32, device)["BLOCK_M"]
-    workspace = max(kernels.panel_bytes(block, n, d, torch.float32, device, True, True, torch.float32),
-                    kernels.stats_panel_bytes(block, n, d, torch.float32, device, columns=False))
-    assert kernels.panel_workspace(n, n, d, torch.float32, device, True, True, torch.float32, workspace) <= n / 4
+    block = plan.tile_config(d, torch.float32, device)["BLOCK_M"]
+    workspace = max(plan.panel_bytes(block, n, d, torch.float32, device, True, True, torch.float32),
+                    plan.stats_panel_bytes(block, n, d, torch.float32, device, columns=False))
+    assert plan.panel_workspace(n, n, d, torch.float32, device, True, True, torch.float32, workspace) <= n / 4
     fresh_seed()
     leaves = random_leaves(n, d, torch.float32, device, with_bias=False)
     inputs = [t.clone().requires_grad_() for t in leaves]
@@ -226,7 +225,7 @@ R = torch.randn
         (R(4, 8), R(4, 8), torch.ones(2), {}, ValueError, "logit_scale to be a scalar"),
         (R(4, 8), R(4, 8), "2", {}, TypeError, "logit_scale to be a float"),
         (R(4, 8), R(4, 8), 2.0, {"label_smoothing": 1.5}, ValueError, r"label_smoothing in \[0, 1\], got 1.5"),
-        (R(4, 8), R(4, 8), 2.0, {"normalize": "yes"}, TypeError, "normalize to be a bool, got str"),
+        (R(4, 8), R(4, 8), 2.0, {"normalize": "yes"}, TypeError, "normalize to be a bool \\(or numpy.bool_\\), got str"),
         (R(4, 8), R(4, 8), 2.0, {"workspace_bytes": 1e6}, TypeError, "workspace_bytes to be an int"),
     ],
 )

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mmkernels.ops import contrastive as _blocks
-from mmkernels.ops import contrastive_kernels as _kernels
 from mmkernels.ops._args import check_embedding_pair
 from mmkernels.ops._dispatch import triton_enabled
+from mmkernels.ops.contrastive.plan import check_call_workspace, resolve_workspace_bytes
 
 # --------------------------------------------------------------------------- gradient scaling
 
@@ -78,6 +77,7 @@ class Plan:
     sizes: tuple
     text_grad: bool     # some rank needs the text gradient: every rank computes its partials
     scalar_grad: bool   # some rank needs a scalar's gradient
+    workspace_bytes: int  # this rank's kernel workspace, resolved (argument, environment or default)
 
     @property
     def n_total(self) -> int:
@@ -180,7 +180,7 @@ def check(caller: str, op: str, group, image, text, local_checks, *, image_grad:
             0, image.shape[0], image.shape[1], _DTYPES.index(image.dtype),
             _DEVICE_TYPES.index(image.device.type) if image.device.type in _DEVICE_TYPES else len(_DEVICE_TYPES),
             int(image_grad), int(text_grad), int(scalar_grad), int(bool(normalize)), _float_bits(label_smoothing),
-            _SCALING_CODES[grad_scaling], _blocks.resolve_workspace_bytes(workspace_bytes), MODES.index(mode),
+            _SCALING_CODES[grad_scaling], resolve_workspace_bytes(workspace_bytes), MODES.index(mode),
         ]
     except Exception as err:  # re-raised below, after the other ranks have heard of it
         local_error = err
@@ -233,7 +233,7 @@ def check(caller: str, op: str, group, image, text, local_checks, *, image_grad:
         raise ValueError("expected at least one pair in the global batch, got M = 0 on every rank")
     plan = Plan(
         group=group, world_size=world_size, rank=rank, sizes=tuple(col["M"]),
-        text_grad=any(col["text_grad"]), scalar_grad=any(col["scalar_grad"]),
+        text_grad=any(col["text_grad"]), scalar_grad=any(col["scalar_grad"]), workspace_bytes=col["workspace"][rank],
     )
     if triton_enabled(image):
         check_workspaces(caller, op, plan, col, image, SCALINGS[grad_scaling], mode)
@@ -251,11 +251,11 @@ def check_workspaces(caller: str, op: str, plan: Plan, col: dict, image, scaling
         runs = runs_gradient_pass(image_grad, scalar_grad, plan, scaling)
         try:
             if op == "clip_loss":
-                _kernels.check_call_workspace(m, n, d, image.dtype, image.device, workspace, stats=True,
-                                              panel=(image_grad, plan.text_grad, torch.float32) if runs else None)
+                check_call_workspace(m, n, d, image.dtype, image.device, workspace, stats=True,
+                                     panel=(image_grad, plan.text_grad, torch.float32) if runs else None)
             else:
-                _kernels.check_call_workspace(m, n, d, image.dtype, image.device, workspace,
-                                              panel=(runs and image_grad, runs and plan.text_grad, torch.float32))
+                check_call_workspace(m, n, d, image.dtype, image.device, workspace,
+                                     panel=(runs and image_grad, runs and plan.text_grad, torch.float32))
         except ValueError as err:
             columns = f"{n} columns (the widest ring block)" if mode == "ring" else f"N = {n} columns"
             raise ValueError(f"{caller}: rank {r} (M = {m} rows against {columns}): {err}") from None

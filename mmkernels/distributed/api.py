@@ -10,7 +10,8 @@ doing 1/world_size of the work.
 Rank r holds M_r pairs (M_r may differ between ranks). The global batch is their concatenation in
 rank order: N = Σ_r M_r pairs, rank r's rows start at offset_r = Σ_{q<r} M_q, and pair i's positive is
 column i of the global logit matrix S (N, N). Rank r computes only the block row
-S[offset_r : offset_r + M_r, :] with the block-row kernels of `mmkernels.ops.contrastive`; no rank
+S[offset_r : offset_r + M_r, :] with the block-row kernels of `mmkernels.ops.contrastive` (their
+internal entries: the arguments are checked once, here, on every rank); no rank
 ever holds more of S than the kernels' workspace, and nothing of size N² is communicated.
 
 Work per rank (matrix FLOPs, as the kernels state them): CLIP 8·M_r·N·D (2 for the row and column
@@ -18,7 +19,7 @@ statistics, 6 for the gradients), SigLIP 6·M_r·N·D. Memory per rank: the glob
 fp32 partial text gradient (N, D), O(W·N) column statistics, and the kernels' workspace.
 
 SigLIP's mode="ring" (see siglip_loss) replaces steps 2 and 4 below by point-to-point messages
-around the ring of ranks (mmkernels._ring): rank r's image rows meet one rank's text rows at a time
+around the ring of ranks (ring.py): rank r's image rows meet one rank's text rows at a time
 (W blocks M_r × M_q, 6·M_r·N·D in all), the next block's exchange overlapping the current block's
 compute, and the text gradients travel home around the same ring; memory O(max_r M_r · D) plus a
 workspace sized against max_r M_r columns. CLIP has no ring mode, and clip_loss no `mode`
@@ -34,8 +35,8 @@ collective, so gloo on CPU and NCCL on GPU both run it):
    when the M_r differ). The image rows never travel: the column statistics CLIP needs are
    reductions over rows, so each rank reduces its own rows and sends O(N) numbers.
 3. CLIP: one all_gather of 2N + 1 fp32 (the block's per-column max and sum of exponentials, and its
-   rows' part of the loss); every rank merges them in rank order, so all ranks hold the same column
-   log-sum-exps to the bit. SigLIP: one all_gather of the ranks' loss shares (one fp32 each).
+   rows' share of the loss, from mmkernels.ops.contrastive.clip_loss_from_stats); every rank merges
+   them in rank order, so all ranks hold the same column log-sum-exps to the bit. SigLIP: one all_gather of the ranks' loss shares (one fp32 each).
    Float64 embeddings send these (and the gradients of steps 4 and 5) in float64: float64 in,
    float64-exact out, as the single-process losses.
 4. When some rank needs the text gradient: one reduce-scatter of the (N, D) fp32 partial text
@@ -55,8 +56,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mmkernels import _ring
-from mmkernels._distributed_plan import (
+from mmkernels.distributed import ring
+from mmkernels.distributed.plan import (
     MODES,
     SCALINGS,
     Plan,
@@ -68,7 +69,7 @@ from mmkernels._distributed_plan import (
     reduce_scatter_rows,
     runs_gradient_pass,
 )
-from mmkernels.ops import contrastive as _blocks
+from mmkernels.ops import contrastive
 from mmkernels.ops._args import scalar_tensor
 
 __all__ = ["clip_loss", "siglip_loss"]
@@ -152,7 +153,7 @@ def _needs_grad(t) -> bool:
 class _Options:
     normalize: bool
     label_smoothing: float
-    workspace_bytes: int | None
+    workspace_bytes: int  # resolved once, in the check
     scaling: Scaling
     image_grad: bool      # this rank's image rows need their gradient
     scalar_grads: tuple   # which scalars (logit_scale[, logit_bias]) need a gradient on this rank
@@ -183,30 +184,26 @@ class _ClipLoss(_FinishedGradients):
         eps = opts.label_smoothing
         acc = _accumulation_dtype(image)
         text_all = _gather_rows(text, plan)
-        stats = _blocks.clip_block_stats(
-            image, text_all, scale, offset=off, normalize=opts.normalize, workspace_bytes=opts.workspace_bytes,
-        )
-        # L = (Σ_i row_lse_i + Σ_j col_lse_j - 2(1-ε)·Σ_i S_ii - (2ε/N)·Σ_ij S_ij) / (2N). The row terms are
-        # this rank's; the column log-sum-exps merge every rank's column statistics (row_lse, col_lse: float64).
-        row_terms = (stats.row_lse - 2 * (1 - eps) * stats.diag.double()
-                     - (2 * eps / n) * stats.row_sum.double()).sum()
-        packed = torch.cat([stats.col_max.to(acc), stats.col_sumexp.to(acc), row_terms.to(acc).reshape(1)])
+        stats = contrastive.clip_block_stats_unchecked(image, text_all, scale, off, opts.normalize,
+                                                        opts.workspace_bytes)
+        # The loss is linear in the statistics: this rank's rows' share, and the columns' share from
+        # every rank's column statistics, merged in rank order (row_lse, col_lse: float64).
+        row_share = contrastive.clip_loss_from_stats(n, eps, rows=stats)
+        packed = torch.cat([stats.col_max.to(acc), stats.col_sumexp.to(acc), row_share.to(acc).reshape(1)])
         gathered = _gather_scalars(packed, plan)
-        col_lse = _blocks.merge_column_stats(gathered[:, :n], gathered[:, n: 2 * n])
+        col_lse = contrastive.merge_column_stats(gathered[:, :n], gathered[:, n: 2 * n])
         if opts.scaling.local_value:
             # open_clip's local loss (local_loss=True): the mean cross-entropy of this rank's M rows and
             # of its M columns (ε = 0: nn.ClipLoss refuses label smoothing there).
-            value = (stats.row_lse.sum() + col_lse[off: off + m].sum()
-                     - 2 * stats.diag.double().sum()) / (2 * m)
+            value = contrastive.clip_loss_from_stats(m, 0.0, rows=stats, col_lse=col_lse[off: off + m])
         else:
-            value = (gathered[:, 2 * n].double().sum() + col_lse.sum()) / (2 * n)
+            value = gathered[:, 2 * n].double().sum() + contrastive.clip_loss_from_stats(n, eps, col_lse=col_lse)
 
         grads = (None, None, None)
         if opts.runs_gradient_pass(plan):
-            g_image, g_text, g_scale = _blocks.clip_block_grads(
-                image, text_all, scale, stats.row_lse, col_lse, offset=off, n_total=n, label_smoothing=eps,
-                normalize=opts.normalize, image_grad=opts.image_grad, text_grad=plan.text_grad,
-                workspace_bytes=opts.workspace_bytes,
+            g_image, g_text, g_scale = contrastive.clip_block_grads_unchecked(
+                image, text_all, scale, stats.row_lse, col_lse, off, n, eps, opts.normalize, opts.image_grad,
+                plan.text_grad, torch.ones((), dtype=torch.float32, device=image.device), opts.workspace_bytes,
             )
             factor = opts.scaling.factor(plan)
             del text_all
@@ -232,10 +229,7 @@ def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, 
             extra_checks(group)
         embedding_checks(image_local, text_local)
         scale.append(scalar_tensor("logit_scale", logit_scale, image_local))
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-            raise TypeError(f"expected label_smoothing to be a float, got {type(label_smoothing).__name__}")
-        if not 0.0 <= float(label_smoothing) <= 1.0:
-            raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing}")
+        contrastive.check_label_smoothing(label_smoothing)
         if scaling not in SCALINGS:
             raise ValueError(f"expected scaling to be one of {tuple(SCALINGS)}, got {scaling!r}")
 
@@ -250,7 +244,7 @@ def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, 
             f"{caller}: open_clip's local loss (local_loss=True) needs the same local batch size on every "
             f"rank, got M = {list(plan.sizes)}; mmkernels.distributed.clip_loss takes unequal ones"
         )
-    opts = _Options(bool(normalize), float(label_smoothing), workspace_bytes, SCALINGS[scaling], image_grad,
+    opts = _Options(bool(normalize), float(label_smoothing), plan.workspace_bytes, SCALINGS[scaling], image_grad,
                     (scale_grad,))
     return _ClipLoss.apply(image_local, text_local, scale[0], plan, opts)
 
@@ -322,7 +316,7 @@ class _SiglipLoss(_FinishedGradients):
             block, g_text = _siglip_ring(image, text, scale, bias, plan, flags, factor)
         else:
             text_all = _gather_rows(text, plan)
-            block = _blocks.siglip_block(image, text_all, scale, bias, offset=plan.offset, **flags)
+            block = contrastive.siglip_block_unchecked(image, text_all, scale, bias, offset=plan.offset, **flags)
             del text_all
             g_text = None if block.text_grad is None else _scatter_sum_rows(block.text_grad * factor, plan)
         shares = _gather_scalars(block.loss.to(acc).reshape(1), plan)
@@ -341,7 +335,7 @@ class _SiglipLoss(_FinishedGradients):
 
 def _siglip_ring(image, text, scale, bias, plan: Plan, flags: dict, factor: float):
     """This rank's image rows against every rank's text rows as they pass around the ring
-    (mmkernels._ring): its own texts with their positives (offset 0), the others' as negatives
+    (ring.py): its own texts with their positives (offset 0), the others' as negatives
     only (offset None), one siglip_block each, 2·M_r·M_q·D per product. Returns the block row's
     SiglipBlock (loss and scalar shares summed over the blocks, image gradient complete, text_grad
     None) and this rank's text gradient (the contributions of every rank's rows, each × its
@@ -350,21 +344,22 @@ def _siglip_ring(image, text, scale, bias, plan: Plan, flags: dict, factor: floa
     image_grad = {}  # one (M_r, D) fp32 buffer, accumulated in place
 
     def compute(q: int, text_q: torch.Tensor):
-        part = _blocks.siglip_block(image, text_q, scale, bias, offset=0 if q == plan.rank else None, **flags)
+        part = contrastive.siglip_block_unchecked(image, text_q, scale, bias, offset=0 if q == plan.rank else None,
+                                                  **flags)
         shares.append((part.loss, part.scale_grad, part.bias_grad))
         if part.image_grad is not None:
             image_grad["sum"] = image_grad["sum"].add_(part.image_grad) if image_grad else part.image_grad
         return None if part.text_grad is None else part.text_grad.mul_(factor)  # a fresh buffer: scaled in place
 
     # compute runs at least once: some rank holds a pair (the check), and every nonempty block comes by
-    g_text = _ring.ring_pass(text, plan.sizes, plan.group, compute, gradients=flags["text_grad"])
+    g_text = ring.ring_pass(text, plan.sizes, plan.group, compute, gradients=flags["text_grad"])
 
     def total(k: int, dtype):
         if shares[0][k] is None:
             return None
         return torch.stack([s[k].double() for s in shares]).sum().to(dtype)
 
-    block = _blocks.SiglipBlock(total(0, _accumulation_dtype(image)), image_grad.get("sum"), None,
+    block = contrastive.SiglipBlock(total(0, _accumulation_dtype(image)), image_grad.get("sum"), None,
                                 total(1, scale.dtype), total(2, bias.dtype))
     return block, g_text
 
@@ -398,8 +393,8 @@ def siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, *, grou
             f"{caller}: open_clip's SigLIP loss divides each rank's loss by its local batch size, got M = "
             f"{list(plan.sizes)}; mmkernels.distributed.siglip_loss takes empty ranks"
         )
-    opts = _Options(bool(normalize), 0.0, workspace_bytes, SCALINGS[scaling], image_grad, (scale_grad, bias_grad),
-                    mode)
+    opts = _Options(bool(normalize), 0.0, plan.workspace_bytes, SCALINGS[scaling], image_grad,
+                    (scale_grad, bias_grad), mode)
     return _SiglipLoss.apply(image_local, text_local, scalars[0], scalars[1], plan, opts)
 
 

@@ -1,0 +1,185 @@
+"""The contrastive losses in plain PyTorch: the CPU path and the tests' oracle (run in float64).
+
+Each function here computes in at least float32 (float64 stays float64) and relies on PyTorch's
+autograd for its gradients. Inputs are assumed checked by the public function that calls them.
+
+A logit that is not finite (an Inf or NaN among the inputs, or a product that overflows) makes
+the loss undefined: it becomes NaN here, and in the kernels, before any loss term is formed.
+Without this rule a SigLIP or CLIP loss can come out finite, or +Inf, from an Inf input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def clip_logits(image_emb, text_emb, logit_scale, normalize: bool = False, logit_bias=None) -> torch.Tensor:
+    """S = logit_scale · image_emb @ text_emb.T (+ logit_bias), (M, N), in the compute dtype.
+
+    Non-finite logits are NaN.
+    """
+    dtype = _compute_dtype(image_emb)
+    image_emb, text_emb = image_emb.to(dtype), text_emb.to(dtype)
+    if normalize:
+        image_emb = F.normalize(image_emb, dim=-1)
+        text_emb = F.normalize(text_emb, dim=-1)
+    logits = logit_scale.to(dtype) * (image_emb @ text_emb.T)
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(dtype)
+    return torch.where(torch.isfinite(logits), logits, torch.nan)
+
+
+def clip_loss(image_emb, text_emb, logit_scale, normalize: bool = False, label_smoothing: float = 0.0):
+    """CLIP's symmetric InfoNCE: (CE(rows of S) + CE(columns of S)) / 2 with targets arange(N).
+
+    image_emb, text_emb: (N, D); logit_scale: 0-dim tensor (already exponentiated). Returns a scalar.
+    """
+    logits = clip_logits(image_emb, text_emb, logit_scale, normalize)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    rows = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    cols = F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)
+    return (rows + cols) / 2
+
+
+def _siglip_labels(m: int, n: int, offset: int | None, like: torch.Tensor) -> torch.Tensor:
+    """(m, n): +1 at (i, offset + i), -1 elsewhere (everywhere when offset is None: no positives)."""
+    labels = torch.full((m, n), -1.0, dtype=like.dtype, device=like.device)
+    if offset is not None:
+        rows = torch.arange(m, device=like.device)
+        labels[rows, offset + rows] = 1.0
+    return labels
+
+
+def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize: bool = False):
+    """SigLIP's sigmoid loss: -Σ_ij log σ(label_ij · S_ij) / N, label +1 on the diagonal, -1 elsewhere.
+
+    S = logit_scale · image_emb @ text_emb.T + logit_bias; image_emb, text_emb: (N, D). Returns a scalar.
+    """
+    logits = clip_logits(image_emb, text_emb, logit_scale, normalize, logit_bias)
+    n = logits.shape[0]
+    return -F.logsigmoid(_siglip_labels(n, n, 0, logits) * logits).sum() / n
+
+
+def info_nce_loss(query, keys, logit_scale, normalize: bool = False, label_smoothing: float = 0.0):
+    """One-directional InfoNCE: mean_i CE(logit_scale · query_i @ keys.T, target i), F.cross_entropy's
+    value (label smoothing included). query, keys: (N, D); logit_scale: 0-dim tensor. Returns a scalar.
+    """
+    logits = clip_logits(query, keys, logit_scale, normalize)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+# The block-row functions: rows offset .. offset+M-1 of the global batch (image_emb (M, D)) against
+# all columns (text_emb (N, D)); the positive of row i sits at column offset + i. The CPU path of
+# the block API (mmkernels.ops.contrastive) and the tests' oracle for its kernels. No autograd graph
+# is returned: gradients come out explicitly, as the kernels give them.
+
+
+def _lse_float64(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """The log-sum-exp of `logits` along `dim` (which is not empty), in float64: max + log Σ exp(S - max)
+    with the max exact, so that exp(S - lse) (see _minus_lse) is as exact as a softmax."""
+    top = logits.amax(dim, keepdim=True)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    return (top.double() + torch.log(torch.exp(logits - top).sum(dim, keepdim=True)).double()).squeeze(dim)
+
+
+def _minus_lse(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """logits - lse in logits' dtype, for a float64 lse (broadcast against logits) split as hi + lo: exact
+    where a logit is near its lse (P ≈ 1), where an fp32 lse would lose u·|lse| in every P."""
+    hi = lse.to(logits.dtype)
+    lo = torch.where(hi.isinf(), 0.0, (lse.double() - hi.double()).to(logits.dtype))
+    return (logits - hi) - lo
+
+
+def clip_block_stats(image_emb, text_emb, logit_scale, offset: int, normalize: bool):
+    """(row_lse (M,), col_max (N,), col_sumexp (N,), diag (M,), row_sum (M,)) of the block's logits,
+    row_lse in float64 (see _minus_lse), the others in the compute dtype.
+
+    col_sumexp_j = Σ_i exp(S_ij - col_max_j); an empty block (M = 0) gives col_max = -inf, col_sumexp = 0.
+    """
+    with torch.no_grad():
+        logits = clip_logits(image_emb, text_emb, logit_scale, normalize)
+        m, n = logits.shape
+        row_lse = _lse_float64(logits, 1)
+        if m == 0:
+            col_max = torch.full((n,), float("-inf"), dtype=logits.dtype, device=logits.device)
+            col_sumexp = torch.zeros(n, dtype=logits.dtype, device=logits.device)
+        else:
+            col_max = logits.max(dim=0).values
+            col_sumexp = torch.exp(logits - col_max).sum(dim=0)
+        rows = torch.arange(m, device=logits.device)
+        return row_lse, col_max, col_sumexp, logits[rows, offset + rows], logits.sum(dim=1)
+
+
+def merge_column_stats(col_max, col_sumexp):
+    """Column log-sum-exps (N,) float64 from P blocks' partial statistics col_max, col_sumexp (P, N).
+
+    Blocks whose columns are all -inf (or P = 0) add nothing; all of them so gives -inf; a NaN or
+    +inf statistic gives NaN. One fixed reduction order: the same inputs give the same bits.
+    """
+    col_max, col_sumexp = col_max.double(), col_sumexp.double()
+    if col_max.shape[0] == 0:
+        return torch.full(col_max.shape[1:], float("-inf"), dtype=col_max.dtype, device=col_max.device)
+    top = col_max.max(dim=0).values
+    top = torch.where(top == float("-inf"), 0.0, top)
+    return top + torch.log((col_sumexp * torch.exp(col_max - top)).sum(dim=0))
+
+
+def _leaves(*tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset: int, n_total: int,
+                     label_smoothing: float, normalize: bool, image_grad: bool, text_grad: bool,
+                     grad_output=None):
+    """This block's share of the gradients of the global CLIP loss over n_total pairs.
+
+    dL/dS_ij = ((P^row_ij - t_ij) + (P^col_ij - t_ij)) / (2·n_total), with P^row_ij = exp(S_ij - row_lse_i),
+    P^col_ij = exp(S_ij - col_lse_j), t_ij = (1-eps)·[j = offset+i] + eps/n_total, times grad_output
+    (default 1). Each direction's target comes off its own softmax, in that order, as the eager
+    cross-entropy's backward does it (P^row + P^col ≈ 2 at a dominant positive would round first).
+    Returns (d image_emb (M, D) or None, d text_emb (N, D) or None, d logit_scale ()).
+    """
+    dtype = _compute_dtype(image_emb)
+    a, b, scale = _leaves(image_emb, text_emb, logit_scale, dtype=dtype)
+    with torch.enable_grad():
+        logits = clip_logits(a, b, scale, normalize)
+        m, n = logits.shape
+        rows = torch.arange(m, device=logits.device)
+        with torch.no_grad():
+            targets = torch.full_like(logits, label_smoothing / n_total)
+            targets[rows, offset + rows] += 1 - label_smoothing
+            w = ((torch.exp(_minus_lse(logits, row_lse[:, None])) - targets)
+                 + (torch.exp(_minus_lse(logits, col_lse[None, :])) - targets))
+            d_logits = w / (2 * n_total)
+            if grad_output is not None:
+                d_logits = d_logits * grad_output.to(dtype)
+        d_image, d_text, d_scale = torch.autograd.grad(logits, (a, b, scale), d_logits, allow_unused=True)
+    d_image = d_image if d_image is not None else torch.zeros_like(a)
+    d_text = d_text if d_text is not None else torch.zeros_like(b)
+    return (d_image if image_grad else None), (d_text if text_grad else None), d_scale
+
+
+def siglip_block(image_emb, text_emb, logit_scale, logit_bias, offset: int | None, n_total: int,
+                 normalize: bool, image_grad: bool, text_grad: bool, scalar_grads: bool):
+    """This block's share of the global SigLIP loss, -Σ_ij log σ(label_ij · S_ij) / n_total over its
+    rows, and, when asked, of its gradients; offset None: a block without positives (every label
+    -1, the rows against another rank's columns). Returns (loss (), d image_emb (M, D) or None,
+    d text_emb (N, D) or None, d logit_scale () or None, d logit_bias () or None)."""
+    dtype = _compute_dtype(image_emb)
+    a, b, scale, bias = _leaves(image_emb, text_emb, logit_scale, logit_bias, dtype=dtype)
+    with torch.enable_grad():
+        logits = clip_logits(a, b, scale, normalize, bias)
+        m, n = logits.shape
+        loss = -F.logsigmoid(_siglip_labels(m, n, offset, logits) * logits).sum() / n_total
+        if image_grad or text_grad or scalar_grads:
+            grads = torch.autograd.grad(loss, (a, b, scale, bias), allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for t, g in zip((a, b, scale, bias), grads)]
+        else:
+            grads = [None] * 4
+    wanted = (image_grad, text_grad, scalar_grads, scalar_grads)
+    return (loss.detach(),) + tuple(g if want else None for g, want in zip(grads, wanted))
