@@ -2,7 +2,9 @@
 
 - Imports point one way: ops -> {nn, distributed} -> integrations -> train. Nothing in ops imports
   nn, distributed, integrations or mmkernels' root (ops may load the compiled extension
-  mmkernels._C); nn and distributed import only ops; integrations import ops, nn and distributed;
+  mmkernels._C); distributed imports only ops; nn imports ops and distributed (nn.ClipLoss and
+  nn.SigLipLoss take open_clip's world_size and call the distributed losses, never the reverse);
+  integrations import ops, nn and distributed;
   train imports only the public API: `mmkernels` (the names of its __all__ but integrations),
   `mmkernels.nn` and `mmkernels.distributed`. Every import counts, those inside functions too.
 - ops/ holds the shared modules and one folder per op family; each family folder has exactly
@@ -29,12 +31,10 @@ PUBLIC_NAMES = {"clip_loss", "siglip_loss", "info_nce_loss", "cross_attention", 
 # which layers each layer may import (besides modules outside mmkernels)
 ALLOWED = {
     "ops": {"ops"},
-    "nn": {"ops", "nn"},
+    "nn": {"ops", "nn", "distributed"},
     "distributed": {"ops", "distributed"},
     "integrations": {"ops", "nn", "distributed", "integrations"},
 }
-# today's top-level modules of the distributed layer, until they move into mmkernels/distributed/
-_DISTRIBUTED_MODULES = ("distributed", "_ring", "_distributed_plan")
 
 
 def _module_name(path: Path) -> str:
@@ -61,8 +61,6 @@ def layer_of(module: str) -> str | None:
         return "root"
     if parts[1] in ("ops", "_C"):
         return "ops"
-    if parts[1] in _DISTRIBUTED_MODULES:
-        return "distributed"
     return parts[1]
 
 
