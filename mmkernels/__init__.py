@@ -7,6 +7,7 @@
 from mmkernels import integrations, nn
 from mmkernels.integrations.patching import PatchHandle, patch, unpatch
 from mmkernels.ops.attention import cross_attention
+from mmkernels.ops.masks import AttnSpec
 from mmkernels.ops.contrastive import clip_loss, siglip_loss
 from mmkernels.ops.info_nce import info_nce_loss
 from mmkernels.ops.region import RegionMaskOutput, region_mask
@@ -19,6 +20,7 @@ __all__ = [
     "siglip_loss",
     "info_nce_loss",
     "cross_attention",
+    "AttnSpec",
     "region_mask",
     "masked_region_loss",
     "RegionMaskOutput",

@@ -103,8 +103,8 @@ _ABSENT = object()
 @contextlib.contextmanager
 def _cuda_choices(launches: list, label: list):
     """Within: the launchers take their CUDA branches on CPU tensors and record their launches."""
-    from mmkernels.ops import attention, contrastive_kernels, region, region_kernels, region_loss, \
-        region_loss_kernels
+    from mmkernels.ops import contrastive_kernels, region, region_kernels, region_loss, region_loss_kernels
+    from mmkernels.ops.attention import launch as attention_launch
 
     cuda = torch.device("cuda")
     saved = []
@@ -115,7 +115,7 @@ def _cuda_choices(launches: list, label: list):
 
     tile_config, region_blocks, loss_blocks = (contrastive_kernels.tile_config, region._region_blocks,
                                                region_loss._loss_blocks)
-    tuned = attention._tuned
+    tuned = attention_launch._tuned
     try:
         patch(torch.Tensor, "is_cuda", property(lambda self: True))
         patch(contrastive_kernels, "tile_config", lambda d, dtype, device: tile_config(d, dtype, cuda))
@@ -123,8 +123,8 @@ def _cuda_choices(launches: list, label: list):
         patch(region_loss, "_loss_blocks", lambda d, device: loss_blocks(d, cuda))
         for module in (region, region_loss):
             patch(module, "launch_device", lambda t: contextlib.nullcontext())
-        patch(attention, "interpreting", lambda: False)
-        patch(attention, "_tuned", lambda name, capability: _TunedRecorder(tuned(name, capability), launches, label))
+        patch(attention_launch, "interpreting", lambda: False)
+        patch(attention_launch, "_tuned", lambda name, capability: _TunedRecorder(tuned(name, capability), launches, label))
         patch(torch.cuda, "get_device_capability", lambda device=None: divmod(label[1], 10))
         for module, kernel_module in ((contrastive_kernels, contrastive_kernels), (region, region_kernels),
                                       (region_loss, region_loss_kernels)):
@@ -471,11 +471,11 @@ class Row:
 
     def _mma_sync_documented(self) -> bool:
         """The attention head dims whose sm_90 candidates are mma.sync tiles, with the reason in a
-        comment beside attention.SM90_MMA_SYNC_HEAD_DIMS."""
-        from mmkernels.ops import attention
+        comment beside plan.SM90_MMA_SYNC_HEAD_DIMS."""
+        from mmkernels.ops.attention import plan
 
         return self.kernel.startswith("_cross_attention") and \
-            self.constexprs.get("BLOCK_D") in attention.SM90_MMA_SYNC_HEAD_DIMS
+            self.constexprs.get("BLOCK_D") in plan.SM90_MMA_SYNC_HEAD_DIMS
 
     def problems(self) -> list:
         r, cc = self.result, self.job.cc

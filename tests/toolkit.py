@@ -411,13 +411,15 @@ def use_path(monkeypatch, name: str) -> list:
     the kernels). Returns the list that records a name for each call of reference.cross_attention /
     clip_loss / siglip_loss / info_nce_loss from then on."""
     from mmkernels.ops import reference
+    from mmkernels.ops.attention import reference as attention_reference
 
     if name != "cuda":
         monkeypatch.setenv("TRITON_INTERPRET", "1" if name == "kernels" else "0")
     calls = []
-    for op in ("cross_attention", "clip_loss", "siglip_loss", "info_nce_loss"):
-        original = getattr(reference, op)
-        monkeypatch.setattr(reference, op, lambda *a, _op=op, _original=original, **k: calls.append(_op) or _original(*a, **k))
+    for module, op in ((attention_reference, "cross_attention"), (reference, "clip_loss"), (reference, "siglip_loss"),
+                       (reference, "info_nce_loss")):
+        original = getattr(module, op)
+        monkeypatch.setattr(module, op, lambda *a, _op=op, _original=original, **k: calls.append(_op) or _original(*a, **k))
     return calls
 
 
