@@ -45,7 +45,6 @@ def _tuned(kernel_name: str, capability: tuple[int, int]):
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-
 def _launch(kernel_name: str, kernel, grid_of, args: list, meta: dict) -> None:
     """Launch with the interpreter's fixed blocks or through the CUDA autotuner of the device that
     holds the first argument (q)."""
@@ -55,7 +54,6 @@ def _launch(kernel_name: str, kernel, grid_of, args: list, meta: dict) -> None:
     else:
         capability = torch.cuda.get_device_capability(args[0].device)
         _tuned(kernel_name, capability)[grid_of](*args, **meta)
-
 
 
 def _grad_buffer(t: Tensor) -> Tensor:

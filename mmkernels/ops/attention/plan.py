@@ -6,6 +6,7 @@ import torch
 
 from mmkernels.ops._common import triton
 
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -161,9 +162,7 @@ def _candidates_for(kernel: str, capability: tuple[int, int]):
     return configs, prune
 
 
-
 def _grid(length: int, block: str, batch: int, heads: int):
     """The launch grid of a kernel whose programs each take `block` rows of `length`: one axis of
     n_blocks · B · H programs (axes 1 and 2 are capped at 65535 on CUDA; axis 0 at 2^31 - 1)."""
     return lambda meta: (triton.cdiv(length, meta[block]) * batch * heads,)
-
