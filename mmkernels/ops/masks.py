@@ -33,10 +33,11 @@ from mmkernels.ops._args import check_bool, check_lengths
 __all__ = ["AttnSpec", "additive_mask_kv_lens", "attn_mask_problem"]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class AttnSpec:
     """Lengths and masks of one `cross_attention` call (fields as in the module docstring); every
-    field optional. Keyword-only, so that a query mask cannot land in a key field by position."""
+    field optional. Keyword-only, so that a query mask cannot land in a key field by position;
+    compared by identity (its fields are tensors)."""
 
     kv_lens: Optional[Tensor] = None
     q_lens: Optional[Tensor] = None

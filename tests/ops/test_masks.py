@@ -14,7 +14,7 @@ from mmkernels.nn.attention import CrossModalAttention
 from mmkernels.ops import masks
 from mmkernels.ops.attention import cross_attention
 from mmkernels.ops.masks import AttnSpec
-from toolkit import assert_within_rule, fresh_seed, seeded_generator
+from toolkit import assert_within_rule, fresh_seed, needs_triton, seeded_generator
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -99,6 +99,24 @@ def test_spec_computes_what_its_keywords_compute(path, device):
                   attn_mask=torch.randn(1, 2, 7, 9, generator=gen).to(device), is_causal=True)
     with on_path(path):
         assert torch.equal(cross_attention(q, k, v, spec=AttnSpec(**fields)), cross_attention(q, k, v, **fields))
+
+
+@needs_triton
+def test_a_spec_passed_into_a_compiled_function_breaks_no_graph(device):
+    q, k, v = (t.detach().requires_grad_() for t in qkv(device, q_length=7, kv_length=9))
+    spec = AttnSpec(kv_lens=torch.tensor([9, 4], device=device), is_causal=True,
+                    key_padding_mask=torch.rand(2, 9, device=device) < 0.3)
+
+    def loss(q, k, v, spec):
+        out = cross_attention(q, k, v, spec=spec)
+        return (out * out).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    eager_loss = loss(q, k, v, spec)
+    compiled_loss = compiled(q, k, v, spec)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for a, b in zip(torch.autograd.grad(compiled_loss, (q, k, v)), torch.autograd.grad(eager_loss, (q, k, v))):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("keyword, value", [
