@@ -170,24 +170,30 @@ def cross_attention(
     """
     spec = _spec_of(spec, kv_lens, q_lens, key_padding_mask, attn_mask, is_causal)
     spec = _check_inputs(q, k, v, spec, dropout_p, scale, layout, generator)
-    kv_lens, q_lens, key_padding_mask, attn_mask = spec.kv_lens, spec.q_lens, spec.key_padding_mask, spec.attn_mask
-    is_causal = spec.is_causal
-    dropout_p = float(dropout_p)
     if layout == "blhd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out = cross_attention_unchecked(q, k, v, spec, float(dropout_p), scale, generator)
+    return out if layout == "bhld" else out.transpose(1, 2)
+
+
+def cross_attention_unchecked(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, dropout_p: float, scale: float,
+                              generator: Optional[torch.Generator]) -> Tensor:
+    """`cross_attention` on checked, normalised arguments: q (B, H, Lq, d), k and v (B, H, Lk, d),
+    `spec` checked against them (is_causal a bool), dropout_p and scale floats. Returns
+    (B, H, Lq, d) in (B, Lq, H, d) memory order."""
+    kv_lens, q_lens, key_padding_mask, attn_mask = spec.kv_lens, spec.q_lens, spec.key_padding_mask, spec.attn_mask
     if triton_enabled(q):
         kv_lens = kv_lens.to(q.device, non_blocking=True) if kv_lens is not None else None
         q_lens = q_lens.to(q.device, non_blocking=True) if q_lens is not None else None
         seed = draw_dropout_seed(generator, q.device) if dropout_p > 0 else None
         with autocast_off(q):
             out, _ = torch.ops.mmkernels.cross_attention_fwd(
-                q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, is_causal, dropout_p, scale
+                q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, seed, spec.is_causal, dropout_p, scale
             )
-    else:
-        out = without_autocast(
-            functools.partial(reference.cross_attention, generator=generator),
-            q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, is_causal, dropout_p, scale,
-        ).to(q.dtype)
-        out = out.transpose(1, 2).contiguous().transpose(1, 2)
-    return out if layout == "bhld" else out.transpose(1, 2)
+        return out
+    out = without_autocast(
+        functools.partial(reference.cross_attention, generator=generator),
+        q, k, v, kv_lens, q_lens, key_padding_mask, attn_mask, spec.is_causal, dropout_p, scale,
+    ).to(q.dtype)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
