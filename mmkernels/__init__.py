@@ -8,6 +8,7 @@ from mmkernels import integrations, nn
 from mmkernels.integrations.patching import PatchHandle, patch, unpatch
 from mmkernels.ops.attention import cross_attention
 from mmkernels.ops.contrastive import clip_loss, info_nce_loss, siglip_loss
+from mmkernels.ops.masks import AttnSpec
 from mmkernels.ops.region import RegionMaskOutput, masked_region_loss, region_mask
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "siglip_loss",
     "info_nce_loss",
     "cross_attention",
+    "AttnSpec",
     "region_mask",
     "masked_region_loss",
     "RegionMaskOutput",

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from mmkernels.ops import attention as attention_op
-from mmkernels.ops import reference
+from mmkernels.ops.attention import reference
 from mmkernels.ops._common import tl, triton
 from mmkernels.ops.attention import draw_dropout_seed
-from mmkernels.ops.attention_kernels import _dropout_keep
+from mmkernels.ops.attention.kernels import _dropout_keep
 from toolkit import assert_within_rule, fresh_seed
 
 PATHS = ("reference", "kernels")

@@ -103,7 +103,7 @@ _ABSENT = object()
 @contextlib.contextmanager
 def _cuda_choices(launches: list, label: list):
     """Within: the launchers take their CUDA branches on CPU tensors and record their launches."""
-    from mmkernels.ops import attention
+    from mmkernels.ops.attention import launch as attention_launch
     from mmkernels.ops.contrastive import kernels as contrastive_kernels
     from mmkernels.ops.contrastive import launch as contrastive_launch
     from mmkernels.ops.contrastive import plan as contrastive_plan
@@ -119,15 +119,15 @@ def _cuda_choices(launches: list, label: list):
 
     tile_config, region_blocks, loss_blocks = (contrastive_plan.tile_config, region_plan._region_blocks,
                                                region_plan._loss_blocks)
-    tuned = attention._tuned
+    tuned = attention_launch._tuned
     try:
         patch(torch.Tensor, "is_cuda", property(lambda self: True))
         patch(contrastive_plan, "tile_config", lambda d, dtype, device: tile_config(d, dtype, cuda))
         patch(region_launch, "_region_blocks", lambda r, d, device: region_blocks(r, d, cuda))
         patch(region_launch, "_loss_blocks", lambda d, device: loss_blocks(d, cuda))
         patch(region_registered, "launch_device", lambda t: contextlib.nullcontext())
-        patch(attention, "interpreting", lambda: False)
-        patch(attention, "_tuned", lambda name, capability: _TunedRecorder(tuned(name, capability), launches, label))
+        patch(attention_launch, "interpreting", lambda: False)
+        patch(attention_launch, "_tuned", lambda name, capability: _TunedRecorder(tuned(name, capability), launches, label))
         patch(torch.cuda, "get_device_capability", lambda device=None: divmod(label[1], 10))
         for module, kernel_module in ((contrastive_launch, contrastive_kernels), (region_launch, region_kernels)):
             for name, value in vars(kernel_module).items():
@@ -473,11 +473,11 @@ class Row:
 
     def _mma_sync_documented(self) -> bool:
         """The attention head dims whose sm_90 candidates are mma.sync tiles, with the reason in a
-        comment beside attention.SM90_MMA_SYNC_HEAD_DIMS."""
-        from mmkernels.ops import attention
+        comment beside plan.SM90_MMA_SYNC_HEAD_DIMS."""
+        from mmkernels.ops.attention import plan
 
         return self.kernel.startswith("_cross_attention") and \
-            self.constexprs.get("BLOCK_D") in attention.SM90_MMA_SYNC_HEAD_DIMS
+            self.constexprs.get("BLOCK_D") in plan.SM90_MMA_SYNC_HEAD_DIMS
 
     def problems(self) -> list:
         r, cc = self.result, self.job.cc

@@ -410,13 +410,13 @@ def use_path(monkeypatch, name: str) -> list:
     "kernels" (the Triton kernels under the interpreter); "cuda" changes nothing (CUDA tensors take
     the kernels). Returns the list that records a name for each call of reference.cross_attention /
     clip_loss / siglip_loss / info_nce_loss from then on."""
-    from mmkernels.ops import reference
+    from mmkernels.ops.attention import reference as attention_reference
     from mmkernels.ops.contrastive import reference as contrastive_reference
 
     if name != "cuda":
         monkeypatch.setenv("TRITON_INTERPRET", "1" if name == "kernels" else "0")
     calls = []
-    for module, op in ((reference, "cross_attention"), (contrastive_reference, "clip_loss"),
+    for module, op in ((attention_reference, "cross_attention"), (contrastive_reference, "clip_loss"),
                        (contrastive_reference, "siglip_loss"), (contrastive_reference, "info_nce_loss")):
         original = getattr(module, op)
         monkeypatch.setattr(module, op, lambda *a, _op=op, _original=original, **k: calls.append(_op) or _original(*a, **k))

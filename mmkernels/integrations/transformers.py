@@ -1,4 +1,4 @@
-"""Hugging Face transformers backend: run a model's attention on `mmkernels.ops.attention`.
+"""Hugging Face transformers backend: run a model's attention on `mmkernels.cross_attention`.
 
     from mmkernels.integrations.transformers import register
     register()
@@ -41,6 +41,7 @@ from transformers.masking_utils import bidirectional_mask_function, causal_mask_
 
 from mmkernels.ops._args import check_bool
 from mmkernels.ops.attention import cross_attention
+from mmkernels.ops.masks import AttnSpec
 
 __all__ = ["BACKEND_NAME", "register", "mmkernels_attention_forward", "mmkernels_attention_mask"]
 
@@ -185,47 +186,21 @@ def _check_inputs(query, key, value, attention_mask, kwargs: dict) -> None:
         )
 
 
-def _key_mask_arguments(keep: torch.Tensor, batch: int, kv_length: int) -> dict:
-    """`cross_attention` arguments for a (B or 1, Lk) keep mask (True = attend): the padding mask,
-    plus kv_lens = 1 + the last kept position, so the kernels skip the blocks of trailing padding."""
-    keep = keep.expand(batch, kv_length)
-    positions = torch.arange(1, kv_length + 1, device=keep.device)
-    return {"key_padding_mask": ~keep, "kv_lens": (keep * positions).amax(dim=-1)}
-
-
-def _mask_arguments(
-    attention_mask: torch.Tensor | None, is_causal: bool, batch: int, q_length: int, kv_length: int
-) -> dict:
-    """Translate what the mask function built into `cross_attention` keyword arguments."""
-    if attention_mask is None:
-        return {"is_causal": is_causal and q_length > 1}
-    if attention_mask.dim() == 2:
-        if attention_mask.dtype != torch.bool:
-            raise TypeError(
-                "attn_implementation='mmkernels' reads a 2-D attention mask as the bool causal key mask "
-                f"that its mask function builds, got dtype {attention_mask.dtype}"
-            )
-        return {"is_causal": True, **_key_mask_arguments(attention_mask, batch, kv_length)}
-    if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1):
-        return _key_mask_arguments(attention_mask[:, 0, 0, :], batch, kv_length)
-    return {"attn_mask": attention_mask}
-
-
-def _eager_attention_with_weights(query, key, value, arguments: dict, scaling: float | None, dropout: float,
+def _eager_attention_with_weights(query, key, value, spec: AttnSpec, scaling: float | None, dropout: float,
                                   training: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' eager attention (its `eager_attention_forward` formula) for the masks that
-    `arguments` describe: bool masks become the additive finfo(dtype).min mask eager attention
+    `spec` describes: bool masks become the additive finfo(dtype).min mask eager attention
     receives. Returns (attn_output (B, Lq, H, d), attn_weights (B, H, Lq, Lk))."""
     len_q, len_k = query.shape[2], key.shape[2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     allowed = None
-    if arguments.get("key_padding_mask") is not None:
-        allowed = ~arguments["key_padding_mask"][:, None, None, :]
-    if arguments.get("is_causal"):
+    if spec.key_padding_mask is not None:
+        allowed = ~spec.key_padding_mask[:, None, None, :]
+    if spec.is_causal:
         causal = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).tril()
         allowed = causal if allowed is None else allowed & causal
-    attn_mask = arguments.get("attn_mask")
+    attn_mask = spec.attn_mask
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         allowed = attn_mask if allowed is None else allowed & attn_mask
     elif attn_mask is not None:
@@ -276,9 +251,10 @@ def mmkernels_attention_forward(
             )
         key = key.repeat_interleave(heads // kv_heads, dim=1)
         value = value.repeat_interleave(heads // kv_heads, dim=1)
-    arguments = _mask_arguments(attention_mask, is_causal, batch, q_length, kv_length)
+    spec = AttnSpec.from_transformers(attention_mask, batch=batch, q_length=q_length, kv_length=kv_length,
+                                      is_causal=is_causal)
     dropout = dropout if module.training else 0.0
     if weights_requested(kwargs):
-        return _eager_attention_with_weights(query, key, value, arguments, scaling, dropout, module.training)
-    out = cross_attention(query, key, value, dropout_p=dropout, scale=scaling, **arguments)
+        return _eager_attention_with_weights(query, key, value, spec, scaling, dropout, module.training)
+    out = cross_attention(query, key, value, spec=spec, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2), None

@@ -24,17 +24,17 @@ modules in transformers 5.x.)
 
 Masks. The models hand their attention an additive float mask, 0 where a key is attended and
 `finfo(dtype).min` where it is not, shaped (B, 1, 1, Lk) (LXMERT, VisualBERT) or (B, 1, Lq, Lk)
-(ViLT, FLAVA, BLIP; causal plus padding in BLIP's decoder). It goes to the kernels unchanged as
-`attn_mask`, read through its strides, so every row computes exactly eager's function, including
-the rows where every key is masked: there eager adds finfo.min to every score, which absorbs the
-scores, and returns the uniform average of all values; so do the kernels. On top of it, each
-sample's trailing keys that are masked for every query become `kv_lens` (one past the last key
-some query attends), so the kernels skip their blocks instead of masking them: text padding,
-LXMERT's padded regions, ViLT's padded patches. Where a sample has a query row with no key at all,
-its kv_lens stays Lk, because skipping would change eager's uniform average. Keys masked inside
-the sequence (ViLT's text padding before the image tokens) are masked by the mask. Bool and
-integer masks are added as numbers (1.0 / 0.0), as eager adds them. The lengths are computed on
-the device from the mask: no host sync.
+(ViLT, FLAVA, BLIP; causal plus padding in BLIP's decoder). `AttnSpec.from_extended_mask` passes it
+to the kernels unchanged as `attn_mask`, read through its strides, so every row computes exactly
+eager's function, including the rows where every key is masked: there eager adds finfo.min to every
+score, which absorbs the scores, and returns the uniform average of all values; so do the kernels.
+On top of it, each sample's trailing keys that are masked for every query become `kv_lens` (one
+past the last key some query attends), so the kernels skip their blocks instead of masking them:
+text padding, LXMERT's padded regions, ViLT's padded patches. Where a sample has a query row with
+no key at all, its kv_lens stays Lk, because skipping would change eager's uniform average. Keys
+masked inside the sequence (ViLT's text padding before the image tokens) are masked by the mask.
+Bool and integer masks are added as numbers (1.0 / 0.0), as eager adds them. The lengths are
+computed on the device from the mask: no host sync.
 
 Dropout on the attention probabilities (training mode, p > 0) comes from the kernels' Philox
 stream, not torch's: the same distribution (each probability kept with 1 - p and scaled by
@@ -53,7 +53,6 @@ import inspect
 import math
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor, nn
 
 from transformers.cache_utils import EncoderDecoderCache
@@ -71,8 +70,9 @@ from mmkernels.integrations import hf_compat
 from mmkernels.integrations.patching import call_original, register_patcher
 from mmkernels.integrations.transformers import weights_requested
 from mmkernels.ops.attention import MAX_HEAD_DIM, cross_attention
+from mmkernels.ops.masks import AttnSpec, attn_mask_problem
 
-__all__ = ["Unsupported", "replacements", "mask_kv_lens"]
+__all__ = ["Unsupported", "replacements"]
 
 
 class Unsupported(Exception):
@@ -113,15 +113,9 @@ def _check_mask(mask, batch: int, heads: int, len_q: int, len_k: Optional[int]) 
         raise Unsupported(f"its attention mask is a {type(mask).__name__}, not a tensor")
     if len_k is None:
         len_k = mask.shape[-1] if mask.dim() > 0 else 1
-    full = (batch, heads, len_q, len_k)
-    try:
-        broadcast = torch.broadcast_shapes(tuple(mask.shape), full)
-    except RuntimeError:
-        broadcast = None
-    if mask.dim() > 4 or broadcast != full:
-        raise Unsupported(f"its attention mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Lq, Lk) = {full}")
-    if mask.requires_grad:
-        raise Unsupported("its attention mask requires a gradient, which the kernels do not give")
+    problem = attn_mask_problem(mask, batch, heads, len_q, len_k)
+    if problem is not None:
+        raise Unsupported(f"its attention mask: {problem}")
 
 
 def _check_mask_keys(mask, len_k: int) -> None:
@@ -138,42 +132,11 @@ def _check_kwargs(module: nn.Module, unexpected: dict) -> None:
         raise Unsupported(f"keyword arguments {sorted(unexpected)} that {type(module).__name__}.forward does not take")
 
 
-def mask_kv_lens(mask: Tensor, batch: int, len_k: int) -> Optional[Tensor]:
-    """Per-sample key lengths (B,) int32 that skip no key eager attends, from an additive mask
-    broadcastable to (B, H, Lq, Lk); None for a bool or integer mask (eager adds it as numbers, so
-    it masks no key).
-
-    A key is dead where the mask is ≤ finfo(mask.dtype).min: eager gives it probability exactly 0
-    whenever its row has a live key. kv_lens[b] = 1 + the last key live for some query of sample b,
-    or Lk where sample b has a row with no live key (eager averages all keys there).
-    """
-    if not mask.is_floating_point():
-        return None
-    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    live = m4 > torch.finfo(mask.dtype).min
-    key_live = live.any(dim=2).any(dim=1)  # (b, Lk), b = B or 1
-    dead_row = ~live.any(dim=-1)  # (b, h, q)
-    positions = torch.arange(1, len_k + 1, device=mask.device, dtype=torch.int32)
-    last_live = (key_live * positions).amax(dim=-1)
-    lens = torch.where(dead_row.flatten(1).any(dim=-1), len_k, last_live).to(torch.int32)
-    return lens.expand(batch).contiguous()
-
-
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, dropout_p: float) -> Tensor:
     """softmax(scale·q·kᵀ + mask)·v for q (B, H, Lq, d), k, v (B, H, Lk, d) (any strides), as eager
     computes it with an additive mask. Returns (B, Lq, H, d), contiguous."""
-    batch, len_k = k.shape[0], k.shape[2]
-    kwargs = {}
-    if mask is not None:
-        mask = mask.to(q.device)
-        if not mask.is_floating_point():
-            mask = mask.to(q.dtype)  # eager adds a bool/int mask to the scores as numbers
-        else:
-            kv_lens = mask_kv_lens(mask, batch, len_k)
-            if kv_lens is not None:
-                kwargs["kv_lens"] = kv_lens
-        kwargs["attn_mask"] = mask
-    out = cross_attention(q, k, v, scale=scale, dropout_p=dropout_p, **kwargs)
+    spec = AttnSpec.from_extended_mask(mask, batch=k.shape[0], len_k=k.shape[2], like=q)
+    out = cross_attention(q, k, v, spec=spec, scale=scale, dropout_p=dropout_p)
     return out.transpose(1, 2)  # (B, H, Lq, d) in (B, Lq, H, d) memory order: contiguous
 
 

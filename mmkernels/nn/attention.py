@@ -12,6 +12,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from mmkernels.ops._args import check_bool, check_lengths, check_real, describe_type
 from mmkernels.ops.attention import cross_attention
+from mmkernels.ops.masks import AttnSpec
 
 __all__ = ["CrossModalAttention", "multi_head_attention_forward"]
 
@@ -76,36 +77,6 @@ def _project(query, key, value, num_heads: int, in_proj_weight, in_proj_bias, q_
     k = F.linear(key, weights[1], biases[1]).unflatten(-1, (num_heads, head_dim))
     v = F.linear(value, weights[2], biases[2]).unflatten(-1, (num_heads, head_dim))
     return q, k, v
-
-
-def _convert_masks(key_padding_mask, attn_mask, kv_lens, num_heads: int, extra_keys: int, batch: int, len_q: int,
-                   len_k: int, like: Tensor):
-    """nn.MultiheadAttention's masks in cross_attention's conventions: key_padding_mask bool
-    (B, S) True = padding; attn_mask bool True = attend, or additive, (B or 1, H or 1, L, S)."""
-    if attn_mask is not None:
-        if attn_mask.dim() == 3:
-            attn_mask = attn_mask.view(batch, num_heads, len_q, len_k)
-        attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
-    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-        additive = key_padding_mask.to(like.dtype).view(batch, 1, 1, len_k)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=like.dtype, device=like.device).masked_fill(
-                ~attn_mask, float("-inf")
-            )
-        attn_mask = additive if attn_mask is None else attn_mask + additive
-        key_padding_mask = None
-    if extra_keys and (kv_lens is not None or key_padding_mask is not None):
-        # The appended keys sit past every sample's length: say "padding" with a mask instead.
-        padding = torch.zeros(batch, len_k, dtype=torch.bool, device=like.device)
-        if kv_lens is not None:
-            kv_lens = kv_lens.to(like.device, non_blocking=True)
-            padding = torch.arange(len_k, device=like.device) >= kv_lens.view(batch, 1)
-        if key_padding_mask is not None:
-            padding = padding | key_padding_mask
-        key_padding_mask, kv_lens = F.pad(padding, (0, extra_keys), value=False), None
-    if extra_keys and attn_mask is not None:
-        attn_mask = F.pad(attn_mask, (0, extra_keys), value=True if attn_mask.dtype == torch.bool else 0.0)
-    return key_padding_mask, attn_mask, kv_lens
 
 
 def multi_head_attention_forward(
@@ -236,10 +207,10 @@ def multi_head_attention_forward(
     if add_zero_attn:
         k = F.pad(k, (0, 0, 0, 1))
         v = F.pad(v, (0, 0, 0, 1))
-    key_padding_mask, attn_mask, kv_lens = _convert_masks(key_padding_mask, attn_mask, kv_lens, num_heads,
-                                                          extra_keys, batch, len_q, len_k, q)
-    out = cross_attention(q, k, v, kv_lens=kv_lens, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                          is_causal=is_causal, dropout_p=float(dropout_p))
+    spec = AttnSpec.from_multihead_attention(key_padding_mask=key_padding_mask, attn_mask=attn_mask, kv_lens=kv_lens,
+                                             is_causal=is_causal, num_heads=num_heads, batch=batch, len_q=len_q,
+                                             len_k=len_k, extra_keys=extra_keys, like=q)
+    out = cross_attention(q, k, v, spec=spec, dropout_p=float(dropout_p))
     # out: (N, H, L, hd), laid out as (N, L, H, hd).
     if batched and not batch_first:
         out = out.permute(2, 0, 1, 3).reshape(len_q, batch, embed_dim)

@@ -41,7 +41,7 @@ from transformers.models.lxmert.modeling_lxmert import LxmertAttention  # noqa: 
 import mmkernels  # noqa: E402
 from mmkernels.integrations import transformers_fusion as fusion  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
-from mmkernels.ops import reference  # noqa: E402
+from mmkernels.ops import masks  # noqa: E402
 from toolkit import (  # noqa: E402
     CUDA,
     assert_models_within_rule,
@@ -241,11 +241,12 @@ def compare(case: Case, device, dtype=torch.float32):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The keyword arguments (and q, k) of every `cross_attention` call the patched modules make."""
+    """The keyword arguments (its AttnSpec's fields among them, and q, k) of every `cross_attention`
+    call the patched modules make."""
     calls, original = [], fusion.cross_attention
 
     def spy(q, k, v, **kwargs):
-        calls.append(dict(kwargs, q=q, k=k))
+        calls.append(dict(kwargs, **vars(kwargs["spec"]), q=q, k=k))
         return original(q, k, v, **kwargs)
 
     monkeypatch.setattr(fusion, "cross_attention", spy)
@@ -317,59 +318,9 @@ def test_negative_control_skipping_an_all_masked_sample_fails(monkeypatch, refer
         live = (mask > torch.finfo(mask.dtype).min).reshape(mask.shape[0], -1, len_k).any(1)
         return (live * torch.arange(1, len_k + 1)).amax(-1).to(torch.int32).expand(batch).contiguous()
 
-    monkeypatch.setattr(fusion, "mask_kv_lens", naive_lengths)
+    monkeypatch.setattr(masks, "additive_mask_kv_lens", naive_lengths)
     with pytest.raises(AssertionError):
         compare(lxmert(region_lengths=(3, 0, 5)), "cpu")
-
-
-# --------------------------------------------------------------------------- kv_lens from the masks
-
-
-def brute_force_kv_lens(mask, batch, len_k):
-    """One past the last key some query of the sample attends; Lk if one of its rows attends none."""
-    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(batch, -1, -1, len_k)
-    live = m4 > torch.finfo(mask.dtype).min
-    lens = []
-    for b in range(batch):
-        if not bool(live[b].any(-1).all()):
-            lens.append(len_k)
-        else:
-            lens.append(max((j + 1 for j in range(len_k) if bool(live[b, ..., j].any())), default=0))
-    return lens
-
-
-def test_mask_kv_lens():
-    fresh_seed()
-    low = torch.finfo(torch.float32).min
-    # (B, 1, 1, Lk) padding: trailing, a hole, an all-masked sample, none; -inf counts as masked.
-    pad = torch.zeros(4, 1, 1, 6)
-    pad[0, ..., 4:] = low
-    pad[1, ..., 1:3] = low
-    pad[2] = low
-    pad[3, ..., 5] = float("-inf")
-    assert fusion.mask_kv_lens(pad, 4, 6).tolist() == [4, 6, 6, 5]
-    # (B, 1, Lq, Lk) causal plus right padding; left padding leaves row 0 with no key: Lk.
-    causal = torch.ones(5, 5, dtype=torch.bool).tril()
-    right = causal & (torch.arange(5) < torch.tensor([5, 3])[:, None, None])
-    left = causal & (torch.arange(5) >= torch.tensor([0, 2])[:, None, None])
-    for keep, expected in ((right, [5, 3]), (left, [5, 5])):
-        mask = torch.where(keep, 0.0, low)[:, None]
-        assert fusion.mask_kv_lens(mask, 2, 5).tolist() == expected
-    # One mask for the whole batch (1, 1, Lq, Lk); a 2-D (Lq, Lk) one.
-    shared = torch.where(right[1], 0.0, low)
-    assert fusion.mask_kv_lens(shared[None, None], 3, 5).tolist() == [3, 3, 3]
-    assert fusion.mask_kv_lens(shared, 3, 5).tolist() == [3, 3, 3]
-    # Numbers added as eager adds them (bool / int masks, finite negative values) skip nothing.
-    assert fusion.mask_kv_lens(right[:, None].long(), 2, 5) is None
-    assert fusion.mask_kv_lens(torch.full((2, 1, 1, 5), -1e30), 2, 5).tolist() == [5, 5]
-    # Random masks, half their entries finfo.min, in fp32 and fp16, against the brute force.
-    for dtype in (torch.float32, torch.float16):
-        for shape in ((5, 1, 1, 7), (5, 2, 3, 7), (1, 1, 4, 7), (5, 1, 4, 7)):
-            dead = torch.rand(shape) < 0.5
-            mask = torch.where(dead, torch.finfo(dtype).min, torch.randn(shape)).to(dtype)
-            lens = fusion.mask_kv_lens(mask, 5, 7)
-            assert lens.dtype == torch.int32 and lens.is_contiguous()
-            assert lens.tolist() == brute_force_kv_lens(mask, 5, 7), (shape, dtype)
 
 
 # --------------------------------------------------------------------------- per-call fallbacks

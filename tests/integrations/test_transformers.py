@@ -44,7 +44,7 @@ from mmkernels.integrations.transformers import (  # noqa: E402
     mmkernels_attention_mask,
     register,
 )
-from mmkernels.ops import reference  # noqa: E402
+from mmkernels.ops.attention import reference  # noqa: E402
 from toolkit import fresh_seed  # noqa: E402
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
@@ -68,11 +68,12 @@ def seeded():
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The keyword arguments of each `cross_attention` call that the backend makes."""
+    """The keyword arguments of each `cross_attention` call that the backend makes, its AttnSpec's
+    fields among them."""
     calls, original = [], integration.cross_attention
 
     def spy(q, k, v, **kwargs):
-        calls.append(kwargs)
+        calls.append(dict(kwargs, **vars(kwargs["spec"])))
         return original(q, k, v, **kwargs)
 
     monkeypatch.setattr(integration, "cross_attention", spy)
@@ -231,35 +232,6 @@ def test_forward_causality_from_the_keyword_never_from_the_module(device):
     torch.testing.assert_close(out, sdpa(q, k, v), atol=ATOL, rtol=RTOL)
     out, _ = mmkernels_attention_forward(Attention(is_causal=False), q, k, v, None, is_causal=True)
     torch.testing.assert_close(out, sdpa(q, k, v, is_causal=True), atol=ATOL, rtol=RTOL)
-
-
-def test_forward_mask_forms_match_sdpa(device, op_calls):
-    q, k, v = qkv(device, q_length=6, kv_length=6)
-    keep = padding_mask([6, 3], 6, left=True, device=device).bool()
-    full_keep = keep[:, None, None, :].expand(2, 1, 6, 6)
-    causal_keep = full_keep & torch.ones(6, 6, dtype=torch.bool, device=device).tril()
-    additive = torch.randn(2, 1, 6, 6, device=device)
-    # With causality and left padding, rows 0-2 of the second sample have no key to attend.
-    every_row, rows_with_a_key = [slice(0, 6)] * 2, [slice(3, 6)] * 2
-    cases = [
-        (keep[:, None, None, :], full_keep, every_row, {"key_padding_mask", "kv_lens"}),
-        (keep, causal_keep, rows_with_a_key, {"key_padding_mask", "kv_lens", "is_causal"}),
-        (causal_keep, causal_keep, rows_with_a_key, {"attn_mask"}),
-        (additive, additive, every_row, {"attn_mask"}),
-    ]
-    for given, expected, rows, arguments in cases:
-        out, _ = mmkernels_attention_forward(Attention(), q, k, v, given)
-        assert_kept_close(out, sdpa(q, k, v, attn_mask=expected), rows)
-        used = {name for name, value in op_calls.pop().items() if torch.is_tensor(value) or value is True}
-        assert used == arguments
-
-
-def test_forward_kv_lens_end_at_the_last_kept_key(device, op_calls):
-    q, k, v = qkv(device, batch=3, kv_length=6)
-    keep = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 1, 0, 1, 0, 0]], device=device).bool()
-    out, _ = mmkernels_attention_forward(Attention(), q, k, v, keep[:, None, None, :])
-    torch.testing.assert_close(out, sdpa(q, k, v, attn_mask=keep[:, None, None, :]), atol=ATOL, rtol=RTOL)
-    assert op_calls[0]["kv_lens"].tolist() == [6, 3, 4]
 
 
 def test_forward_grouped_query_attention_repeats_kv_heads(device):

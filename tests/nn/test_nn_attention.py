@@ -160,17 +160,6 @@ def test_self_attention_projects_once(batch_first, batched, linear_calls):
     assert len(linear_calls) == 2 + 3
 
 
-def test_kv_lens_equals_suffix_padding_mask():
-    for config in (CONFIGS["batch_first"], CONFIGS["bias_kv_zero_attn"]):
-        mha, ours = make_pair(config)
-        query, key, value = make_inputs(config, seeded_generator())
-        kv_lens = torch.tensor([LEN_K, 1, 5])
-        pad = torch.arange(LEN_K) >= kv_lens[:, None]
-        expected, _ = mha(query, key, value, key_padding_mask=pad, need_weights=False)
-        actual, _ = ours(query, key, value, kv_lens=kv_lens)
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("config_name", ["batch_first", "bias_kv_zero_attn"])
 @pytest.mark.parametrize(
     "kv_lens, error, message",
@@ -199,23 +188,6 @@ def test_key_padding_mask_of_the_wrong_shape(config_name, dtype):
     for shape in [(1, LEN_K), (BATCH, LEN_K + 1), (LEN_K,)]:
         with pytest.raises(ValueError, match=rf"key_padding_mask of shape \(N, S\) = \({BATCH}, {LEN_K}\)"):
             ours(query, key, value, key_padding_mask=torch.zeros(shape, dtype=dtype))
-
-
-@pytest.mark.parametrize("config_name", ["batch_first", "bias_kv_zero_attn"])
-def test_is_causal_matches_the_causal_mask(config_name):
-    """With the appended bias_kv / zero-attention keys, nn.MultiheadAttention runs is_causal over the
-    extended keys when there is no padding mask, and the given attn_mask (appended keys attended)
-    when there is one: both must be matched, kv_lens standing for a suffix padding mask."""
-    mha, ours = make_pair(CONFIGS[config_name])
-    x = torch.randn(BATCH, LEN_Q, EMBED, generator=seeded_generator())
-    causal = torch.ones(LEN_Q, LEN_Q, dtype=torch.bool).triu(1)  # True = not allowed, as the padding mask
-    kv_lens = torch.tensor([LEN_Q, 3, 5])
-    pad = torch.arange(LEN_Q) >= kv_lens[:, None]
-    for mha_masks, our_masks in [({}, {}), (dict(key_padding_mask=pad), dict(key_padding_mask=pad)),
-                                 (dict(key_padding_mask=pad), dict(kv_lens=kv_lens))]:
-        expected, _ = mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False, **mha_masks)
-        actual, _ = ours(x, x, x, attn_mask=causal, is_causal=True, **our_masks)
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{our_masks}: {m}")
 
 
 def test_unbatched_inputs():

@@ -18,8 +18,7 @@ from attention_checks import (
     make_inputs,
     on_path,
 )
-from mmkernels.ops import attention as attention_op
-from mmkernels.ops import reference
+from mmkernels.ops.attention import plan, reference
 from mmkernels.ops.attention import cross_attention, draw_dropout_seed
 from toolkit import OpTrace, assert_no_host_sync, fresh_seed, needs_triton, seeded_generator
 
@@ -445,7 +444,7 @@ def test_forward_skips_key_blocks_past_kv_lens_and_the_causal_diagonal(device):
 
 def test_grid_keeps_batch_times_heads_off_the_capped_axes():
     """CUDA caps grid axes 1 and 2 at 65535: B · H (here 70000 · 2) and the row blocks share axis 0."""
-    grid = attention_op._grid(1000, "BLOCK_M", 70000, 2)({"BLOCK_M": 64})
+    grid = plan._grid(1000, "BLOCK_M", 70000, 2)({"BLOCK_M": 64})
     assert len(grid) == 1 and grid[0] == 16 * 70000 * 2 <= 2**31 - 1
 
 

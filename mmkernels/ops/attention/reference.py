@@ -1,19 +1,15 @@
-"""Plain-PyTorch definition of every op: the CPU path and the tests' oracle (run in float64).
+"""`cross_attention` in plain PyTorch: the CPU path and the tests' oracle (run in float64).
 
-Each function here computes in at least float32 (float64 stays float64) and relies on PyTorch's
-autograd for its gradients. Inputs are assumed checked by the public function that calls them.
+It computes in at least float32 (float64 stays float64) and relies on PyTorch's autograd for its
+gradients. Inputs are assumed checked by the public function that calls it.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-# --------------------------------------------------------------------------- attention
 
 
 def cross_attention(

@@ -1,4 +1,4 @@
-"""The Triton kernels of `cross_attention` (launched from `mmkernels.ops.attention`).
+"""The Triton kernels of `cross_attention` (launched from `mmkernels.ops.attention.launch`).
 
 One program per (block of rows, batch · head), the grid flattened onto axis 0 (CUDA caps axes 1 and 2
 at 65535, so B · H there would limit the batch): `pid = row_block + n_row_blocks · (b · H + h)`.
