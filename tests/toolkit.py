@@ -293,6 +293,29 @@ def _collect_after_interpreted_launches(enabled: bool):
         GridExecutor.__call__ = original
 
 
+@contextmanager
+def triton_launches():
+    """Count the Triton kernel launches that the interpreter runs inside the block (a list that
+    holds one entry per launch; always empty without triton or off the interpreter)."""
+    launches: list = []
+    if not HAS_TRITON:
+        yield launches
+        return
+    from triton.runtime.interpreter import GridExecutor
+
+    original = GridExecutor.__call__
+
+    def counting_launch(self, *args, **kwargs):
+        launches.append(getattr(self, "fn", None))
+        return original(self, *args, **kwargs)
+
+    GridExecutor.__call__ = counting_launch
+    try:
+        yield launches
+    finally:
+        GridExecutor.__call__ = original
+
+
 # --------------------------------------------------------------------------- whole models
 
 

@@ -23,10 +23,7 @@ from mmkernels.ops import reference
 from mmkernels.ops.attention import cross_attention, draw_dropout_seed
 from toolkit import OpTrace, assert_no_host_sync, fresh_seed, needs_triton, seeded_generator
 
-@pytest.fixture(autouse=True)
-def seeded():
-    """Random data drawn from torch's global generator comes from a fresh seed (printed if a test fails)."""
-    return fresh_seed()
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 CASES = {

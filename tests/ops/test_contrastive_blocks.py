@@ -11,17 +11,12 @@ from mmkernels.ops._common import HAS_TRITON
 from mmkernels.ops._dispatch import interpreting
 from toolkit import OpTrace, assert_within_rule, fresh_seed, value_and_grads
 
-PATHS = ["reference", pytest.param("kernels", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton"))]
 
-
-@pytest.fixture(params=PATHS)
-def path_device(request, monkeypatch, device):
-    """Where a path runs: the reference on the CPU (TRITON_INTERPRET=0), or the kernels (the GPU, or
-    the CPU under the interpreter)."""
-    if request.param == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        return torch.device("cpu")
-    return device
+@pytest.fixture
+def path_device(kernel_path):
+    """Where kernel_path's path runs: the reference on the CPU, or the kernels (the GPU, or the CPU
+    under the interpreter)."""
+    return kernel_path.device
 
 
 def split_rows(n: int, cuts) -> list[tuple[int, int]]:

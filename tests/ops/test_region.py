@@ -38,10 +38,7 @@ def path_device(backend: str) -> torch.device:
     return torch.device("cuda" if CUDA and backend != "torch" or backend == "cuda" else "cpu")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_random_state():
-    """Every test starts from a fresh seed (printed in its failure report)."""
-    fresh_seed()
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def generators(n: int = 2):

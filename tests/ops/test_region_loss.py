@@ -10,15 +10,12 @@ import torch.nn.functional as F
 from mmkernels.nn.region import MaskedRegionLoss
 from mmkernels.ops.region_loss import masked_region_loss
 from test_region import PATHS, needs_interpreter, path_device, ran_kernels
-from toolkit import CUDA, assert_within_rule, eager_masked_region_loss, fresh_seed, needs_triton, value_and_grads
+from toolkit import CUDA, assert_within_rule, eager_masked_region_loss, needs_triton, value_and_grads
 
 KINDS = ["mse", "smooth_l1", "kl"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_random_state():
-    """Every test starts from a fresh seed (printed in its failure report)."""
-    fresh_seed()
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def loss_inputs(kind, n_samples, n_regions, dim, dtype, device, prob=0.3, zero_targets=False):
