@@ -47,6 +47,7 @@ from mmkernels.testing import (eager_attention, eager_clip_loss, eager_info_nce_
                                eager_siglip_loss)
 
 WORKSPACE_BYTES = 1 << 20
+DEFAULT_WORKSPACE_BYTES = 256 << 20  # the contrastive ops' default workspace (workspace_bytes=None)
 
 
 @dataclass
@@ -75,6 +76,10 @@ class OpEntry:
     sizes(leaves64, inputs) -> {name: floor size} for outputs that are sums that cancel.
     upstream: whether `run`'s output is not a scalar (the test draws a random upstream gradient).
     compile_run: what torch.compile traces, where it differs from `run` (default `run`).
+    out_dtype: the dtype `run` returns (None: the inputs' dtype).
+    kernels_only(inputs, *leaves): the public call that asks for the Triton kernels by name (an op
+      with a `backend=` argument); on bf16 CPU tensors it raises TypeError saying why it cannot.
+    autocast_case: the inputs for the autocast check (None: the op states no autocast contract).
     float64_tolerance: how closely the oracle and the eager baseline agree when both run in float64.
     """
     name: str
@@ -94,6 +99,9 @@ class OpEntry:
     upstream: bool = False
     compile_run: Callable | None = None
     float64_tolerance: float = 1e-10
+    out_dtype: torch.dtype | None = None
+    kernels_only: Callable | None = None
+    autocast_case: dict | None = None
 
     def __str__(self):
         return self.name
@@ -176,7 +184,7 @@ def _siglip_registered(device):
         (a, b, s, bias, 0, 13, False, False, False, False, a.dtype, WORKSPACE_BYTES),
         (*grad_leaves, 0, 13, False, True, True, True, a.dtype, WORKSPACE_BYTES),
         # offset = N (columns 0..N-1 hold no positive): what siglip_block(offset=None) passes
-        (*without_positives, 5, 14, True, True, True, True, torch.float32, WORKSPACE_BYTES),
+        (*without_positives, 5, 14, True, True, True, True, torch.float32, DEFAULT_WORKSPACE_BYTES),
     ]}
 
 
@@ -209,23 +217,27 @@ def _units(k):
 # The pair losses' rule cases: N = 1 and D = 1, sizes off every block; the bf16 case as the CPU runs it.
 PAIR_CASES = [dict(n=1, d=16, normalize=False), dict(n=7, d=80, normalize=True, smoothing=0.1),
               dict(n=129, d=16, normalize=False)]
+PAIR_AUTOCAST_CASE = dict(n=33, d=24, normalize=True, smoothing=0.1)
 PAIR_FROZEN_CASE = dict(n=64, d=64, normalize=True, smoothing=0.1)  # one tile of the interpreter's fp32 blocks
 
 CLIP = OpEntry(
     name="clip_loss", names=["loss", "d image_emb", "d text_emb", "d logit_scale"],
     make_inputs=_pair_inputs, run=_clip_run, eager=_clip_eager, cases=PAIR_CASES,
-    bf16_case=dict(n=70, d=24, normalize=True, smoothing=0.1), ops=["clip_loss_fwd", "clip_block_stats", "clip_block_grads"], registered=_clip_registered,
-    poison=_poison_pair, check_poisoned=_assert_nan,
+    bf16_case=dict(n=70, d=24, normalize=True, smoothing=0.1),
+    ops=["clip_loss_fwd", "clip_block_stats", "clip_block_grads"], registered=_clip_registered,
+    poison=_poison_pair, check_poisoned=_assert_nan, out_dtype=torch.float32, autocast_case=PAIR_AUTOCAST_CASE,
     frozen={(): _units(8), 0: _units(6), 1: _units(6), (0, 1): _units(4)}, frozen_case=PAIR_FROZEN_CASE,
     sizes=_contrastive_sizes("clip"),
 )
 
 SIGLIP = OpEntry(
     name="siglip_loss", names=["loss", "d image_emb", "d text_emb", "d logit_scale", "d logit_bias"],
-    make_inputs=lambda case, dtype, device: _pair_inputs(case, dtype, device, bias=True),
+    make_inputs=lambda case, dtype, device: _pair_inputs({**case, "smoothing": 0.0}, dtype, device, bias=True),
     run=_siglip_run, eager=_siglip_eager, cases=PAIR_CASES,
-    bf16_case=dict(n=70, d=24, normalize=True), ops=["siglip_block"], registered=_siglip_registered,
-    poison=_poison_pair, check_poisoned=_assert_nan,
+    bf16_case=dict(n=70, d=24, normalize=True),
+    ops=["siglip_block"], registered=_siglip_registered,
+    poison=_poison_pair, check_poisoned=_assert_nan, out_dtype=torch.float32,
+    autocast_case=dict(n=33, d=24, normalize=True),
     frozen={(): _units(6), 0: _units(4), 1: _units(4), (0, 1): _units(2)}, frozen_case=PAIR_FROZEN_CASE,
     sizes=_contrastive_sizes("siglip"),
 )
@@ -233,8 +245,9 @@ SIGLIP = OpEntry(
 INFO_NCE = OpEntry(
     name="info_nce_loss", names=["loss", "d query", "d keys", "d logit_scale"],
     make_inputs=_pair_inputs, run=_info_nce_run, eager=_info_nce_eager, cases=PAIR_CASES,
-    bf16_case=dict(n=70, d=24, normalize=True, smoothing=0.1), ops=["info_nce_fwd", "info_nce_grads"], registered=_info_nce_registered,
-    poison=_poison_pair, check_poisoned=_assert_nan,
+    bf16_case=dict(n=70, d=24, normalize=True, smoothing=0.1),
+    ops=["info_nce_fwd", "info_nce_grads"], registered=_info_nce_registered,
+    poison=_poison_pair, check_poisoned=_assert_nan, out_dtype=torch.float32, autocast_case=PAIR_AUTOCAST_CASE,
     frozen={(): _units(8), 0: _units(6), 1: _units(6), (0, 1): _units(4)}, frozen_case=PAIR_FROZEN_CASE,
     sizes=_contrastive_sizes("info_nce"),
 )
@@ -318,22 +331,25 @@ ATTENTION = OpEntry(
 
 def _region_mask_inputs(case, dtype, device):
     b, r, d = case["B"], case["R"], case["D"]
-    lens = torch.randint(0, r + 1, (b,), device=device)
-    lens[0], lens[-1] = 0, r
+    if "lens" in case:
+        lens = torch.tensor(case["lens"], device=device)
+    else:
+        lens = torch.randint(0, r + 1, (b,), device=device)
+        lens[0], lens[-1] = 0, r
     seed = torch.randint(0, 2**31, ()).item()
     return Inputs([torch.randn(b, r, d, dtype=dtype, device=device), torch.randn(d, dtype=dtype, device=device)],
-                  dict(lens=lens, seed=seed, mode=case.get("mode", "bert")))
+                  dict(lens=lens, seed=seed, mode=case.get("mode", "bert"), prob=case.get("prob", 0.5)))
 
 
 def _region_mask_call(inputs, feats, emb, backend="auto"):
     generator = torch.Generator(device=feats.device).manual_seed(inputs.fixed["seed"])
-    return mmkernels.region_mask(feats, inputs.fixed["lens"], prob=0.5, mode=inputs.fixed["mode"],
+    return mmkernels.region_mask(feats, inputs.fixed["lens"], prob=inputs.fixed["prob"], mode=inputs.fixed["mode"],
                                  mask_embedding=emb, generator=generator, backend=backend).features
 
 
 def _region_mask_compile_run(inputs, feats, emb):
     """region_mask drawing from torch's global generator (seeded by the caller) inside the graph."""
-    return mmkernels.region_mask(feats, inputs.fixed["lens"], prob=0.5, mode=inputs.fixed["mode"],
+    return mmkernels.region_mask(feats, inputs.fixed["lens"], prob=inputs.fixed["prob"], mode=inputs.fixed["mode"],
                                  mask_embedding=emb).features
 
 
@@ -371,10 +387,11 @@ REGION_MASK = OpEntry(
     # so the baseline is the reference in the inputs' dtype (same seed, same mask)
     eager=lambda inputs, feats, emb: _region_mask_call(inputs, feats, emb, backend="torch"),
     cases=[dict(B=4, R=30, D=8), dict(B=3, R=7, D=16, mode="zero")],
-    bf16_case=dict(B=4, R=30, D=8), ops=["region_mask_fwd", "region_mask_bwd"],
+    bf16_case=dict(B=4, R=30, D=8, prob=1.0, lens=[30, 20, 10, 5]), ops=["region_mask_fwd", "region_mask_bwd"],
     registered=_region_mask_registered,
     poison=_region_mask_poison, check_poisoned=_region_mask_check_poisoned, upstream=True,
     compile_run=_region_mask_compile_run,
+    kernels_only=lambda inputs, feats, emb: _region_mask_call(inputs, feats, emb, backend="triton"),
 )
 
 
@@ -428,7 +445,9 @@ MASKED_REGION_LOSS = OpEntry(
            dict(B=4, R=5, K=37, kind="kl")],
     bf16_case=dict(B=3, R=5, K=16, kind="kl"), ops=["masked_region_loss_fwd", "masked_region_loss_bwd"],
     registered=_region_loss_registered,
-    poison=_region_loss_poison, check_poisoned=_assert_nan,
+    poison=_region_loss_poison, check_poisoned=_assert_nan, out_dtype=torch.float32,
+    kernels_only=lambda inputs, pred, target: mmkernels.masked_region_loss(
+        pred, target, inputs.fixed["mask"], inputs.fixed["kind"], backend="triton"),
 )
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from registry import ENTRIES, Inputs
-from toolkit import (CUDA, OpTrace, assert_no_host_sync, assert_within_rule, needs_triton,
+from toolkit import (CUDA, HAS_TRITON, OpTrace, assert_no_host_sync, assert_within_rule, needs_triton,
                      triton_launches)
 
 pytestmark = pytest.mark.usefixtures("seed")
@@ -62,6 +62,14 @@ def draw_upstream(entry, inputs: Inputs):
     return torch.randn(shape, dtype=torch.float64, device=inputs.leaves[0].device)
 
 
+def assert_dtypes(entry, inputs: Inputs, got):
+    """The output in the entry's dtype (the inputs' by default), each gradient in its input's dtype."""
+    out_dtype = entry.out_dtype or inputs.leaves[0].dtype
+    assert got[0].dtype == out_dtype, f"{entry.name}: output {got[0].dtype}, expected {out_dtype}"
+    for name, g, leaf in zip(entry.names[1:], got[1:], inputs.leaves):
+        assert g is None or g.dtype == leaf.dtype, f"{entry.name} {name}: {g.dtype}, the input is {leaf.dtype}"
+
+
 def assert_rule(entry, inputs: Inputs, got, upstream, dtype, what):
     """The rule for the output and every gradient that `got` holds (None: not computed): against the
     oracle (the public function on float64 inputs: the reference path), within 2x the eager
@@ -94,8 +102,7 @@ def test_rule_on_both_paths(entry, index, kernel_path):
         assert not launches, f"the reference path launched {len(launches)} Triton kernels"
     elif kernel_path.device.type == "cpu":
         assert launches, "the kernels path launched no Triton kernel"
-    for name, g, leaf in zip(entry.names[1:], got[1:], inputs.leaves):
-        assert g.dtype == leaf.dtype, f"{name}: {g.dtype}, the input is {leaf.dtype}"
+    assert_dtypes(entry, inputs, got)
     assert_rule(entry, inputs, got, upstream, torch.float32,
                 f"{entry.name} {entry.cases[index]} {kernel_path.name}")
 
@@ -121,14 +128,50 @@ def test_bf16_on_the_cpu_takes_the_reference_path(entry, monkeypatch):
     the rule in bf16."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     inputs = entry.make_inputs(entry.bf16_case, torch.bfloat16, torch.device("cpu"))
+    before = [t.clone() for t in inputs.leaves]
     upstream = draw_upstream(entry, inputs)
     with triton_launches() as launches:
         got = values_and_grads(entry, inputs, upstream)
     assert not launches, f"bf16 on the CPU launched {len(launches)} Triton kernels"
+    assert all(torch.equal(t, t0) for t, t0 in zip(inputs.leaves, before)), "the op modified its inputs"
+    assert_dtypes(entry, inputs, got)
+    if entry.kernels_only is not None and HAS_TRITON:
+        with pytest.raises(TypeError, match=r"cannot run torch.bfloat16 on the CPU.*interpreter"):
+            entry.kernels_only(inputs, *inputs.leaves)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for name, g, w in zip(entry.names, got, values_and_grads(entry, inputs, upstream)):
         assert g.dtype == w.dtype and torch.equal(g, w), f"{name}: differs from the reference path"
     assert_rule(entry, inputs, got, upstream, torch.bfloat16, f"{entry.name} bf16 on the CPU")
+
+
+def _autocast_cases():
+    return [pytest.param(entry, id=entry.name) for entry in ENTRIES if entry.autocast_case is not None]
+
+
+@pytest.mark.parametrize("backward", ["outside", "inside"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("entry", _autocast_cases())
+def test_autocast_changes_nothing(entry, dtype, backward, kernel_path):
+    """Under torch.autocast (bf16) the op computes as its contract says (from the inputs' own dtype
+    with fp32 accumulation, e.g. an fp32 loss): the same output and gradients as without autocast,
+    bit for bit, whether the backward runs inside the autocast region or after it (as training
+    loops run it); within the rule."""
+    device = kernel_path.device
+    if kernel_path.name == "kernels" and dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("bf16 on the CPU takes the reference path")
+    inputs = entry.make_inputs(entry.autocast_case, dtype, device)
+    upstream = draw_upstream(entry, inputs)
+    plain = values_and_grads(entry, inputs, upstream)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs.leaves]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = entry.run(inputs, *leaves)
+        got = _backward(out, leaves, upstream) if backward == "inside" else None
+    if got is None:
+        got = _backward(out, leaves, upstream)
+    assert_dtypes(entry, inputs, got)
+    for name, g, p in zip(entry.names, got, plain):
+        assert g.dtype == p.dtype and torch.equal(g, p), f"{entry.name} {name}: differs under autocast"
+    assert_rule(entry, inputs, got, upstream, dtype, f"{entry.name} {dtype} under autocast")
 
 
 # --------------------------------------------------------------------------- non-finite inputs

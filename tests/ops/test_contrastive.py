@@ -1,7 +1,7 @@
 """clip_loss and siglip_loss: the Triton kernels (interpreter on CPU) and the CPU path against the
 float64 reference under DESIGN.md's rule, workspaces from one block to all of S, the work a frozen
 tower saves, CLIP's gradient where a positive dominates, the reference against Hugging Face's models,
-error paths, opcheck, compile."""
+error paths, compile (opcheck, bf16 on the CPU and autocast: test_contract.py)."""
 import math
 import re
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
-from contrastive_oracle import LOSS_CASES, NAMES, check_clip, check_siglip, random_leaves
+from contrastive_oracle import LOSS_CASES, check_clip, check_siglip, random_leaves
 from mmkernels.ops import contrastive, reference
 from mmkernels.ops import contrastive_kernels as kernels
 from mmkernels.ops._dispatch import triton_enabled
@@ -209,54 +209,6 @@ def test_softmax_gradients_keep_their_precision_at_large_logits(api, path, devic
     worst = (error / bound).argmax().item()
     assert (error <= bound).all(), (
         f"{api} {path}: d image_emb{divmod(worst, n)} off by {error.view(-1)[worst]:.3e} > {bound.view(-1)[worst]:.3e}")
-
-
-def autocast_values_and_grads(fn, leaves, device, backward: str):
-    """value_and_grads(fn, leaves) with fn run under torch.autocast (bf16) on `device`; the backward
-    inside the autocast region ("inside") or after it ("outside", as training loops run it)."""
-    if backward == "inside":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return value_and_grads(fn, leaves)
-    copies = [t.detach().clone().requires_grad_() for t in leaves]
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        out = fn(*copies)
-    return [out.detach(), *(g.detach() for g in torch.autograd.grad(out, copies))]
-
-
-@pytest.mark.parametrize("backward", ["outside", "inside"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
-@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
-def test_autocast_changes_nothing(path, loss_name, dtype, backward, device, monkeypatch):
-    """Under torch.autocast (bf16) a loss computes as its contract says: the logits from the inputs'
-    own dtype with fp32 accumulation, an fp32 loss; the same loss and gradients as without autocast,
-    bit for bit, whether the backward runs inside the autocast region or after it."""
-    if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        device = torch.device("cpu")
-    elif dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("bf16 on the CPU takes the reference path")
-    fresh_seed()
-    leaves = random_leaves(33, 24, dtype, device, with_bias=loss_name == "siglip")
-    fn = _loss_fn(loss_name, True, 0.1 if loss_name == "clip" else 0.0)
-    plain = value_and_grads(fn, leaves)
-    got = autocast_values_and_grads(fn, leaves, device, backward)
-    assert got[0].dtype == torch.float32 and got[0].dim() == 0
-    for name, g, p in zip(NAMES, got, plain):
-        assert g.dtype == p.dtype and torch.equal(g, p), f"{name}: differs under autocast"
-    check = check_clip if loss_name == "clip" else check_siglip
-    check(got, leaves, dtype, f"{loss_name} {dtype} under autocast", True, *([0.1] if loss_name == "clip" else []))
-
-
-@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
-def test_bf16_under_the_interpreter_is_right(loss_name, monkeypatch):
-    """Issue 11 item 9: the interpreter has no bf16 dot, so bf16 CPU tensors take the reference path
-    (never the garbage that bf16 kernels give there)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launched = []
-    monkeypatch.setattr(kernels, "panel_pass", lambda *a, **k: launched.append(1))
-    _run_case(loss_name, 70, 24, True, 0.1 if loss_name == "clip" else 0.0, torch.bfloat16, torch.device("cpu"))
-    assert not launched
 
 
 def _finite_despite_inf():
@@ -554,25 +506,6 @@ def test_inputs_on_different_devices_raise():
 
 
 # --------------------------------------------------------------------------- torch.library
-
-
-@needs_triton
-def test_opcheck(device):
-    fresh_seed()
-    a, b = torch.randn(13, 24, device=device), torch.randn(13, 24, device=device)
-    s, bias = torch.tensor(2.5, device=device), torch.tensor(-1.5, device=device)
-    g, ws = torch.tensor(1.5, device=device), 1 << 20
-    ops = torch.ops.mmkernels
-    grad_leaves = [t.clone().requires_grad_() for t in (a, b, s, bias)]
-    torch.library.opcheck(ops.clip_loss_fwd.default, (*grad_leaves[:3], True, 0.1, ws))
-    torch.library.opcheck(ops.clip_block_stats.default, (a[3:9], b, s, 2, False, ws))
-    _, row_lse, col_lse = ops.clip_loss_fwd(a, b, s, False, 0.0, ws)
-    for image_grad, text_grad in [(True, True), (False, True)]:
-        torch.library.opcheck(ops.clip_block_grads.default, (
-            a, b, s, row_lse, col_lse, g, 0, 13, 0.1, True, image_grad, text_grad, torch.float32, ws))
-    torch.library.opcheck(ops.siglip_block.default, (a[2:7], b, s, bias, 4, 13, True, True, False, True, a.dtype, ws))
-    torch.library.opcheck(ops.siglip_block.default, (a, b, s, bias, 0, 13, False, False, False, False, a.dtype, ws))
-    torch.library.opcheck(ops.siglip_block.default, (*grad_leaves, 0, 13, False, True, True, True, a.dtype, ws))
 
 
 @needs_triton
