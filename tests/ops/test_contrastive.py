@@ -57,8 +57,7 @@ def test_triton_matches_reference(loss_name, n, d, normalize, smoothing, dtype, 
 
 @pytest.mark.parametrize("n,d,normalize,smoothing", LOSS_CASES[:5])
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
-def test_cpu_path_matches_reference(loss_name, n, d, normalize, smoothing, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors then take the reference path
+def test_cpu_path_matches_reference(loss_name, n, d, normalize, smoothing, reference_path):
     _run_case(loss_name, n, d, normalize, smoothing, torch.float32, torch.device("cpu"))
 
 
@@ -110,8 +109,7 @@ def _exactly_rounded_log_probabilities(n: int, gen: torch.Generator) -> torch.Te
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.5])
-@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
-def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(path, smoothing, device, monkeypatch):
+def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(kernel_path, smoothing):
     """W = (P^row - t) + (P^col - t), each target off its own softmax as the eager backward does: where a
     positive dominates one direction (P = 1) and not quite the other (P = p in [0.55, 0.97)), W_ii =
     p - 1 keeps p's last bit. Summing P^row + P^col ≈ 2 first rounds that bit away (2^-24, half of a
@@ -124,9 +122,9 @@ def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(path, smoot
     offset (clip_block_grads), and the whole batch as one block, against the float64 reference on
     the same inputs. CPU only: the GPU's tl.exp is an approximation, so P would not be exact there.
     """
+    path, device = kernel_path
     if device.type == "cuda":
         pytest.skip("the exact-P premise holds for the CPU's exp (the kernels: the interpreter's numpy)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "kernels" else "0")
     n = 16
     x = _exactly_rounded_log_probabilities(n, seeded_generator())
     a = torch.full((n, n), -30.0).fill_diagonal_(0.0)
@@ -150,8 +148,7 @@ def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(path, smoot
 
 
 @pytest.mark.parametrize("api", ["clip_loss", "clip blocks", "info_nce"])
-@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
-def test_softmax_gradients_keep_their_precision_at_large_logits(api, path, device, monkeypatch):
+def test_softmax_gradients_keep_their_precision_at_large_logits(api, kernel_path):
     """P = exp(S - lse) needs the log-sum-exp's low bits where S_ij dominates its row or column: an fp32
     lse is off by up to u·|lse|/2, and so is every P, where the eager softmax's P ≈ 1 is exact to u
     (CI sweep seed 3690557941: CLIP N = 2 at logits 17.5 and -46.6, d image_emb 17x eager's error).
@@ -163,9 +160,7 @@ def test_softmax_gradients_keep_their_precision_at_large_logits(api, path, devic
     of P·|S - lse|, the GPU's exp2 argument rounding); a negative control: clip_block_grads given the
     same log-sum-exps rounded to fp32 misses that bound.
     """
-    if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        device = torch.device("cpu")
+    path, device = kernel_path
     gen = seeded_generator()
     n, eps, u = 16, 0.1, 2.0**-24
     # multiples of 1/64 near 400: exact in fp32, and so are their differences

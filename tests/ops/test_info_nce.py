@@ -41,8 +41,7 @@ def test_kernels_match_reference(n, d, normalize, smoothing, dtype, device):
 
 
 @pytest.mark.parametrize("n,d,normalize,smoothing", CASES)
-def test_cpu_path_matches_reference(n, d, normalize, smoothing, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors then take the reference path
+def test_cpu_path_matches_reference(n, d, normalize, smoothing, reference_path):
     _run_case(n, d, normalize, smoothing, torch.float32, torch.device("cpu"))
 
 
@@ -81,12 +80,9 @@ def test_row_statistics_need_no_column_workspace(device):
         2.0, dtype=torch.float64)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
-def test_both_directions_average_to_clip(path, device, monkeypatch):
+def test_both_directions_average_to_clip(kernel_path):
     """CLIP's loss is the mean of InfoNCE in both directions, and so are its gradients."""
-    if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        device = torch.device("cpu")
+    path, device = kernel_path
     fresh_seed()
     leaves = random_leaves(70, 24, torch.float32, device, with_bias=False)
     both = value_and_grads(lambda a, b, s: (_loss(True, 0.1)(a, b, s) + _loss(True, 0.1)(b, a, s)) / 2, leaves)
