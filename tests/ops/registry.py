@@ -5,15 +5,21 @@ The contract (test_contract.py runs each item for every entry here):
   every gradient within 2x the eager baseline's error (mmkernels.testing, in the inputs' dtype) plus
   a floor, both measured against the oracle (the public function on float64 inputs, which always
   takes the plain-PyTorch reference); the kernels path runs Triton kernels, the reference path none;
+  the output and gradients in their documented dtypes;
+- the oracle computes the eager baseline's function: both in float64 agree (`float64_tolerance`);
 - bfloat16 on the CPU takes the reference path (no Triton launch, under the interpreter too), gives
-  the reference path's result bit for bit and meets the rule in bfloat16;
+  the reference path's result bit for bit, leaves its inputs as they were and meets the rule in
+  bfloat16; asking for the kernels by name there (`kernels_only`) raises TypeError saying why;
+- under torch.autocast (bf16) the op computes as without it, bit for bit (`autocast_case`);
 - non-finite inputs propagate as the op documents (`poison` puts NaN/Inf in, `check_poisoned` says
-  where it must come out);
+  where it must come out), on both paths;
 - `torch.library.opcheck` passes for every registered op (`torch.ops.mmkernels.<name>`) on every
   sample argument tuple the entry gives;
 - `torch.compile(fullgraph=True)` of the public function gives the eager call's output and gradients;
-- a side that does not require grad gets no gradient work (counted by toolkit's OpTrace) and no gradient;
-- on the GPU (tests marked `gpu`), a forward and backward make no host synchronisation.
+- a side that does not require grad gets no gradient and no gradient work: the matrix FLOPs that
+  run are the entry's count (`frozen`, counted by toolkit's OpTrace under the interpreter);
+- on the GPU (tests marked `gpu`), a forward and backward make no host synchronisation;
+- every public function of `mmkernels.__all__` that is an op has an entry here.
 
 The registry imports only the public API (mmkernels), mmkernels.testing, torch.ops names and the
 tests' shared helpers: the ops' internal modules move, the contract does not.
@@ -30,8 +36,16 @@ How to add an op (it then gets the whole contract):
 4. Write `_<op>_registered(device) -> {op name: [argument tuple, ...]}`: sample arguments for each
    registered op, keyed by its name in `torch.ops.mmkernels` (run the forward op to get what the
    backward op takes), and list those names in the entry's `ops`.
-5. Fill an `OpEntry` (cases for the rule, the bf16 case, poison/check_poisoned, frozen sides with
-   the work they save, floor sizes where an output is a sum that cancels) and append it to ENTRIES.
+5. Write `poison(inputs)` (NaN or Inf put into a copy of the leaves) and `check_poisoned(out, inputs)`
+   (where the op's docstring says they come out: `_assert_nan` for a loss).
+6. Fill an `OpEntry` and append it to ENTRIES: `names` (the output, then "d <leaf>" per leaf),
+   `cases` for the rule (N = 1, sizes off every block, a mask or length that leaves a row empty where
+   the op has one), `bf16_case`, `out_dtype` where the output's dtype is not the inputs', `upstream`
+   where the output is not a scalar; where they apply, `frozen` (leaf indices -> the FLOPs with those
+   leaves frozen) with its `frozen_case`, `sizes` (floor sizes for outputs that are sums that
+   cancel), `autocast_case`, `kernels_only`, `compile_run` (where torch.compile must trace a variant,
+   e.g. without a torch.Generator argument), `float64_tolerance`.
+7. Run `pytest tests/ops/test_contract.py -k <op>`; then delete the per-op tests this now covers.
 """
 from __future__ import annotations
 

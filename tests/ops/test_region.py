@@ -496,8 +496,7 @@ def test_lengths_on_the_cpu_go_with_features_on_any_device(compiling, monkeypatc
         check(torch.randn(2, 4, 3), torch.tensor([4, 1], device="meta"), None, 0.15, "zero", None, 1, None, "auto")
 
 
-def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_triton_backend_on_cpu_needs_the_interpreter(reference_path):
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         _region_call(backend="triton")
 
