@@ -67,9 +67,11 @@ def draw_upstream(entry, inputs: Inputs):
 
 
 def assert_dtypes(entry, inputs: Inputs, got):
-    """The output in the entry's dtype (the inputs' by default), each gradient in its input's dtype."""
+    """The output in the entry's dtype (the inputs' by default), a scalar where the entry takes no
+    upstream gradient; each gradient in its input's dtype."""
     out_dtype = entry.out_dtype or inputs.leaves[0].dtype
     assert got[0].dtype == out_dtype, f"{entry.name}: output {got[0].dtype}, expected {out_dtype}"
+    assert entry.upstream or got[0].dim() == 0, f"{entry.name}: output of shape {tuple(got[0].shape)}, not a scalar"
     for name, g, leaf in zip(entry.names[1:], got[1:], inputs.leaves):
         assert g is None or g.dtype == leaf.dtype, f"{entry.name} {name}: {g.dtype}, the input is {leaf.dtype}"
 
