@@ -7,7 +7,7 @@ mmkernels.bench --ops attention` runs the same and writes the report): B·H fixe
 fraction `padding` of the keys padded (per-sample key lengths evenly spread). Each provider is timed
 on one training step's attention (forward, then the gradients of q, k, v):
 - mmkernels: `cross_attention(q, k, v, kv_lens=...)`: padded keys are skipped.
-- eager: Hugging Face's eager attention (mmkernels/bench/baselines.py): matmul → + additive
+- eager: Hugging Face's eager attention (mmkernels/testing.py): matmul → + additive
   (B, 1, 1, Lk) padding mask → softmax → matmul; torch.compile: the same, compiled.
 - sdpa: `F.scaled_dot_product_attention` with the (B, 1, 1, Lk) bool padding mask (none unpadded).
 - flex: compiled FlexAttention; the per-batch `create_block_mask` is timed too (new lengths every

@@ -10,7 +10,7 @@ logit scale, and of logit_bias for SigLIP), for CLIP, SigLIP and the one-directi
 (BridgeTower's contrastive terms):
 - mmkernels: `mmkernels.clip_loss` / `siglip_loss` / `info_nce_loss` (no N×N logits; default 256 MiB workspace).
 - eager: the formula Hugging Face (`CLIPModel`, `SiglipModel`, `BridgeTowerForContrastiveLearning`) and
-  open_clip (`ClipLoss`) run (mmkernels/bench/baselines.py): the full N×N logit matrix, then
+  open_clip (`ClipLoss`) run (mmkernels/testing.py): the full N×N logit matrix, then
   cross-entropy over rows and columns (InfoNCE: rows only), or log-sigmoid.
 - torch.compile: of eager.
 - siglip-kernel (SigLIP), memeff (CLIP) and inf-cl (CLIP, InfoNCE): the public peers, where they import

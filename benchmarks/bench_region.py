@@ -7,7 +7,7 @@ mmkernels.bench --ops region` runs the same and writes the report). Providers:
 - mmkernels: the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1).
 - mmkernels-cuda: the CUDA C++ extension mmkernels._C (CUDA only; skipped when it is not built).
 - mmkernels-torch: mmkernels' PyTorch path.
-- eager: what UNITER / LXMERT run (mmkernels/bench/baselines.py). region_mask: a Bernoulli draw,
+- eager: what UNITER / LXMERT run (mmkernels/testing.py). region_mask: a Bernoulli draw,
   UNITER's at-least-one fix-up, masked_fill (zero) or LXMERT's 80/10/10 split with a boolean-index
   copy of random rows (bert). masked_region_loss: gather the selected rows with a boolean index,
   then the loss, in the inputs' dtype.

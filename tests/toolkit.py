@@ -1,5 +1,5 @@
-"""What every test file shares: fresh seeds, the numerics rule, the eager baselines, the work and
-allocation counters. The benchmarks time a copy of the eager baselines (mmkernels/bench/baselines.py).
+"""What every test file shares: fresh seeds, the numerics rule, the eager baselines (from
+mmkernels.testing, which the benchmarks time too), the work and allocation counters.
 
     from toolkit import FLOOR, assert_within_rule, fresh_seed, needs_triton, OpTrace
 
@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmkernels.ops._common import HAS_TRITON
+from mmkernels.testing import (eager_attention, eager_clip_loss, eager_info_nce_loss,  # noqa: F401  (re-exported)
+                               eager_masked_region_loss, eager_siglip_loss)
 
 # --------------------------------------------------------------------------- markers
 
@@ -127,74 +128,6 @@ def value_and_grads(fn, leaves, upstream=None):
     grads = torch.autograd.grad(out, wrt, upstream, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
     return [out.detach()] + [g.detach() for g in grads]
-
-
-# --------------------------------------------------------------------------- eager baselines
-# What a user would run instead of mmkernels, in the inputs' dtype: the formulas as Hugging Face
-# and open_clip write them. The benchmarks time these same functions.
-
-
-def eager_clip_loss(image_emb, text_emb, logit_scale, normalize=False, label_smoothing=0.0):
-    """open_clip's ClipLoss / HF's clip_loss: (CE(S) + CE(S.T)) / 2, S = scale · a @ b.T."""
-    a, b = image_emb, text_emb
-    if normalize:
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    logits = logit_scale.to(a.dtype) * a @ b.T
-    labels = torch.arange(a.shape[0], device=a.device)
-    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
-
-
-def eager_info_nce_loss(query, keys, logit_scale, normalize=False, label_smoothing=0.0):
-    """One-directional InfoNCE as BridgeTower's contrastive head writes it: CE(S, arange(N)), S = scale · q @ k.T."""
-    q, k = query, keys
-    if normalize:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    logits = logit_scale.to(q.dtype) * q @ k.T
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device), label_smoothing=label_smoothing)
-
-
-def eager_siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize=False):
-    """HF's SiglipModel loss: -Σ log σ(label · S) / N, S = scale · a @ b.T + bias."""
-    a, b = image_emb, text_emb
-    if normalize:
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    logits = logit_scale.to(a.dtype) * a @ b.T + logit_bias.to(a.dtype)
-    labels = 2 * torch.eye(a.shape[0], dtype=a.dtype, device=a.device) - 1
-    return -F.logsigmoid(labels * logits).sum() / a.shape[0]
-
-
-def eager_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
-    """Hugging Face's eager attention: softmax(q·kᵀ·scale + mask) @ v in the inputs' dtype, with an
-    additive (B, 1, Lq, Lk) mask as transformers builds it."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = q @ k.transpose(-1, -2) * scale
-    if is_causal:
-        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    if attn_mask is not None:
-        scores = scores + attn_mask if attn_mask.dtype != torch.bool else scores.masked_fill(
-            ~attn_mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
-    return probs @ v
-
-
-def eager_masked_region_loss(pred, target, mask, kind, beta=1.0, reduction="mean"):
-    """UNITER / LXMERT: gather the selected regions, then the loss, averaged over them ("mean"),
-    summed ("sum"), or scattered back to a (B, R) tensor with 0 elsewhere ("none")."""
-    p, t = pred[mask], target[mask]
-    if kind == "mse":
-        per_region = F.mse_loss(p, t, reduction="none").mean(-1)
-    elif kind == "smooth_l1":
-        per_region = F.smooth_l1_loss(p, t, reduction="none", beta=beta).mean(-1)
-    else:
-        per_region = F.kl_div(F.log_softmax(p, dim=-1), t, reduction="none").sum(-1)
-    if reduction == "mean":
-        return per_region.mean()
-    if reduction == "sum":
-        return per_region.sum()
-    return torch.zeros(mask.shape, dtype=per_region.dtype, device=mask.device).masked_scatter(mask, per_region)
 
 
 # --------------------------------------------------------------------------- work and allocations
@@ -356,6 +289,29 @@ def _collect_after_interpreted_launches(enabled: bool):
     GridExecutor.__call__ = launch_then_collect
     try:
         yield
+    finally:
+        GridExecutor.__call__ = original
+
+
+@contextmanager
+def triton_launches():
+    """Count the Triton kernel launches that the interpreter runs inside the block (a list that
+    holds one entry per launch; always empty without triton or off the interpreter)."""
+    launches: list = []
+    if not HAS_TRITON:
+        yield launches
+        return
+    from triton.runtime.interpreter import GridExecutor
+
+    original = GridExecutor.__call__
+
+    def counting_launch(self, *args, **kwargs):
+        launches.append(getattr(self, "fn", None))
+        return original(self, *args, **kwargs)
+
+    GridExecutor.__call__ = counting_launch
+    try:
+        yield launches
     finally:
         GridExecutor.__call__ = original
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
-from mmkernels.bench.baselines import (eager_attention, eager_clip_loss, eager_info_nce_loss,
-                                       eager_masked_region_loss, eager_region_mask, eager_siglip_loss)
 from mmkernels.ops._dispatch import resolve_backend
+from mmkernels.testing import (eager_attention, eager_clip_loss, eager_info_nce_loss, eager_masked_region_loss,
+                               eager_region_mask, eager_siglip_loss)
 
 LOGIT_SCALE, LOGIT_BIAS = 14.3, -10.0
 REGION_PROB = 0.15

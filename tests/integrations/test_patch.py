@@ -20,15 +20,13 @@ from torch import nn
 import mmkernels
 from mmkernels.integrations import patching
 from mmkernels.integrations.patching import StrictPatchError, call_original, register_patcher
-from toolkit import PICKLERS, compare_patched, eager_clip_loss, fresh_seed, needs_triton, pickled_copy, use_path
-
-PATHS = ["reference", pytest.param("kernels", marks=needs_triton)]
+from toolkit import PICKLERS, compare_patched, eager_clip_loss, fresh_seed, pickled_copy, use_path
 
 
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    """(path name, reference-op calls): which path mmkernels takes for CPU fp32 tensors."""
-    return request.param, use_path(monkeypatch, request.param)
+@pytest.fixture
+def path(kernel_path, monkeypatch):
+    """(path name, reference-op calls): kernel_path's path for CPU fp32 tensors, each reference-op call recorded."""
+    return kernel_path.name, use_path(monkeypatch, kernel_path.name)
 
 
 def compare(make_model, run, path, patch_kwargs=None, *, got_run=None):
@@ -41,12 +39,6 @@ def compare(make_model, run, path, patch_kwargs=None, *, got_run=None):
 
     return compare_patched(make_model, run, lambda m: mmkernels.patch(m, **(patch_kwargs or {})), *path,
                            got_run=got_run, sizes=sizes)
-
-
-@pytest.fixture
-def reference_path(monkeypatch):
-    """The machinery tests need no kernel: the reference path keeps them fast."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 # --------------------------------------------------------------------------- nn.MultiheadAttention

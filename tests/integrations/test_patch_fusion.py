@@ -43,14 +43,12 @@ from mmkernels.integrations import transformers_fusion as fusion  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
 from mmkernels.ops import masks  # noqa: E402
 from toolkit import (  # noqa: E402
-    CUDA,
     assert_models_within_rule,
     assert_within_rule,
     bias_sizes,
     fresh_seed,
     PICKLERS,
     model_outputs_and_grads,
-    needs_triton,
     pickled_copy,
     use_path,
 )
@@ -253,20 +251,14 @@ def op_calls(monkeypatch):
     return calls
 
 
-@pytest.fixture(params=["reference", pytest.param("kernels", marks=needs_triton)])
-def path(request, monkeypatch):
-    """(name, device, reference-op calls): "reference" runs CPU tensors on the PyTorch reference
-    (TRITON_INTERPRET=0); "kernels" runs the Triton kernels, on CUDA where there is one, else on the
-    CPU under the interpreter. The list records every reference-op call."""
-    if request.param == "kernels" and CUDA:
-        return request.param, "cuda", use_path(monkeypatch, "cuda")
-    return request.param, "cpu", use_path(monkeypatch, request.param)
-
-
 @pytest.fixture
-def reference_path(monkeypatch):
-    """Tests of what the patch does, not of the numerics: the reference path keeps them fast."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def path(kernel_path, monkeypatch):
+    """(name, device, reference-op calls): kernel_path's path ("reference": CPU tensors on the PyTorch
+    reference; "kernels": the Triton kernels, on CUDA where there is one, else on the CPU under the
+    interpreter). The list records every reference-op call."""
+    if kernel_path.device.type == "cuda":
+        return kernel_path.name, "cuda", use_path(monkeypatch, "cuda")
+    return kernel_path.name, "cpu", use_path(monkeypatch, kernel_path.name)
 
 
 # --------------------------------------------------------------------------- patched = eager

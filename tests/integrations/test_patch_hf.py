@@ -200,9 +200,10 @@ def patch_kwargs(name):
     return dict(attention=False) if FAMILIES[name]["attention"] is None else {}
 
 
-@pytest.fixture(params=["reference", pytest.param("kernels", marks=needs_triton)])
-def path(request, monkeypatch):
-    return request.param, use_path(monkeypatch, request.param)
+@pytest.fixture
+def path(kernel_path, monkeypatch):
+    """(path name, reference-op calls): kernel_path's path for CPU fp32 tensors, each reference-op call recorded."""
+    return kernel_path.name, use_path(monkeypatch, kernel_path.name)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -60,10 +60,7 @@ def registered():
     register()
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    """Every test's random weights and inputs come from a fresh seed (printed if it fails)."""
-    return fresh_seed()
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 @pytest.fixture

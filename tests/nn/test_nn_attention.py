@@ -17,10 +17,7 @@ from toolkit import assert_within_rule, fresh_seed, seeded_generator
 EMBED, HEADS, BATCH, LEN_Q, LEN_K = 32, 4, 3, 7, 9
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    """Random data drawn from torch's global generator comes from a fresh seed (printed if a test fails)."""
-    return fresh_seed()
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 CONFIGS = {

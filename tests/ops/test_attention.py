@@ -1,6 +1,6 @@
 """cross_attention, on both paths (the CPU reference and the Triton kernels, under the interpreter on
 the CPU), against the float64 reference under DESIGN.md's rule; the regressions of issue 11's
-silent wrong answers 1-5; the work it does; registration; errors."""
+silent wrong answers 1-5; the work it does; compile; errors (opcheck: test_contract.py)."""
 import math
 
 import numpy as np
@@ -22,10 +22,7 @@ from mmkernels.ops.attention import plan, reference
 from mmkernels.ops.attention import cross_attention, draw_dropout_seed
 from toolkit import OpTrace, assert_no_host_sync, fresh_seed, needs_triton, seeded_generator
 
-@pytest.fixture(autouse=True)
-def seeded():
-    """Random data drawn from torch's global generator comes from a fresh seed (printed if a test fails)."""
-    return fresh_seed()
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 CASES = {
@@ -449,24 +446,6 @@ def test_grid_keeps_batch_times_heads_off_the_capped_axes():
 
 
 # --------------------------------------------------------------------------- registration
-
-
-@needs_triton
-def test_opcheck(device):
-    gen = seeded_generator()
-    q = torch.randn(2, 1, 7, 16, generator=gen).to(device).requires_grad_()
-    k = torch.randn(2, 1, 9, 16, generator=gen).to(device).requires_grad_()
-    v = torch.randn(2, 1, 9, 16, generator=gen).to(device).requires_grad_()
-    kv_lens, q_lens = torch.tensor([3, 9], device=device), torch.tensor([7, 2], device=device)
-    kpm = torch.rand(2, 9, generator=gen).to(device) < 0.3
-    bias = torch.randn(7, 9, generator=gen).to(device)
-    seed = draw_dropout_seed(None, device)
-    fwd_args = (q, k, v, kv_lens, q_lens, kpm, bias, seed, True, 0.2, 0.25)
-    torch.library.opcheck(torch.ops.mmkernels.cross_attention_fwd, fwd_args)
-    out, stats = torch.ops.mmkernels.cross_attention_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), stats, kv_lens, q_lens,
-                kpm, bias, seed, True, 0.2, 0.25, False, True, True)
-    torch.library.opcheck(torch.ops.mmkernels.cross_attention_bwd, bwd_args)
 
 
 @needs_triton

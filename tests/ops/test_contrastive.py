@@ -1,7 +1,7 @@
 """clip_loss and siglip_loss: the Triton kernels (interpreter on CPU) and the CPU path against the
 float64 reference under DESIGN.md's rule, workspaces from one block to all of S, the work a frozen
 tower saves, CLIP's gradient where a positive dominates, the reference against Hugging Face's models,
-error paths, opcheck, compile."""
+error paths, compile (opcheck, bf16 on the CPU and autocast: test_contract.py)."""
 import math
 import re
 
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
-from contrastive_oracle import LOSS_CASES, NAMES, check_clip, check_siglip, random_leaves
+from contrastive_oracle import LOSS_CASES, check_clip, check_siglip, random_leaves
 from mmkernels.ops import contrastive
-from mmkernels.ops.contrastive import launch, plan, reference
+from mmkernels.ops.contrastive import plan, reference
 from mmkernels.ops._dispatch import triton_enabled
 from toolkit import (OpTrace, assert_no_host_sync, eager_siglip_loss, fresh_seed, needs_triton, seeded_generator,
                      value_and_grads)
@@ -57,8 +57,7 @@ def test_triton_matches_reference(loss_name, n, d, normalize, smoothing, dtype, 
 
 @pytest.mark.parametrize("n,d,normalize,smoothing", LOSS_CASES[:5])
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
-def test_cpu_path_matches_reference(loss_name, n, d, normalize, smoothing, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors then take the reference path
+def test_cpu_path_matches_reference(loss_name, n, d, normalize, smoothing, reference_path):
     _run_case(loss_name, n, d, normalize, smoothing, torch.float32, torch.device("cpu"))
 
 
@@ -110,8 +109,7 @@ def _exactly_rounded_log_probabilities(n: int, gen: torch.Generator) -> torch.Te
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.5])
-@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
-def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(path, smoothing, device, monkeypatch):
+def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(kernel_path, smoothing):
     """W = (P^row - t) + (P^col - t), each target off its own softmax as the eager backward does: where a
     positive dominates one direction (P = 1) and not quite the other (P = p in [0.55, 0.97)), W_ii =
     p - 1 keeps p's last bit. Summing P^row + P^col ≈ 2 first rounds that bit away (2^-24, half of a
@@ -124,9 +122,9 @@ def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(path, smoot
     offset (clip_block_grads), and the whole batch as one block, against the float64 reference on
     the same inputs. CPU only: the GPU's tl.exp is an approximation, so P would not be exact there.
     """
+    path, device = kernel_path
     if device.type == "cuda":
         pytest.skip("the exact-P premise holds for the CPU's exp (the kernels: the interpreter's numpy)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "kernels" else "0")
     n = 16
     x = _exactly_rounded_log_probabilities(n, seeded_generator())
     a = torch.full((n, n), -30.0).fill_diagonal_(0.0)
@@ -150,8 +148,7 @@ def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(path, smoot
 
 
 @pytest.mark.parametrize("api", ["clip_loss", "clip blocks", "info_nce"])
-@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
-def test_softmax_gradients_keep_their_precision_at_large_logits(api, path, device, monkeypatch):
+def test_softmax_gradients_keep_their_precision_at_large_logits(api, kernel_path):
     """P = exp(S - lse) needs the log-sum-exp's low bits where S_ij dominates its row or column: an fp32
     lse is off by up to u·|lse|/2, and so is every P, where the eager softmax's P ≈ 1 is exact to u
     (CI sweep seed 3690557941: CLIP N = 2 at logits 17.5 and -46.6, d image_emb 17x eager's error).
@@ -163,9 +160,7 @@ def test_softmax_gradients_keep_their_precision_at_large_logits(api, path, devic
     of P·|S - lse|, the GPU's exp2 argument rounding); a negative control: clip_block_grads given the
     same log-sum-exps rounded to fp32 misses that bound.
     """
-    if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        device = torch.device("cpu")
+    path, device = kernel_path
     gen = seeded_generator()
     n, eps, u = 16, 0.1, 2.0**-24
     # multiples of 1/64 near 400: exact in fp32, and so are their differences
@@ -209,54 +204,6 @@ def test_softmax_gradients_keep_their_precision_at_large_logits(api, path, devic
     worst = (error / bound).argmax().item()
     assert (error <= bound).all(), (
         f"{api} {path}: d image_emb{divmod(worst, n)} off by {error.view(-1)[worst]:.3e} > {bound.view(-1)[worst]:.3e}")
-
-
-def autocast_values_and_grads(fn, leaves, device, backward: str):
-    """value_and_grads(fn, leaves) with fn run under torch.autocast (bf16) on `device`; the backward
-    inside the autocast region ("inside") or after it ("outside", as training loops run it)."""
-    if backward == "inside":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return value_and_grads(fn, leaves)
-    copies = [t.detach().clone().requires_grad_() for t in leaves]
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        out = fn(*copies)
-    return [out.detach(), *(g.detach() for g in torch.autograd.grad(out, copies))]
-
-
-@pytest.mark.parametrize("backward", ["outside", "inside"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
-@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
-def test_autocast_changes_nothing(path, loss_name, dtype, backward, device, monkeypatch):
-    """Under torch.autocast (bf16) a loss computes as its contract says: the logits from the inputs'
-    own dtype with fp32 accumulation, an fp32 loss; the same loss and gradients as without autocast,
-    bit for bit, whether the backward runs inside the autocast region or after it."""
-    if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        device = torch.device("cpu")
-    elif dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("bf16 on the CPU takes the reference path")
-    fresh_seed()
-    leaves = random_leaves(33, 24, dtype, device, with_bias=loss_name == "siglip")
-    fn = _loss_fn(loss_name, True, 0.1 if loss_name == "clip" else 0.0)
-    plain = value_and_grads(fn, leaves)
-    got = autocast_values_and_grads(fn, leaves, device, backward)
-    assert got[0].dtype == torch.float32 and got[0].dim() == 0
-    for name, g, p in zip(NAMES, got, plain):
-        assert g.dtype == p.dtype and torch.equal(g, p), f"{name}: differs under autocast"
-    check = check_clip if loss_name == "clip" else check_siglip
-    check(got, leaves, dtype, f"{loss_name} {dtype} under autocast", True, *([0.1] if loss_name == "clip" else []))
-
-
-@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
-def test_bf16_under_the_interpreter_is_right(loss_name, monkeypatch):
-    """Issue 11 item 9: the interpreter has no bf16 dot, so bf16 CPU tensors take the reference path
-    (never the garbage that bf16 kernels give there)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launched = []
-    monkeypatch.setattr(launch, "panel_pass", lambda *a, **k: launched.append(1))
-    _run_case(loss_name, 70, 24, True, 0.1 if loss_name == "clip" else 0.0, torch.bfloat16, torch.device("cpu"))
-    assert not launched
 
 
 def _finite_despite_inf():
@@ -554,25 +501,6 @@ def test_inputs_on_different_devices_raise():
 
 
 # --------------------------------------------------------------------------- torch.library
-
-
-@needs_triton
-def test_opcheck(device):
-    fresh_seed()
-    a, b = torch.randn(13, 24, device=device), torch.randn(13, 24, device=device)
-    s, bias = torch.tensor(2.5, device=device), torch.tensor(-1.5, device=device)
-    g, ws = torch.tensor(1.5, device=device), 1 << 20
-    ops = torch.ops.mmkernels
-    grad_leaves = [t.clone().requires_grad_() for t in (a, b, s, bias)]
-    torch.library.opcheck(ops.clip_loss_fwd.default, (*grad_leaves[:3], True, 0.1, ws))
-    torch.library.opcheck(ops.clip_block_stats.default, (a[3:9], b, s, 2, False, ws))
-    _, row_lse, col_lse = ops.clip_loss_fwd(a, b, s, False, 0.0, ws)
-    for image_grad, text_grad in [(True, True), (False, True)]:
-        torch.library.opcheck(ops.clip_block_grads.default, (
-            a, b, s, row_lse, col_lse, g, 0, 13, 0.1, True, image_grad, text_grad, torch.float32, ws))
-    torch.library.opcheck(ops.siglip_block.default, (a[2:7], b, s, bias, 4, 13, True, True, False, True, a.dtype, ws))
-    torch.library.opcheck(ops.siglip_block.default, (a, b, s, bias, 0, 13, False, False, False, False, a.dtype, ws))
-    torch.library.opcheck(ops.siglip_block.default, (*grad_leaves, 0, 13, False, True, True, True, a.dtype, ws))
 
 
 @needs_triton

@@ -11,17 +11,12 @@ from mmkernels.ops._common import HAS_TRITON
 from mmkernels.ops._dispatch import interpreting
 from toolkit import OpTrace, assert_within_rule, fresh_seed, value_and_grads
 
-PATHS = ["reference", pytest.param("kernels", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs triton"))]
 
-
-@pytest.fixture(params=PATHS)
-def path_device(request, monkeypatch, device):
-    """Where a path runs: the reference on the CPU (TRITON_INTERPRET=0), or the kernels (the GPU, or
-    the CPU under the interpreter)."""
-    if request.param == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        return torch.device("cpu")
-    return device
+@pytest.fixture
+def path_device(kernel_path):
+    """Where kernel_path's path runs: the reference on the CPU, or the kernels (the GPU, or the CPU
+    under the interpreter)."""
+    return kernel_path.device
 
 
 def split_rows(n: int, cuts) -> list[tuple[int, int]]:
@@ -177,18 +172,6 @@ def test_siglip_block_work_with_and_without_positives(device, offset):
             contrastive.siglip_block(a, b, 2.0, -1.0, offset=offset, n_total=n, normalize=False,
                                      image_grad=sides[0], text_grad=sides[1])
         assert trace.matmul_flops == products * 2 * m * n * d, (sides, trace.matmul_flops / (2 * m * n * d))
-
-
-def test_siglip_block_op_without_positives_opcheck(device):
-    if device.type == "cpu" and not (HAS_TRITON and interpreting()):
-        pytest.skip("the op runs the kernels: needs triton under TRITON_INTERPRET=1")
-    fresh_seed()
-    a, b = torch.randn(9, 6, device=device), torch.randn(5, 6, device=device)
-    s, bias = torch.tensor(2.0, device=device), torch.tensor(-1.0, device=device)
-    ws = contrastive.resolve_workspace_bytes(None)
-    # offset = N (columns 0..N-1 hold no positive): what siglip_block(offset=None) passes
-    torch.library.opcheck(torch.ops.mmkernels.siglip_block.default,
-                          (a, b, s, bias, 5, 14, True, True, True, True, a.dtype, ws))
 
 
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])

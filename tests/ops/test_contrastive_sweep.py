@@ -15,7 +15,6 @@ import torch
 import mmkernels
 from contrastive_oracle import check_clip, check_siglip
 from mmkernels.ops.contrastive import plan
-from mmkernels.ops._common import HAS_TRITON
 from toolkit import fresh_seed, value_and_grads
 
 CASES = int(os.environ.get("MMKERNELS_SWEEP_CASES", "20"))
@@ -50,14 +49,9 @@ def _draw(gen: torch.Generator, device, kernels_path: bool) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["kernels", "reference"])
 @pytest.mark.parametrize("case_index", range(CASES))
-def test_random_case_against_float64(case_index, path, device, monkeypatch):
-    if path == "kernels" and not HAS_TRITON:
-        pytest.skip("needs triton")
-    if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        device = torch.device("cpu")
+def test_random_case_against_float64(case_index, kernel_path):
+    path, device = kernel_path
     gen = torch.Generator().manual_seed(fresh_seed())
     case = _draw(gen, device, path == "kernels")
     n, d, dtype = case["n"], case["d"], case["dtype"]

@@ -1,14 +1,13 @@
 """mmkernels.info_nce_loss, the one-directional InfoNCE: the Triton kernels (interpreter on CPU) and
 the CPU path against the float64 reference under DESIGN.md's rule, workspaces from one block to all
 of S, the work it does (OpTrace: the GPU's tiles, frozen sides), its allocations, NaN/Inf, errors,
-opcheck (torch.compile of it: test_contrastive.py's test_torch_compile_fullgraph), the module."""
+the module (opcheck, bf16 on the CPU, autocast and torch.compile: test_contract.py)."""
 import pytest
 import torch
 
 import mmkernels
 from contrastive_oracle import LOSS_CASES, check_clip, check_info_nce, random_leaves
-from mmkernels.ops.contrastive import launch, plan, reference
-from test_contrastive import autocast_values_and_grads
+from mmkernels.ops.contrastive import plan, reference
 from test_contrastive_work import _bounded, gpu_tiles  # noqa: F401  (gpu_tiles: a fixture)
 from toolkit import OpTrace, eager_info_nce_loss, fresh_seed, needs_triton, value_and_grads
 
@@ -41,8 +40,7 @@ def test_kernels_match_reference(n, d, normalize, smoothing, dtype, device):
 
 
 @pytest.mark.parametrize("n,d,normalize,smoothing", CASES)
-def test_cpu_path_matches_reference(n, d, normalize, smoothing, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors then take the reference path
+def test_cpu_path_matches_reference(n, d, normalize, smoothing, reference_path):
     _run_case(n, d, normalize, smoothing, torch.float32, torch.device("cpu"))
 
 
@@ -81,12 +79,9 @@ def test_row_statistics_need_no_column_workspace(device):
         2.0, dtype=torch.float64)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
-def test_both_directions_average_to_clip(path, device, monkeypatch):
+def test_both_directions_average_to_clip(kernel_path):
     """CLIP's loss is the mean of InfoNCE in both directions, and so are its gradients."""
-    if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        device = torch.device("cpu")
+    path, device = kernel_path
     fresh_seed()
     leaves = random_leaves(70, 24, torch.float32, device, with_bias=False)
     both = value_and_grads(lambda a, b, s: (_loss(True, 0.1)(a, b, s) + _loss(True, 0.1)(b, a, s)) / 2, leaves)
@@ -107,39 +102,6 @@ def test_non_finite_inputs_give_nan(interpret, monkeypatch):
                 (q, k)[side][3, 5] = bad
                 loss = mmkernels.info_nce_loss(q, k, 2.0, normalize=normalize)
                 assert torch.isnan(loss), f"{bad} in {('query', 'keys')[side]} (normalize={normalize}) gave {loss}"
-
-
-@pytest.mark.parametrize("backward", ["outside", "inside"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["reference", pytest.param("kernels", marks=needs_triton)])
-def test_autocast_changes_nothing(path, dtype, backward, device, monkeypatch):
-    """Under torch.autocast (bf16): an fp32 loss from logits in the inputs' own dtype with fp32
-    accumulation, the same loss and gradients as without autocast, bit for bit (test_contrastive.py's
-    test of the same name, for InfoNCE)."""
-    if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        device = torch.device("cpu")
-    elif dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("bf16 on the CPU takes the reference path")
-    fresh_seed()
-    leaves = random_leaves(33, 24, dtype, device, with_bias=False)
-    fn = _loss(True, 0.1)
-    plain = value_and_grads(fn, leaves)
-    got = autocast_values_and_grads(fn, leaves, device, backward)
-    assert got[0].dtype == torch.float32 and got[0].dim() == 0
-    for name, g, p in zip(("loss", "d query", "d keys", "d logit_scale"), got, plain):
-        assert g.dtype == p.dtype and torch.equal(g, p), f"{name}: differs under autocast"
-    check_info_nce(got, leaves, dtype, f"InfoNCE {dtype} under autocast", True, 0.1)
-
-
-def test_bf16_on_the_cpu_takes_the_reference_path(monkeypatch):
-    """The interpreter has no bf16 dot: bf16 CPU tensors take the reference path, never the kernels."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launched = []
-    monkeypatch.setattr(launch, "clip_stats", lambda *a, **k: launched.append("clip_stats"))
-    monkeypatch.setattr(launch, "panel_pass", lambda *a, **k: launched.append("panel_pass"))
-    _run_case(70, 24, True, 0.1, torch.bfloat16, torch.device("cpu"))
-    assert not launched
 
 
 FROZEN_WORK = {"none": 8, "query": 6, "keys": 6, "both": 4}  # forward + backward, units of N²·D
@@ -232,20 +194,6 @@ R = torch.randn
 def test_bad_inputs_raise(q, k, scale, kw, exc, match):
     with pytest.raises(exc, match=match):
         mmkernels.info_nce_loss(q, k, scale, **kw)
-
-
-@needs_triton
-def test_opcheck(device):
-    fresh_seed()
-    q, k = torch.randn(13, 24, device=device), torch.randn(13, 24, device=device)
-    s, g, ws = torch.tensor(2.5, device=device), torch.tensor(1.5, device=device), 1 << 20
-    ops = torch.ops.mmkernels
-    leaves = [t.clone().requires_grad_() for t in (q, k, s)]
-    torch.library.opcheck(ops.info_nce_fwd.default, (*leaves, True, 0.1, ws))
-    _, row_lse = ops.info_nce_fwd(q, k, s, False, 0.0, ws)
-    for query_grad, keys_grad in [(True, True), (False, True), (True, False)]:
-        torch.library.opcheck(ops.info_nce_grads.default,
-                              (q, k, s, row_lse, g, 0.1, True, query_grad, keys_grad, torch.float32, ws))
 
 
 def test_module_matches_reference(device):

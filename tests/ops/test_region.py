@@ -1,7 +1,7 @@
 """region_mask: the reference against UNITER's and LXMERT's formulas; every path (the torch reference,
 the Triton kernels, under the interpreter on the CPU, and the CUDA C++ kernels on a GPU) against it
-with the same seed, gradients against float64; mask statistics; bfloat16 on the CPU; the backend
-choice; output poisoning; error paths; opcheck; torch.compile; RegionMasker."""
+with the same seed, gradients against float64; mask statistics; the backend choice; output
+poisoning; error paths; torch.compile; RegionMasker (opcheck and bf16 on the CPU: test_contract.py)."""
 import os
 import subprocess
 import sys
@@ -38,10 +38,7 @@ def path_device(backend: str) -> torch.device:
     return torch.device("cuda" if CUDA and backend != "torch" or backend == "cuda" else "cpu")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_random_state():
-    """Every test starts from a fresh seed (printed in its failure report)."""
-    fresh_seed()
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def generators(n: int = 2):
@@ -380,32 +377,6 @@ def ran_kernels(fn) -> bool:
 
 @needs_triton
 @needs_interpreter
-def test_bf16_on_the_cpu_takes_the_reference_path():
-    """Issue 11 (9): Triton's interpreter has no bf16 (atomic_add on bf16 failed in "bert"'s
-    backward): "auto" runs the reference for CPU bf16 and gives its result and gradients."""
-    feats = torch.randn(4, 30, 8, dtype=torch.bfloat16)
-    emb = torch.randn(8, dtype=torch.bfloat16)
-    lens = torch.tensor([30, 20, 10, 5])
-    seed = fresh_seed()
-
-    def run(f, e, backend):
-        out = region_mask(f, lens, prob=1.0, mode="bert", mask_embedding=e,
-                          generator=torch.Generator().manual_seed(seed), backend=backend)
-        return (out.features.double() * torch.linspace(-1, 1, 8, dtype=torch.float64)).sum()
-
-    got = value_and_grads(lambda f, e: run(f, e, "auto"), [feats, emb])
-    want = value_and_grads(lambda f, e: run(f, e, "torch"), [feats, emb])
-    oracle = value_and_grads(lambda f, e: run(f, e, "torch"), [feats.double(), emb.double()])
-    assert not ran_kernels(lambda: run(feats, emb, "auto"))
-    for name, g, w, o in zip(["features", "d feats", "d mask_embedding"], got, want, oracle):
-        assert torch.equal(g, w), name
-        assert_within_rule(name, g, w, o, torch.bfloat16)
-    with pytest.raises(TypeError, match=r"backend='triton' cannot run torch.bfloat16 on the CPU.*interpreter"):
-        region_mask(feats, lens, mode="bert", backend="triton")
-
-
-@needs_triton
-@needs_interpreter
 @pytest.mark.parametrize("dtype, kernels", [(torch.float32, True), (torch.float16, True),
                                             (torch.bfloat16, False), (torch.float64, False)])
 def test_auto_on_the_cpu_runs_the_interpreted_kernels_for_fp32_and_fp16_only(dtype, kernels):
@@ -525,8 +496,7 @@ def test_lengths_on_the_cpu_go_with_features_on_any_device(compiling, monkeypatc
         check(torch.randn(2, 4, 3), torch.tensor([4, 1], device="meta"), None, 0.15, "zero", None, 1, None, "auto")
 
 
-def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_triton_backend_on_cpu_needs_the_interpreter(reference_path):
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         _region_call(backend="triton")
 
@@ -538,25 +508,7 @@ def test_more_than_2_pow_31_regions_is_refused_before_any_work():
         region_mask(feats, valid_mask=torch.ones(1, 1, dtype=torch.bool).expand(2**16, 2**15))
 
 
-# --------------------------------------------------------------------------- opcheck and compile
-
-
-@needs_triton
-@pytest.mark.parametrize("bert", [False, True])
-def test_opcheck_region_mask(bert, device):
-    feats = torch.randn(2, 5, 8, device=device, requires_grad=True)
-    emb = torch.randn(8, device=device, requires_grad=True)
-    seed = torch.tensor([3, 4])
-    lens = torch.tensor([5, 2], device=device)
-    torch.library.opcheck(
-        torch.ops.mmkernels.region_mask_fwd.default,
-        (feats, lens, None, emb, seed, round(0.5 * 2**31), 1, bert, "triton"),
-    )
-    source = torch.ops.mmkernels.region_mask_fwd(feats, lens, None, emb, seed, 2**30, 1, bert, "triton")[2]
-    torch.library.opcheck(
-        torch.ops.mmkernels.region_mask_bwd.default,
-        (torch.randn(2, 5, 8, device=device), source, True, bert, "triton"),
-    )
+# --------------------------------------------------------------------------- compile
 
 
 @needs_triton

@@ -25,10 +25,7 @@ from toolkit import assert_no_host_sync, assert_within_rule, fresh_seed, value_a
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_random_state():
-    """Every test starts from a fresh seed (printed in its failure report)."""
-    fresh_seed()
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def nvcc_found() -> bool:

@@ -1,24 +1,21 @@
 """masked_region_loss: the reference against UNITER's and LXMERT's gather-then-loss formulas; every
 path (the torch reference, the Triton kernels, under the interpreter on the CPU, and the CUDA C++
 kernels on a GPU) against the float64 reference under DESIGN.md's rule, for every reduction; NaN and
-Inf in regions that are not selected; the "kl" contract for any target; bfloat16 on the CPU; error
-paths; opcheck; MaskedRegionLoss."""
+Inf in regions that are not selected; the "kl" contract for any target; error paths;
+MaskedRegionLoss (opcheck and bf16 on the CPU: test_contract.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmkernels.nn.region import MaskedRegionLoss
 from mmkernels.ops.region import masked_region_loss
-from test_region import PATHS, needs_interpreter, path_device, ran_kernels
-from toolkit import CUDA, assert_within_rule, eager_masked_region_loss, fresh_seed, needs_triton, value_and_grads
+from test_region import PATHS, path_device
+from toolkit import CUDA, assert_within_rule, eager_masked_region_loss, value_and_grads
 
 KINDS = ["mse", "smooth_l1", "kl"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_random_state():
-    """Every test starts from a fresh seed (printed in its failure report)."""
-    fresh_seed()
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def loss_inputs(kind, n_samples, n_regions, dim, dtype, device, prob=0.3, zero_targets=False):
@@ -218,21 +215,6 @@ def test_nothing_selected_gives_zero_not_nan(kind, backend):
     assert torch.equal(d_pred, torch.zeros_like(pred))
 
 
-@needs_triton
-@needs_interpreter
-def test_bf16_on_the_cpu_takes_the_reference_path():
-    """Issue 11 (9): "auto" runs CPU bf16 on the reference; backend="triton" says why it cannot."""
-    pred, target, mask = loss_inputs("kl", 3, 5, 16, torch.bfloat16, "cpu")
-    got = run("auto", pred, target, mask, "kl")
-    for g, w in zip(got, run("torch", pred, target, mask, "kl")):
-        assert torch.equal(g, w)
-    assert not ran_kernels(lambda: masked_region_loss(pred, target, mask, "kl"))
-    assert_all_within_rule("bf16 kl", got, eager(pred, target, mask, "kl"), oracle(pred, target, mask, "kl"),
-                           torch.bfloat16)
-    with pytest.raises(TypeError, match=r"backend='triton' cannot run torch.bfloat16 on the CPU"):
-        masked_region_loss(pred, target, mask, "kl", backend="triton")
-
-
 def test_empty_inputs():
     loss = masked_region_loss(torch.randn(2, 0, 3), torch.randn(2, 0, 3), torch.zeros(2, 0, dtype=torch.bool))
     assert loss.item() == 0.0
@@ -276,22 +258,7 @@ def test_more_than_2_pow_31_regions_is_refused_before_any_work():
         masked_region_loss(feats, feats, mask, "mse", backend="cuda")
 
 
-# --------------------------------------------------------------------------- opcheck and module
-
-
-@needs_triton
-@pytest.mark.parametrize("kind", ["mse", "kl"])
-def test_opcheck_masked_region_loss(kind, device):
-    pred, target, mask = loss_inputs(kind, 2, 3, 8, torch.float32, device, prob=0.5)
-    torch.library.opcheck(
-        torch.ops.mmkernels.masked_region_loss_fwd.default,
-        (pred.requires_grad_(), target, mask, kind, 1.0, "triton"),
-    )
-    _, stats = torch.ops.mmkernels.masked_region_loss_fwd(pred, target, mask, kind, 1.0, "triton")
-    torch.library.opcheck(
-        torch.ops.mmkernels.masked_region_loss_bwd.default,
-        (torch.randn(2, 3, device=device), pred.detach(), target, mask, stats, kind, 1.0, True, "triton"),
-    )
+# --------------------------------------------------------------------------- the module
 
 
 def test_masked_region_loss_module():

@@ -31,11 +31,6 @@ AB = ["--model", "tiny", "--steps", "150", "--batch-size", "64", "--eval-size", 
       "--lr", "1e-3"]
 
 
-@pytest.fixture
-def reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def _curve(report, variant):
     return torch.tensor(report["variants"][variant]["losses"], dtype=torch.float64)
 

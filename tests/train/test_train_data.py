@@ -18,11 +18,6 @@ from toolkit import fresh_seed
 N_GOOD = 10
 
 
-@pytest.fixture
-def reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def _write_folder(root, seed: int, fusion: bool = False):
     """N_GOOD good pairs (synthetic scenes saved as PNGs) and four bad lines; returns the bad lines."""
     from PIL import Image

@@ -34,8 +34,7 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_two_gloo_processes_give_the_single_process_losses(loss, tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_two_gloo_processes_give_the_single_process_losses(loss, tmp_path, reference_path):
     # an odd global batch: the ranks hold 8 and 7 rows
     args = ["--loss", loss, "--model", "tiny", "--steps", "6", "--batch-size", "15", "--eval-size", "8",
             "--train-size", "64", "--seed", str(fresh_seed() % 10_000), "--save-every", "0"]

@@ -13,11 +13,6 @@ from mmkernels.train.tasks import FusionTask
 from toolkit import assert_within_rule, fresh_seed, seeded_generator, value_and_grads
 
 
-@pytest.fixture
-def reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def _task(num_classes: int, mask_prob: float = 0.3, seed: int = 0) -> FusionTask:
     cfg = SimpleNamespace(seed=seed, mask_prob=mask_prob)
     return FusionTask(cfg, SimpleNamespace(rank=0, distributed=False), torch.float32, num_classes)
