@@ -381,8 +381,13 @@ def _region_mask_registered(device):
 
 def _region_mask_poison(inputs):
     feats = inputs.leaves[0].clone()
+    # the last sample's regions are all real (selected, replaced or kept at random); the first
+    # sample has none (make_inputs sets lens[0] = 0), so its poisoned padding passes through whatever
+    # the draw, and the check below cannot go blind
     feats[-1, 0, 1] = float("nan")
     feats[-1, 1, 2] = float("inf")
+    feats[0, 0, 1] = float("nan")
+    feats[0, 1, 2] = float("-inf")
     return Inputs([feats, *inputs.leaves[1:]], inputs.fixed)
 
 
