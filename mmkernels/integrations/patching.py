@@ -10,7 +10,7 @@ was there before. Never a class, a module-level name, `torch.nn.functional` or a
 never a parameter or buffer: `state_dict()` keys and tensors stay the same, parameters keep their
 identity (an optimizer built before the patch keeps training the model), and two models in one
 process stay independent. The one process-wide effect any patcher has is adding the name "mmkernels"
-to transformers' `AttentionInterface`/`AttentionMaskInterface` (see integrations/transformers.py); no
+to transformers' `AttentionInterface`/`AttentionMaskInterface` (see integrations/transformers/backend.py); no
 existing name changes.
 
 How `patch()` works
@@ -132,10 +132,10 @@ __all__ = [
 
 # The modules whose import registers the family patchers, in the order their patchers are tried.
 PATCHER_MODULES = (
-    "mmkernels.integrations.hf_attention",
-    "mmkernels.integrations.hf_losses",
+    "mmkernels.integrations.transformers.attention",
+    "mmkernels.integrations.transformers.losses",
     "mmkernels.integrations.torch_mha",
-    "mmkernels.integrations.transformers_fusion",
+    "mmkernels.integrations.transformers.fusion",
 )
 KINDS = ("attention", "loss")
 

@@ -1,4 +1,4 @@
-"""Whether a transformers patch applies is decided by the code it mirrors (integrations/hf_compat):
+"""Whether a transformers patch applies is decided by the code it mirrors (integrations/transformers/compat.py):
 the installed release's fingerprints are recorded, a one-line change to a declared definition
 leaves exactly the patches that declare it unpatched, naming it, and the force switch still forces."""
 import ast
@@ -12,8 +12,8 @@ pytest.importorskip("transformers")
 from transformers import LxmertConfig, LxmertModel  # noqa: E402
 
 import mmkernels  # noqa: E402
-from mmkernels.integrations import hf_compat  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError, _load_patchers  # noqa: E402
+from mmkernels.integrations.transformers import compat  # noqa: E402
 from test_patch_hf import build  # noqa: E402
 
 CLIP = "transformers.models.clip.modeling_clip"
@@ -21,41 +21,41 @@ CLIP = "transformers.models.clip.modeling_clip"
 
 @pytest.fixture(autouse=True)
 def fresh_fingerprints(monkeypatch):
-    monkeypatch.delenv(hf_compat.ALLOW_ENV, raising=False)
-    hf_compat.clear_cache()
+    monkeypatch.delenv(compat.ALLOW_ENV, raising=False)
+    compat.clear_cache()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="mmkernels.patch leaves")
         yield
-    hf_compat.clear_cache()
+    compat.clear_cache()
 
 
 def change_one_line(monkeypatch, name: str) -> None:
     """Make the fingerprints read the installed source of `name`'s module with one statement added
     at the top of the definition `name` ("module:Qualified.name")."""
     module, qualname = name.split(":")
-    source = hf_compat._module_source(module)
-    node = hf_compat._find(ast.parse(source), qualname)
+    source = compat._module_source(module)
+    node = compat._find(ast.parse(source), qualname)
     body = node.body[1:] if ast.get_docstring(node) is not None else node.body
     first = body[0]
     lines = source.splitlines(keepends=True)
     lines.insert(first.lineno - 1, " " * first.col_offset + "_changed_by_a_new_release = 1\n")
     changed = "".join(lines)
-    real = hf_compat._module_source
-    monkeypatch.setattr(hf_compat, "_module_source",
+    real = compat._module_source
+    monkeypatch.setattr(compat, "_module_source",
                         lambda m, root=None: changed if (m == module and root is None) else real(m, root))
-    hf_compat.clear_cache()
+    compat.clear_cache()
 
 
 def test_the_installed_transformers_code_is_recorded():
     """Fails on a transformers release whose code the patches mirror changed: read the changes
     against the patches, run the suite with MMKERNELS_PATCH_UNTESTED_TRANSFORMERS=1, then record it
-    with `python -m mmkernels.integrations.hf_compat record` (one small commit)."""
+    with `python -m mmkernels.integrations.transformers.compat record` (one small commit)."""
     import transformers
 
     _load_patchers()
-    declared = hf_compat.declared()
+    declared = compat.declared()
     assert len(declared) >= 18
-    changed = {key: hf_compat.unrecorded(names) for key, names in declared.items()}
+    changed = {key: compat.unrecorded(names) for key, names in declared.items()}
     changed = {key: names for key, names in changed.items() if names}
     assert not changed, (
         f"transformers {transformers.__version__} has code mmkernels' patches were not tested on: "
@@ -65,8 +65,8 @@ def test_the_installed_transformers_code_is_recorded():
 def test_a_fingerprint_follows_the_code_not_its_formatting(monkeypatch, tmp_path):
     def fingerprint_of(text):
         (tmp_path / "fake.py").write_text(text)
-        hf_compat.clear_cache()
-        return hf_compat.fingerprint("fake:Block.forward", root=str(tmp_path))
+        compat.clear_cache()
+        return compat.fingerprint("fake:Block.forward", root=str(tmp_path))
 
     base = fingerprint_of("class Block:\n    def forward(self, x):\n        return x + 1\n")
     assert base is not None and len(base) == 16
@@ -75,7 +75,7 @@ def test_a_fingerprint_follows_the_code_not_its_formatting(monkeypatch, tmp_path
     assert fingerprint_of("class Block:\n    def forward(self, x):\n        return x + 2\n") != base
     assert fingerprint_of("class Block:\n    @staticmethod\n    def forward(self, x):\n        return x + 1\n") != base
     assert fingerprint_of("class Block:\n    def other(self, x):\n        return x + 1\n") is None
-    assert hf_compat.fingerprint("fake_module_that_does_not_exist:f", root=str(tmp_path)) is None
+    assert compat.fingerprint("fake_module_that_does_not_exist:f", root=str(tmp_path)) is None
 
 
 def test_a_changed_attention_forward_skips_exactly_that_family(monkeypatch):
@@ -96,7 +96,7 @@ def test_a_changed_attention_forward_skips_exactly_that_family(monkeypatch):
     lxmert = LxmertModel(LxmertConfig(vocab_size=50, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                       l_layers=1, x_layers=1, r_layers=1, visual_feat_dim=12, visual_pos_dim=4))
     assert len(mmkernels.patch(lxmert).records) == 5 and not mmkernels.unpatch(clip)
-    monkeypatch.setenv(hf_compat.ALLOW_ENV, "1")
+    monkeypatch.setenv(compat.ALLOW_ENV, "1")
     assert len(mmkernels.patch(clip).records) == 4
 
 
@@ -131,17 +131,17 @@ def test_a_changed_pooling_head_leaves_its_multihead_attention_unpatched(monkeyp
 
 
 def test_a_gone_definition_is_named_as_gone(monkeypatch):
-    real = hf_compat._module_source
+    real = compat._module_source
     source = real(CLIP).replace("def _get_vector_norm(", "def _renamed_vector_norm(")
-    monkeypatch.setattr(hf_compat, "_module_source", lambda m, root=None: source if m == CLIP else real(m, root))
-    hf_compat.clear_cache()
+    monkeypatch.setattr(compat, "_module_source", lambda m, root=None: source if m == CLIP else real(m, root))
+    compat.clear_cache()
     handle = mmkernels.patch(build("clip").eval(), attention=False)
     assert "modeling_clip._get_vector_norm (gone)" in handle.skipped[0].reason
 
 
 def test_the_check_command_names_the_changed_patches(monkeypatch, capsys):
     change_one_line(monkeypatch, f"{CLIP}:CLIPAttention.forward")
-    assert hf_compat.main(["check"]) == 1
+    assert compat.main(["check"]) == 1
     out = capsys.readouterr().out
     assert "CHANGED  attention: clip: modeling_clip.CLIPAttention.forward" in out
     assert "known    loss: CLIPModel" in out

@@ -8,9 +8,11 @@ output and every parameter's gradient. Each runs once on the reference path (TRI
 and once on the Triton kernels under the interpreter; negative controls drop a mask and show that
 the same comparison fails.
 """
+import ast
 import copy
 import inspect
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -585,3 +587,18 @@ def test_a_library_without_what_a_patcher_module_imports_leaves_that_module_out(
     monkeypatch.setattr(patching, "_loaded", False)
     with pytest.raises(ImportError, match="no_such_name_in_mmkernels"):
         mmkernels.patch(nn.Sequential(nn.MultiheadAttention(E, H)))
+
+
+def test_patcher_modules_names_every_module_that_registers_patchers():
+    """`PATCHER_MODULES`, the one list `patch()` loads, names exactly the modules under
+    mmkernels/integrations whose code calls `register_patcher` (read from the source, so it holds
+    with or without transformers installed), each once."""
+    root = Path(patching.__file__).parent
+    registering = set()
+    for path in root.rglob("*.py"):
+        calls = [node.func for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)]
+        if any(getattr(func, "id", getattr(func, "attr", None)) == "register_patcher" for func in calls):
+            parts = ("mmkernels", "integrations", *path.relative_to(root).with_suffix("").parts)
+            registering.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    assert "mmkernels.integrations.torch_mha" in registering
+    assert sorted(patching.PATCHER_MODULES) == sorted(registering)

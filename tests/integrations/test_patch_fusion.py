@@ -39,8 +39,8 @@ from transformers import (  # noqa: E402
 from transformers.models.lxmert.modeling_lxmert import LxmertAttention  # noqa: E402
 
 import mmkernels  # noqa: E402
-from mmkernels.integrations import transformers_fusion as fusion  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
+from mmkernels.integrations.transformers import fusion  # noqa: E402
 from mmkernels.ops import masks  # noqa: E402
 from toolkit import (  # noqa: E402
     assert_models_within_rule,

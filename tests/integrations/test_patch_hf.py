@@ -37,8 +37,8 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import mmkernels  # noqa: E402
-from mmkernels.integrations import hf_losses  # noqa: E402
 from mmkernels.integrations.patching import StrictPatchError  # noqa: E402
+from mmkernels.integrations.transformers import losses  # noqa: E402
 from mmkernels import clip_loss, info_nce_loss, siglip_loss  # noqa: E402
 from contrastive_oracle import magnitudes  # noqa: E402
 from mmkernels.ops.contrastive import reference as reference_ops  # noqa: E402
@@ -236,9 +236,9 @@ def test_family_matches_unpatched_on_the_gpu_in_bf16(name, monkeypatch):
 
 def broken_losses(monkeypatch):
     """A loss patch with the classic bug: image i paired with text i + 1 (query i with key i + 1)."""
-    monkeypatch.setattr(hf_losses, "clip_loss", lambda a, b, s: clip_loss(a, b.roll(1, 0), s))
-    monkeypatch.setattr(hf_losses, "siglip_loss", lambda a, b, s, t: siglip_loss(a, b.roll(1, 0), s, t))
-    monkeypatch.setattr(hf_losses, "info_nce_loss", lambda q, k, s: info_nce_loss(q, k.roll(1, 0), s))
+    monkeypatch.setattr(losses, "clip_loss", lambda a, b, s: clip_loss(a, b.roll(1, 0), s))
+    monkeypatch.setattr(losses, "siglip_loss", lambda a, b, s, t: siglip_loss(a, b.roll(1, 0), s, t))
+    monkeypatch.setattr(losses, "info_nce_loss", lambda q, k, s: info_nce_loss(q, k.roll(1, 0), s))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -663,8 +663,8 @@ def test_a_patched_model_saved_whole_loads_patched_in_a_fresh_process(tmp_path, 
 
 
 def test_signature_gate(monkeypatch):
-    forward, parameters = hf_losses.LOSS_FORWARDS[CLIPModel]
-    monkeypatch.setitem(hf_losses.LOSS_FORWARDS, CLIPModel, (forward, parameters + ("new_argument",)))
+    forward, parameters = losses.LOSS_FORWARDS[CLIPModel]
+    monkeypatch.setitem(losses.LOSS_FORWARDS, CLIPModel, (forward, parameters + ("new_argument",)))
     handle = mmkernels.patch(build("clip"), attention=False)
     assert [(s.path, s.kind) for s in handle.skipped] == [("", "loss")]
     assert "parameters differ" in handle.skipped[0].reason

@@ -37,7 +37,7 @@ from transformers.masking_utils import (  # noqa: E402
     sliding_window_causal_mask_function,
 )
 
-from mmkernels.integrations import transformers as integration  # noqa: E402
+from mmkernels.integrations.transformers import backend as integration  # noqa: E402
 from mmkernels.integrations.transformers import (  # noqa: E402
     BACKEND_NAME,
     mmkernels_attention_forward,

@@ -28,7 +28,7 @@ def seeded():
 @pytest.fixture
 def op_calls(monkeypatch):
     """The AttnSpec fields (and other keywords) of each `cross_attention` call of the transformers backend."""
-    from mmkernels.integrations import transformers as integration
+    from mmkernels.integrations.transformers import backend as integration
 
     calls, original = [], integration.cross_attention
 
@@ -214,7 +214,7 @@ def test_query_mask_of_the_wrong_shape_is_refused():
 @pytest.fixture
 def transformers_backend():
     pytest.importorskip("transformers")
-    from mmkernels.integrations import transformers as integration
+    from mmkernels.integrations.transformers import backend as integration
 
     class Attention(torch.nn.Module):
         """Stands for a transformers attention module: only `training` and `is_causal` are read."""

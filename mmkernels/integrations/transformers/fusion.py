@@ -1,6 +1,6 @@
 """Attention of the fusion models whose attention transformers writes by hand, through
 `mmkernels.cross_attention`: LXMERT, VisualBERT, ViLT, FLAVA and BLIP (each patch applies where the
-module's code is one the tests ran on: see hf_compat).
+module's code is one the tests ran on: see compat).
 
 These models do not go through transformers' attention registry: each attention module computes
 softmax(q·kᵀ / √d + mask) · v itself. `replacements()` maps each such module class to a replacement
@@ -66,9 +66,9 @@ from transformers.models.visual_bert.modeling_visual_bert import (
     VisualBertSelfAttention,
 )
 
-from mmkernels.integrations import hf_compat
 from mmkernels.integrations.patching import call_original, register_patcher
-from mmkernels.integrations.transformers import weights_requested
+from mmkernels.integrations.transformers import compat
+from mmkernels.integrations.transformers.backend import weights_requested
 from mmkernels.ops.attention import MAX_HEAD_DIM, cross_attention
 from mmkernels.ops.masks import AttnSpec, attn_mask_problem
 
@@ -269,11 +269,11 @@ def replacements() -> dict[type, Callable]:
 
 # --------------------------------------------------------------------------- registration with mmkernels.patch
 
-# The upstream code each replacement mirrors (hf_compat): the module's constructor (the attributes
+# The upstream code each replacement mirrors (compat): the module's constructor (the attributes
 # the replacement reads) and its forward.
 UPSTREAM = {
-    cls: hf_compat.declare(f"attention: {cls.__name__}",
-                           *(f"{cls.__module__}:{cls.__name__}.{method}" for method in ("__init__", "forward")))
+    cls: compat.declare(f"attention: {cls.__name__}",
+                        *(f"{cls.__module__}:{cls.__name__}.{method}" for method in ("__init__", "forward")))
     for cls in replacements()
 }
 
@@ -325,7 +325,7 @@ def _patch_fusion_attention(module: nn.Module, path: str, ctx) -> bool:
     replacement = replacements().get(cls)
     if replacement is None:
         return False
-    reason = hf_compat.incompatibility(f"attention: {cls.__name__}")
+    reason = compat.incompatibility(f"attention: {cls.__name__}")
     if reason is not None:
         ctx.skip(path, "attention", reason)
         return True

@@ -51,8 +51,8 @@ from transformers import (
 from transformers.utils.generic import can_return_tuple
 
 from mmkernels.ops.contrastive import clip_loss, info_nce_loss, siglip_loss  # public: they check their inputs
-from mmkernels.integrations import hf_compat
 from mmkernels.integrations.patching import PatchContext, call_original, patch_state, register_patcher
+from mmkernels.integrations.transformers import compat
 
 __all__ = ["LOSS_FORWARDS"]
 
@@ -171,7 +171,7 @@ def _bridgetower_forward(self, input_ids=None, attention_mask=None, token_type_i
                          pixel_mask=None, inputs_embeds=None, image_embeds=None, return_loss=None, **kwargs):
     """BridgeTowerForContrastiveLearning.forward: the same towers and heads, the loss by info_nce_loss.
     `attentions` is what the patched BridgeTowerModel returns, with or without the loss: one (text,
-    image) pair of None per cross-modal layer where eager returns their weights (see hf_attention)."""
+    image) pair of None per cross-modal layer where eager returns their weights (see attention.py)."""
     if not return_loss:
         return _without_loss(self, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask,
                              inputs_embeds, image_embeds, return_loss, **kwargs)
@@ -299,7 +299,7 @@ _PIECES = {
     BridgeTowerForContrastiveLearning: "mmkernels.info_nce_loss for its three one-directional terms",
 }
 _FALLS_BACK = {FlavaForPreTraining: "return_dict=False, torch.distributed, itm_labels with non-matching pairs"}
-# The upstream code each loss patch mirrors (hf_compat): the forward it replaces, and the helpers that
+# The upstream code each loss patch mirrors (compat): the forward it replaces, and the helpers that
 # define the loss it computes.
 _LOSS_HELPERS = {
     CLIPModel: ("CLIPModel.get_image_features", "CLIPModel.get_text_features", "_get_vector_norm",
@@ -307,8 +307,8 @@ _LOSS_HELPERS = {
     BlipModel: ("contrastive_loss", "image_text_contrastive_loss"),
 }
 UPSTREAM = {
-    cls: hf_compat.declare(f"loss: {cls.__name__}", f"{cls.__module__}:{cls.__name__}.forward",
-                           *(f"{cls.__module__}:{name}" for name in _LOSS_HELPERS.get(cls, ())))
+    cls: compat.declare(f"loss: {cls.__name__}", f"{cls.__module__}:{cls.__name__}.forward",
+                        *(f"{cls.__module__}:{name}" for name in _LOSS_HELPERS.get(cls, ())))
     for cls in LOSS_FORWARDS
 }
 
@@ -319,7 +319,7 @@ def _patch_contrastive_loss(module, path: str, ctx: PatchContext) -> bool:
     if entry is None:
         return False
     forward, parameters = entry
-    reason = hf_compat.incompatibility(f"loss: {type(module).__name__}")
+    reason = compat.incompatibility(f"loss: {type(module).__name__}")
     if reason is None and tuple(inspect.signature(type(module).forward).parameters) != parameters:
         reason = f"{type(module).__name__}.forward's parameters differ from those the patch was written for"
     if reason is not None:

@@ -1,6 +1,6 @@
 """The fingerprints of the transformers code that mmkernels' patches mirror, for every transformers
 release the test suite passed on: upstream name -> {fingerprint: releases}. Written by
-`python -m mmkernels.integrations.hf_compat record` (see hf_compat); edit only through it."""
+`python -m mmkernels.integrations.transformers.compat record` (see compat.py); edit only through it."""
 
 RECORDED = {
     'transformers.masking_utils:bidirectional_mask_function': {

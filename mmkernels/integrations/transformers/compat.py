@@ -7,7 +7,7 @@ source: the module file parsed with `ast`, the definition (decorators included) 
 qualified name, docstrings dropped, printed back with `ast.unparse`. Comments, blank lines and
 formatting do not change it; any change to the code does.
 
-`hf_fingerprints.RECORDED` holds the fingerprints of every transformers release the test suite
+`fingerprints.RECORDED` holds the fingerprints of every transformers release the test suite
 passed on. `mmkernels.patch` applies a patcher where every definition it declares has a recorded
 fingerprint, whatever the version number says; where one differs (or is gone), that patcher's
 modules are left as they are, listed in the handle with a reason that names the changed definition
@@ -15,10 +15,10 @@ modules are left as they are, listed in the handle with a reason that names the 
 
 A new transformers release, step by step:
 
-    python -m mmkernels.integrations.hf_compat check     # which declared definitions changed
+    python -m mmkernels.integrations.transformers.compat check    # which declared definitions changed
     # read those changes against the patches, run the test suite with the new release
     # (MMKERNELS_PATCH_UNTESTED_TRANSFORMERS=1 while its fingerprints are not recorded yet), then:
-    python -m mmkernels.integrations.hf_compat record    # adds its fingerprints to hf_fingerprints.py
+    python -m mmkernels.integrations.transformers.compat record   # adds its fingerprints to fingerprints.py
 
 `record --source DIR --version V` reads a transformers tree that is not installed (an unpacked
 wheel), so older releases can be recorded without installing them.
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from mmkernels.integrations.patching import _load_patchers
 
-__all__ = ["ALLOW_ENV", "declare", "declared", "fingerprint", "incompatibility", "unrecorded"]
+__all__ = ["ALLOW_ENV", "declare", "declared", "family", "fingerprint", "incompatibility", "unrecorded"]
 
 ALLOW_ENV = "MMKERNELS_PATCH_UNTESTED_TRANSFORMERS"
 
@@ -60,6 +60,15 @@ def declare(key: str, *names: str) -> tuple[str, ...]:
 def declared() -> dict[str, tuple[str, ...]]:
     """Every declaration made so far (import the patcher modules first), key -> names."""
     return dict(_DECLARED)
+
+
+def family(module) -> str | None:
+    """The transformers model family a module's class comes from ("clip", "siglip2", ...), or None:
+    the attention patches declare, and look up their compatibility, per family."""
+    parts = type(module).__module__.split(".")
+    if len(parts) >= 3 and parts[0] == "transformers" and parts[1] == "models":
+        return parts[2]
+    return None
 
 
 def _module_source(module: str, root: str | None = None) -> str | None:
@@ -120,7 +129,7 @@ def fingerprint(name: str, root: str | None = None) -> str | None:
 
 
 def _recorded() -> dict:
-    from mmkernels.integrations.hf_fingerprints import RECORDED
+    from mmkernels.integrations.transformers.fingerprints import RECORDED
 
     return RECORDED
 
@@ -182,7 +191,7 @@ def _record(version: str, root: str | None) -> int:
             versions = recorded.setdefault(name, {}).get(fp, ())
             if version not in versions:
                 recorded[name][fp] = tuple(sorted(set(versions) | {version}, key=_version_key))
-    path = Path(__file__).with_name("hf_fingerprints.py")
+    path = Path(__file__).with_name("fingerprints.py")
     header = path.read_text().split("RECORDED = ", 1)[0]
     lines = ["RECORDED = {"]
     for name in sorted(recorded):
@@ -216,7 +225,7 @@ def _check() -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmkernels.integrations.hf_compat",
+    parser = argparse.ArgumentParser(prog="python -m mmkernels.integrations.transformers.compat",
                                      description="Fingerprints of the transformers code mmkernels' patches mirror.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="list the patches whose upstream code is not a recorded one")
@@ -237,6 +246,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     # Run the imported module's main: the patchers declare into that module, not into __main__.
-    from mmkernels.integrations.hf_compat import main as _main
+    from mmkernels.integrations.transformers.compat import main as _main
 
     raise SystemExit(_main())

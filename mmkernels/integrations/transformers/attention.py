@@ -21,7 +21,7 @@ patch gives the model's modules a private copy of their configs instead:
 
 While patched, `model.config` is that copy: `model.config._attn_implementation == "mmkernels"`, and
 a change made to `model.config` lasts until undo. Calls that the backend cannot compute are decided
-by the backend (integrations/transformers.py), not here.
+by the backend (backend.py), not here.
 
 BridgeTower's `attentions` output: BridgeTowerModel collects its cross-modal layers' self-attention
 weights from every call (eager attention always forms them) and passes no `output_attentions` to its
@@ -41,11 +41,10 @@ import copy
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from mmkernels.integrations import hf_compat
-from mmkernels.integrations import transformers as backend
-from mmkernels.integrations.hf_common import family
 from mmkernels.integrations.patching import PatchContext, register_patcher
 from mmkernels.integrations.torch_mha import patch_multihead_attention
+from mmkernels.integrations.transformers import backend, compat
+from mmkernels.integrations.transformers.compat import family
 
 __all__ = ["ATTENTION_CLASSES"]
 
@@ -58,7 +57,7 @@ ATTENTION_CLASSES = {
 }
 _POOLING_HEADS = {"siglip": "SiglipMultiheadAttentionPoolingHead", "siglip2": "Siglip2MultiheadAttentionPoolingHead"}
 
-# The upstream code each family's attention patch mirrors (hf_compat): the mask helpers the backend
+# The upstream code each family's attention patch mirrors (compat): the mask helpers the backend
 # calls or compares against, the code that builds the masks and calls the attention function, the
 # attention modules and the eager formula the kernels stand in for.
 _MASKING = tuple(f"transformers.masking_utils:{name}" for name in (
@@ -71,7 +70,7 @@ _MASK_BUILDERS = {
     "bridgetower": ("BridgeTowerTextModel._create_attention_masks", "BridgeTowerModel.forward"),
 }
 UPSTREAM = {
-    name: hf_compat.declare(
+    name: compat.declare(
         f"attention: {name}", *_MASKING,
         *(f"transformers.models.{name}.modeling_{name}:{q}" for q in (
             "eager_attention_forward",
@@ -80,12 +79,12 @@ UPSTREAM = {
     for name, classes in ATTENTION_CLASSES.items()
 }
 POOLING_UPSTREAM = {
-    name: hf_compat.declare(f"attention: {name} pooling head", f"transformers.models.{name}.modeling_{name}:{cls}.forward")
+    name: compat.declare(f"attention: {name} pooling head", f"transformers.models.{name}.modeling_{name}:{cls}.forward")
     for name, cls in _POOLING_HEADS.items()
 }
 _PIECE = "mmkernels.cross_attention via transformers' AttentionInterface (attn_implementation='mmkernels')"
 _CONFIG_PIECE = "private config copies with attn_implementation='mmkernels' (shared configs untouched)"
-_MEMO_KEY = "hf_attention: config copies"  # ids of the config copies this patch() made
+_MEMO_KEY = "transformers.attention: config copies"  # ids of the config copies this patch() made
 
 
 @register_patcher("attention")
@@ -99,7 +98,7 @@ def _patch_registry_family(module, path: str, ctx: PatchContext) -> bool:
     attention = [(sub_path, sub) for sub_path, sub in own if _is_registry_attention(sub)]
     if not attention and any(_is_registry_attention(sub) for sub in module.modules()):
         return False  # every attention module under it keeps the patch an earlier patch() gave its tower
-    reason = hf_compat.incompatibility(f"attention: {family(module)}")
+    reason = compat.incompatibility(f"attention: {family(module)}")
     if reason is not None:
         for sub_path, _ in attention:
             ctx.skip(sub_path, "attention", reason)
@@ -145,7 +144,7 @@ def _patch_pooling_head(module, path: str, ctx: PatchContext) -> bool:
     attention = module.attention
     if not isinstance(attention, nn.MultiheadAttention) or ctx.is_patched(attention, "attention"):
         return False
-    reason = hf_compat.incompatibility(f"attention: {family(module)} pooling head")
+    reason = compat.incompatibility(f"attention: {family(module)} pooling head")
     if reason is not None:
         # Patched as a plain nn.MultiheadAttention it would fall back at every call (the head asks for
         # the weights by default): leave it as it is, listed with the reason.
