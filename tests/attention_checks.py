@@ -1,6 +1,6 @@
 """What the attention tests share: random cases, the kernels' dropout mask, and the two checks.
 
-- `check_against_reference`: finite inputs; output and q, k, v gradients under DESIGN.md's rule
+- `check_against_reference`: finite inputs; output and q, k, v gradients under the numerics rule (docs/design.md)
   against the float64 reference (eager = the same formula in the inputs' dtype).
 - `check_contract`: any inputs, NaN and Inf included; checks what `mmkernels.cross_attention`
   documents: exact zeros for rows that do not exist or attend no key (and their gradients), the
@@ -39,7 +39,7 @@ def on_path(path: str):
     """Run cross_attention on the CPU reference ("reference") or on the Triton kernels ("kernels":
     CUDA, or the interpreter on the CPU), whatever the tensors."""
     if path == "reference":
-        with mock.patch.object(attention_op, "triton_enabled", lambda *tensors: False):
+        with mock.patch.object(attention_op, "uses_kernels", lambda op, x: False):
             yield
     else:
         yield

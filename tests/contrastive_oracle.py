@@ -1,7 +1,7 @@
 """The numerics rule for the contrastive losses, shared by tests/ops/test_contrastive*.py and test_info_nce.py.
 
 `check_clip` / `check_siglip` / `check_info_nce` take what a path computed (the loss and the gradients
-of its leaves) and hold each output to DESIGN.md's rule against the float64 reference, with the eager
+of its leaves) and hold each output to the numerics rule (docs/design.md) against the float64 reference, with the eager
 formula in the inputs' dtype as the baseline (tests/toolkit.py's eager_clip_loss / eager_siglip_loss /
 eager_info_nce_loss).
 """
@@ -81,7 +81,7 @@ def magnitudes(loss_name: str, leaves64, normalize: bool, smoothing: float = 0.0
     d_unscaled, d_x, d_y = torch.autograd.grad(loss, (unscaled, x, y))
     d_logits = d_unscaled / s
     # a logit x_i · y_j rounds by u · Σ_k |x_ik y_jk|, which is larger than u · |x_i · y_j| where the
-    # dot product cancels (SigLIP, N = 1, D = 16: d logit_scale 11x off its own size, seed 1603795445)
+    # dot product cancels (SigLIP, N = 1, D = 16: d logit_scale 11x off its own size)
     scale_terms = (d_logits.abs() * (x.detach().abs() @ y.detach().abs().T)).sum().item()
     sizes["loss"] = max(sizes.get("loss", 0.0), abs(loss.item()), s.item() * scale_terms)
     sizes["d logit_scale"] = scale_terms

@@ -6,7 +6,7 @@ mmkernels.testing, which the benchmarks time too), the work and allocation count
 - `fresh_seed()`: a new random seed per call, seeded into torch; every seed drawn during a test is
   printed in that test's failure report (tests/conftest.py), so a failure can be replayed with
   `MMKERNELS_TEST_SEED=<seed>`.
-- `assert_within_rule(...)`: DESIGN.md's rule, error(ours) <= 2 · error(eager) + floor, both
+- `assert_within_rule(...)`: the numerics rule (docs/design.md), error(ours) <= 2 · error(eager) + floor, both
   measured against the float64 oracle.
 - Output poisoning: tests/conftest.py sets MMKERNELS_POISON_OUTPUTS=1 before mmkernels is
   imported, so `mmkernels.ops._common.new_output` NaN-fills every buffer a kernel must write.
@@ -83,7 +83,7 @@ def rule_error(got: torch.Tensor, oracle: torch.Tensor, metric: str) -> float:
 
 def assert_within_rule(name: str, got, eager, oracle, dtype: torch.dtype, *, size: float | None = None,
                        metric: str = "norm", allow_nonfinite: bool = False, floor_scale: float = 1.0) -> None:
-    """DESIGN.md's rule: error(got) <= 2 · error(eager) + FLOOR[dtype] · size, errors against the
+    """The numerics rule (docs/design.md): error(got) <= 2 · error(eager) + FLOOR[dtype] · size, errors against the
     float64 `oracle` (metric "norm": Frobenius norm of the difference; "max": largest element).
 
     `size` is the magnitude the floor scales with: by default the oracle's own (its norm, or its
@@ -336,7 +336,7 @@ def model_outputs_and_grads(model: torch.nn.Module, run) -> tuple[dict, dict]:
 # layer, and the backward of every layer below carries that difference into each parameter's
 # gradient, where the fp32 run nearer the float64 one is then chance. Measured on BLIP's text
 # tower (loss patched, whose own gradient was nearer the oracle than eager's): parameter gradients
-# 2.6-3x eager's error at 3-7e-6 of their size (seed 1662878528, kernels). The floor for models is
+# 2.6-3x eager's error at 3-7e-6 of their size (kernels path). The floor for models is
 # 10x the op floor; a model computing another function (the negative controls: pairs misaligned,
 # a padding mask dropped) is off by far more.
 MODEL_FLOOR_SCALE = 10.0
@@ -344,7 +344,7 @@ MODEL_FLOOR_SCALE = 10.0
 
 def assert_models_within_rule(got: tuple, eager: tuple, oracle: tuple, dtype: torch.dtype, what: str = "",
                               sizes: dict | None = None) -> None:
-    """DESIGN.md's rule for every output and every parameter gradient of three runs of one model
+    """The numerics rule (docs/design.md) for every output and every parameter gradient of three runs of one model
     (`model_outputs_and_grads` results): ours, the eager model in `dtype`, and its float64 copy.
     `sizes` gives the floor's size by name ("loss", "grad logit_scale", ...) where a value is a sum
     that cancels (see `assert_within_rule`): a number, or the name of another output or gradient
@@ -392,7 +392,7 @@ def bias_sizes(model: torch.nn.Module) -> dict:
             sizes[f"grad {name}"] = f"grad {name[: -len('bias')]}weight"
         # a position (or token type) embedding's gradient sums over the batch the per-token gradients
         # that the word embedding's gradient holds by token id (BLIP's text CLS position: 0.57 from
-        # summands of size ~7, seed 1662878528 under the interpreter)
+        # summands of size ~7 under the interpreter)
         for table in ("position_embeddings.weight", "token_type_embeddings.weight"):
             words = name[: -len(table)] + "word_embeddings.weight"
             if name.endswith(table) and words in names:
@@ -401,7 +401,7 @@ def bias_sizes(model: torch.nn.Module) -> dict:
 
 
 def compare_patched(make_model, run, patch, path: str, reference_calls: list, *, got_run=None, sizes=None):
-    """Build a model, patch a copy with `patch(model)`, and hold the patched fp32 model to DESIGN.md's
+    """Build a model, patch a copy with `patch(model)`, and hold the patched fp32 model to docs/design.md's
     rule against the unpatched fp32 model (eager) and its float64 copy (the oracle): every output of
     `run(model) -> (loss, {name: tensor})` and every parameter gradient. `got_run` replaces `run` for
     the patched model (negative controls); `sizes(model) -> dict` gives floor sizes by name (see
@@ -492,7 +492,7 @@ def _rank_main(rank, fn, world_size, port, backend, timeout_s, out_dir, args):
         pickle.dump(result, f)
     os.replace(path + ".tmp", path)  # the parent never reads a half-written file
     # Leave without the interpreter's finalisation: gloo's threads can abort it ("terminate called without
-    # an active exception", SIGABRT, after the result is written; seed 902928695, cf. pytorch#179291).
+    # an active exception", SIGABRT, after the result is written, cf. pytorch#179291).
     # A rank that dies before this line still fails the call (no result file, or a non-zero exit).
     sys.stdout.flush()
     sys.stderr.flush()

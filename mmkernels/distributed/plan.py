@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from mmkernels.ops._args import check_embedding_pair
-from mmkernels.ops._dispatch import triton_enabled
+from mmkernels.ops._dispatch import uses_kernels
 from mmkernels.ops.contrastive.plan import check_call_workspace, resolve_workspace_bytes
 
 # --------------------------------------------------------------------------- gradient scaling
@@ -235,7 +235,7 @@ def check(caller: str, op: str, group, image, text, local_checks, *, image_grad:
         group=group, world_size=world_size, rank=rank, sizes=tuple(col["M"]),
         text_grad=any(col["text_grad"]), scalar_grad=any(col["scalar_grad"]), workspace_bytes=col["workspace"][rank],
     )
-    if triton_enabled(image):
+    if uses_kernels(op, image):
         check_workspaces(caller, op, plan, col, image, SCALINGS[grad_scaling], mode)
     return plan
 

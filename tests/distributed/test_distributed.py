@@ -1,5 +1,5 @@
 """mmkernels.distributed over gloo: every rank's loss and gradients against the loss one process
-computes on the concatenated batch (DESIGN.md's rule), on the reference path and with the Triton
+computes on the concatenated batch (the numerics rule (docs/design.md)), on the reference path and with the Triton
 kernels under the interpreter, SigLIP in both modes (all_gather, and the point-to-point ring); the
 work and memory of each rank; errors raised on every rank.
 
@@ -50,7 +50,7 @@ def single_process(kind, A, B, scale, bias, rows: slice, *, normalize=False, eps
     """What one process computes on the global batch (A, B) (N, D), in `dtype` (float64: the oracle;
     the inputs' dtype: the eager formula): the loss, dL/dA and dL/dB for `rows`, and the shares of
     dL/dscale and dL/dbias that come from those rows of S, each gradient with the size of its
-    summands (the floor of DESIGN.md's rule scales with it)."""
+    summands (the floor of the numerics rule (docs/design.md) scales with it)."""
     dtype = dtype or A.dtype
     A, B = (t.detach().to(dtype).requires_grad_() for t in (A, B))
     scale, bias = (torch.as_tensor(t, dtype=dtype).detach().requires_grad_() for t in (scale, bias))

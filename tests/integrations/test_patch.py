@@ -2,7 +2,7 @@
 nn.MultiheadAttention patch, on plain modules and an open_clip-shaped CLIP built from
 nn.MultiheadAttention blocks.
 
-Every comparison is DESIGN.md's rule: the patched model in fp32 against the unpatched model in
+Every comparison is the numerics rule (docs/design.md): the patched model in fp32 against the unpatched model in
 fp32 (eager), both measured against the unpatched model's float64 copy (the oracle), for every
 output and every parameter's gradient. Each runs once on the reference path (TRITON_INTERPRET=0)
 and once on the Triton kernels under the interpreter; negative controls drop a mask and show that

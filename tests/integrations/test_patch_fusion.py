@@ -2,7 +2,7 @@
 VisualBERT, ViLT, FLAVA and BLIP (vision, text encoder with cross-attention, caption decoder).
 
 Tiny random models built in code (nothing is downloaded), padded batches (text padding, LXMERT's and
-VisualBERT's region padding, ViLT's pixel_mask), patched against unpatched under DESIGN.md's rule:
+VisualBERT's region padding, ViLT's pixel_mask), patched against unpatched under the numerics rule (docs/design.md):
 the error of the patched fp32 model against the unpatched model run in float64 is at most twice the
 error of the unpatched fp32 model, on the outputs' kept (non-padded) rows, the loss, and the gradient
 of every parameter. Once on the reference path (TRITON_INTERPRET=0: CPU tensors take
@@ -206,7 +206,7 @@ def compare(case: Case, device, dtype=torch.float32):
     """Run the case unpatched in float64 (the oracle) and in `dtype`, and patched (plain
     `mmkernels.patch(model)`) in `dtype`; the loss is Σ random weights · the outputs' kept rows (its
     floor scales with Σ |weight · output|, since the ± terms cancel).
-    Assert DESIGN.md's rule on the kept rows, the loss and every parameter's gradient. Returns the
+    Assert the numerics rule (docs/design.md) on the kept rows, the loss and every parameter's gradient. Returns the
     patch handle."""
     probe = case.kept(case.model(**case.inputs))
     weights = {name: torch.randn_like(t if keep is None else t[keep]).double() for name, (t, keep) in probe.items()}
@@ -294,7 +294,7 @@ def test_negative_control_dropped_mask_fails(family, monkeypatch, reference_path
 def test_lxmert_sample_without_regions_gets_eagers_uniform_average(path, op_calls):
     """A sample with no region: eager adds finfo.min to every visual score of its text queries and
     returns the plain average of all (padded) regions. Skipping those keys through kv_lens would
-    return zeros; the patch keeps them (and the kernels' backward gets such rows right: issue 11)."""
+    return zeros; the patch keeps them (and the kernels' backward gets such rows right)."""
     _, device, _ = path
     case = lxmert(region_lengths=(3, 0, 5))
     compare(case, device)

@@ -5,7 +5,7 @@ BlipModel, FlavaForPreTraining and BridgeTowerForContrastiveLearning.
 
 Tiny random models built in code, nothing downloaded. Each family: padded text (and SigLIP2's
 padded patches), the patched model in fp32 against the unpatched one in fp32 and in float64 under
-DESIGN.md's rule (the loss, the outputs on the kept rows, every parameter's gradient), once on the
+the numerics rule (docs/design.md) (the loss, the outputs on the kept rows, every parameter's gradient), once on the
 reference path and once on the Triton kernels under the interpreter; a negative control per family
 fails the same comparison.
 """

@@ -544,7 +544,7 @@ def test_bridgetower_matches_eager(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: the kernels in half precision, under DESIGN.md's numerics rule against a float64 eager run
+# GPU: the kernels in half precision, under the numerics rule (docs/design.md) against a float64 eager run
 
 
 @pytest.mark.gpu

@@ -117,10 +117,10 @@ def _input_and_parameter_grads(module, x, dtype, **masks):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("padding", ["bool", "float_finfo_min"])
 def test_self_attention_gradients_match(path, padding):
-    """Gradients of the input and of every parameter under DESIGN.md's rule: float64
+    """Gradients of the input and of every parameter under the numerics rule (docs/design.md): float64
     nn.MultiheadAttention is the oracle, float32 nn.MultiheadAttention the eager baseline. The float
     padding mask puts finfo.min on every key of sample 2, whose rows then attend every key
-    uniformly (issue 11's first silent wrong answer: the kernels' gradients were off there)."""
+    uniformly (a case the kernels' gradients must get right)."""
     mha, ours = make_pair(dict(batch_first=True))
     oracle = copy.deepcopy(mha).double()
     x = torch.randn(BATCH, LEN_Q, EMBED, generator=seeded_generator())

@@ -1,6 +1,6 @@
 """cross_attention, on both paths (the CPU reference and the Triton kernels, under the interpreter on
-the CPU), against the float64 reference under DESIGN.md's rule; the regressions of issue 11's
-silent wrong answers 1-5; the work it does; compile; errors (opcheck: test_contract.py)."""
+the CPU), against the float64 reference under docs/design.md's numerics rule; inputs that once
+gave silent wrong answers; the work it does; compile; errors (opcheck: test_contract.py)."""
 import math
 
 import numpy as np
@@ -136,7 +136,7 @@ def test_cpu_path_uses_reference():
     torch.testing.assert_close(out_blhd, out.transpose(1, 2))
 
 
-# --------------------------------------------------------------------------- issue 11: silent wrong answers
+# --------------------------------------------------------------------------- inputs that are easy to get silently wrong
 
 
 def _qkv(shape_q, shape_k, device, dtype=torch.float32):
@@ -242,7 +242,7 @@ def test_nan_past_kv_lens_and_past_q_lens_changes_nothing(path, device):
     """(3) keys past kv_lens do not exist, and (4) rows past q_lens are zeros with zero gradients,
     whatever those positions hold (q, k, v and the additive mask's entries there): with NaN and Inf
     there, the results are those of the same inputs with zeros there, exactly. (The dk/dv pass
-    once let a NaN or +inf mask entry of a row past q_lens into dk and dv: sweep seed 9503289.)"""
+    must keep a NaN or +inf mask entry of a row past q_lens out of dk and dv.)"""
     q, k, v = _qkv((4, 2, 7, 16), (4, 2, 40, 16), device)
     args = dict(kv_lens=torch.tensor([0, 40, 13, 35]), q_lens=torch.tensor([7, 0, 3, 5]), is_causal=False)
     key_gone = (torch.arange(40, device=device)[:, None] >= args["kv_lens"].to(device)[:, None, None, None])

@@ -1,5 +1,5 @@
 """clip_loss and siglip_loss: the Triton kernels (interpreter on CPU) and the CPU path against the
-float64 reference under DESIGN.md's rule, workspaces from one block to all of S, the work a frozen
+float64 reference under the numerics rule (docs/design.md), workspaces from one block to all of S, the work a frozen
 tower saves, CLIP's gradient where a positive dominates, the reference against Hugging Face's models,
 error paths, compile (opcheck, bf16 on the CPU and autocast: test_contract.py)."""
 import math
@@ -151,7 +151,7 @@ def test_clip_gradient_keeps_the_low_bits_where_a_positive_dominates(kernel_path
 def test_softmax_gradients_keep_their_precision_at_large_logits(api, kernel_path):
     """P = exp(S - lse) needs the log-sum-exp's low bits where S_ij dominates its row or column: an fp32
     lse is off by up to u·|lse|/2, and so is every P, where the eager softmax's P ≈ 1 is exact to u
-    (CI sweep seed 3690557941: CLIP N = 2 at logits 17.5 and -46.6, d image_emb 17x eager's error).
+    (CLIP N = 2 at logits 17.5 and -46.6: an fp32 lse gives d image_emb 17x eager's error).
     The statistics carry lse in float64; the gradient pass splits it as hi + lo and forms (S - hi) - lo.
 
     Inputs where S is exact: text_emb = I and logit_scale 1, so S = image_emb and d image_emb = dL/dS
@@ -208,7 +208,7 @@ def test_softmax_gradients_keep_their_precision_at_large_logits(api, kernel_path
 
 def _finite_despite_inf():
     """Inputs where the eager SigLIP formula is finite although an input is -inf: every logit of
-    row 1 is ±inf on the side that a label calls right (issue 11 item 8 found 77.85 this way)."""
+    row 1 is ±inf on the side that a label calls right (the loss is 77.85 here, not NaN)."""
     a, b = torch.randn(6, 8), torch.randn(6, 8)
     b[:, 5] = b[:, 5].abs() + 0.1
     b[1, 5] = -b[1, 5]

@@ -1,6 +1,6 @@
 """The block-row API (mmkernels.ops.contrastive): blocks of rows of S with offsets compose into the
 global CLIP and SigLIP losses and their gradients, on the reference path and on the kernels, under
-DESIGN.md's rule against the float64 oracle of the whole batch."""
+the numerics rule (docs/design.md) against the float64 oracle of the whole batch."""
 import pytest
 import torch
 
@@ -94,7 +94,7 @@ def negatives_only(a, b, scale, bias, n_total, normalize):
 @pytest.mark.parametrize("m,n,d,normalize", [(5, 3, 7, False), (0, 4, 5, True), (70, 66, 24, True), (1, 1, 3, False)])
 def test_siglip_block_without_positives(path_device, m, n, d, normalize):
     """offset=None: rows against columns that hold none of their positives (any M, N), value and
-    every gradient under DESIGN.md's rule against the float64 sum of -log σ(-S_ij) / n_total."""
+    every gradient under the numerics rule (docs/design.md) against the float64 sum of -log σ(-S_ij) / n_total."""
     fresh_seed()
     a = torch.randn(m, d, device=path_device)
     b = torch.randn(n, d, device=path_device)

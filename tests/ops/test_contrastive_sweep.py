@@ -1,5 +1,5 @@
 """A random sweep of clip_loss and siglip_loss: both paths (the kernels, under the interpreter on
-the CPU, and the CPU reference path) against the float64 oracle under DESIGN.md's rule, over random
+the CPU, and the CPU reference path) against the float64 oracle under the numerics rule (docs/design.md), over random
 N, D, dtype, normalize, label smoothing, logit scale and bias, workspace, and NaN/Inf injection.
 
 Slow-marked; CI runs MMKERNELS_SWEEP_CASES cases (default 20), each with a fresh seed printed on

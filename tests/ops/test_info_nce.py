@@ -1,5 +1,5 @@
 """mmkernels.info_nce_loss, the one-directional InfoNCE: the Triton kernels (interpreter on CPU) and
-the CPU path against the float64 reference under DESIGN.md's rule, workspaces from one block to all
+the CPU path against the float64 reference under the numerics rule (docs/design.md), workspaces from one block to all
 of S, the work it does (OpTrace: the GPU's tiles, frozen sides), its allocations, NaN/Inf, errors,
 the module (opcheck, bf16 on the CPU, autocast and torch.compile: test_contract.py)."""
 import pytest

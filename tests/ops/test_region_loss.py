@@ -1,6 +1,6 @@
 """masked_region_loss: the reference against UNITER's and LXMERT's gather-then-loss formulas; every
 path (the torch reference, the Triton kernels, under the interpreter on the CPU, and the CUDA C++
-kernels on a GPU) against the float64 reference under DESIGN.md's rule, for every reduction; NaN and
+kernels on a GPU) against the float64 reference under the numerics rule (docs/design.md), for every reduction; NaN and
 Inf in regions that are not selected; the "kl" contract for any target; error paths;
 MaskedRegionLoss (opcheck and bf16 on the CPU: test_contract.py)."""
 import pytest
@@ -133,7 +133,7 @@ def test_reductions_within_rule(kind, reduction, backend):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_nan_and_inf_in_unselected_regions_never_reach_the_loss(kind, reduction, backend):
-    """Issue 11 (6): regions that are not selected are not in the loss: NaN/Inf there leave the
+    """Regions that are not selected are not in the loss: NaN/Inf there leave the
     loss finite and their gradient exactly 0 (the CPU path sent 0 · NaN = NaN back to them)."""
     device = path_device(backend)
     pred, target, mask = loss_inputs(kind, 3, 6, 40, torch.float32, device, prob=0.5)
@@ -165,7 +165,7 @@ def kl_by_kl_div(pred, target, mask):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend", PATHS)
 def test_kl_is_defined_for_any_target_on_every_path(backend):
-    """Issue 11 (7): "kl" on a target that is not a distribution. Each region's value is Σ_k
+    """"kl" on a target that is not a distribution. Each region's value is Σ_k
     F.kl_div's pointwise term, 0 where target is 0 (even under a -inf logit): a target that does not
     sum to 1 is taken as it is, a negative one gives NaN, on every backend alike (torch and Triton
     gave 3.3786 and 3.2678 for one negative target)."""

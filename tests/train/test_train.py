@@ -1,5 +1,5 @@
 """`python -m mmkernels.train`: the default A/B on a tiny preset, the report, the loss curves under
-DESIGN.md's rule, learning (held-out retrieval well above chance), and the command line's checks.
+the numerics rule (docs/design.md), learning (held-out retrieval well above chance), and the command line's checks.
 
 The loop runs mmkernels' CPU reference path (TRITON_INTERPRET=0): interpreted Triton kernels would
 take minutes per training step. The kernels themselves are proven op by op in their own tests.
@@ -70,7 +70,7 @@ def test_default_command_ab_report_and_learning(tmp_path, reference_path):
     patched = report["variants"]["mmkernels"]["patched"]
     assert patched.startswith("mmkernels.patch(CLIPModel): ") and int(patched.split(": ")[1].split()[0]) > 0
 
-    # The two curves agree step by step under DESIGN.md's rule (the float64 run is the oracle, the
+    # The two curves agree step by step under the numerics rule (docs/design.md) (the float64 run is the oracle, the
     # baseline is the eager error) over the first 10 steps. Past those, Adam amplifies float32
     # rounding chaotically (a parameter whose gradient is near 0 gets an update of ±lr by the sign
     # of its rounding), so which float32 run lies nearer the float64 one is chance (at lr 2e-3, by

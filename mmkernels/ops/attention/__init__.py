@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mmkernels.ops._args import check_bool, check_float_tensor, check_real, check_same_device, describe_type
 from mmkernels.ops._common import autocast_off, without_autocast
-from mmkernels.ops._dispatch import triton_enabled
+from mmkernels.ops._dispatch import uses_kernels
 from mmkernels.ops.attention import reference, registered  # noqa: F401  (registered: defines the ops)
 from mmkernels.ops.attention.launch import draw_dropout_seed
 from mmkernels.ops.attention.plan import attention_candidates
@@ -183,7 +183,7 @@ def cross_attention_unchecked(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, d
     `spec` checked against them (is_causal a bool), dropout_p and scale floats. Returns
     (B, H, Lq, d) in (B, Lq, H, d) memory order."""
     kv_lens, q_lens, key_padding_mask, attn_mask = spec.kv_lens, spec.q_lens, spec.key_padding_mask, spec.attn_mask
-    if triton_enabled(q):
+    if uses_kernels("cross_attention", q):
         kv_lens = kv_lens.to(q.device, non_blocking=True) if kv_lens is not None else None
         q_lens = q_lens.to(q.device, non_blocking=True) if q_lens is not None else None
         seed = draw_dropout_seed(generator, q.device) if dropout_p > 0 else None

@@ -76,7 +76,7 @@ def _minus_lse(s, lse):
     """s - lse, fp32, for lse (float64) the log-sum-exp of s's row (or column): as exact as the
     eager softmax's s - max. lse = hi + lo; s - hi is exact where s is near lse (the dominant
     logits, where P ≈ 1), so P = exp(s - lse) keeps the precision of P - t there. An fp32 lse
-    would put u·|lse|/2 into every P, ~50 ulps at CLIP's logit scale 100 (seed 3690557941).
+    would put u·|lse|/2 into every P, ~50 ulps at CLIP's logit scale 100.
     `lse` broadcasts against s ((BLOCK_M, 1) or (1, BLOCK_N)); an infinite or NaN lse acts as itself."""
     hi = lse.to(tl.float32)
     lo = tl.where(tl.abs(hi) < float("inf"), (lse - hi.to(tl.float64)).to(tl.float32), 0.0)
