@@ -42,8 +42,12 @@ import pytest  # noqa: E402
 
 # The shared helpers (toolkit.py, contrastive_oracle.py, attention_checks.py, compile_check.py) live
 # in tests/ beside this file; the tests live in folders that mirror the package (tests/ops/, tests/nn/,
-# ...), so tests/ goes on sys.path for them.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# ...), and a few import another folder's test module for its helpers (tests/nn/test_nn_losses.py
+# runs its ranks with tests/distributed/test_distributed.py's). tests/ and each folder go on sys.path,
+# so any subset of the suite collects.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for _folder in ("", "ops", "nn", "distributed", "integrations", "train", "bench"):
+    sys.path.insert(0, os.path.join(_TESTS, _folder))
 
 import toolkit  # noqa: E402
 
