@@ -37,7 +37,6 @@ from transformers.masking_utils import (  # noqa: E402
     sliding_window_causal_mask_function,
 )
 
-from mmkernels.integrations.transformers import backend as integration  # noqa: E402
 from mmkernels.integrations.transformers import (  # noqa: E402
     BACKEND_NAME,
     mmkernels_attention_forward,
@@ -45,6 +44,7 @@ from mmkernels.integrations.transformers import (  # noqa: E402
     register,
 )
 from mmkernels.ops.attention import reference  # noqa: E402
+from test_masks import op_calls  # noqa: E402,F401  (a fixture)
 from toolkit import fresh_seed  # noqa: E402
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
@@ -61,20 +61,6 @@ def registered():
 
 
 pytestmark = pytest.mark.usefixtures("seed")
-
-
-@pytest.fixture
-def op_calls(monkeypatch):
-    """The keyword arguments of each `cross_attention` call that the backend makes, its AttnSpec's
-    fields among them."""
-    calls, original = [], integration.cross_attention
-
-    def spy(q, k, v, **kwargs):
-        calls.append(dict(kwargs, **vars(kwargs["spec"])))
-        return original(q, k, v, **kwargs)
-
-    monkeypatch.setattr(integration, "cross_attention", spy)
-    return calls
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ together; a query padding mask never used as a key mask."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import mmkernels
 from attention_checks import PATHS, on_path
-from mmkernels.nn.attention import CrossModalAttention
 from mmkernels.ops import masks
 from mmkernels.ops.attention import cross_attention
 from mmkernels.ops.masks import AttnSpec
+from test_nn_attention import BATCH, EMBED, LEN_K, LEN_Q, make_pair
 from toolkit import assert_within_rule, fresh_seed, needs_triton, seeded_generator
 
 ATOL, RTOL = 2e-5, 1e-4
@@ -263,20 +262,10 @@ def test_transformers_no_mask_is_causal_only_past_one_query():
 
 # --------------------------------------------------------------------------- nn.MultiheadAttention's masks
 
-EMBED, HEADS, BATCH, LEN_Q, LEN_K = 32, 4, 3, 7, 9
 MHA_CONFIGS = {
     "batch_first": dict(batch_first=True),
     "bias_kv_zero_attn": dict(add_bias_kv=True, add_zero_attn=True, batch_first=True),
 }
-
-
-def make_pair(config: dict):
-    mha = nn.MultiheadAttention(EMBED, HEADS, **config)
-    gen = seeded_generator()
-    with torch.no_grad():  # non-zero biases, so that every parameter shows in the output
-        for p in mha.parameters():
-            p.normal_(0, 0.3, generator=gen)
-    return mha.eval(), CrossModalAttention.from_torch(mha.eval())
 
 
 def test_multihead_kv_lens_equals_suffix_padding_mask():
