@@ -1,7 +1,8 @@
 """clip_loss and siglip_loss: the Triton kernels (interpreter on CPU) and the CPU path against the
-float64 reference under the numerics rule (docs/design.md), workspaces from one block to all of S, the work a frozen
-tower saves, CLIP's gradient where a positive dominates, the reference against Hugging Face's models,
-error paths, compile (opcheck, bf16 on the CPU and autocast: test_contract.py)."""
+float64 reference under the numerics rule (docs/design.md), workspaces from one block to all of S,
+the work a frozen tower saves, CLIP's gradient where a positive dominates, the reference against
+Hugging Face's models, error paths. Opcheck, torch.compile, bf16 on the CPU and autocast:
+tests/ops/test_contract.py."""
 import math
 import re
 
