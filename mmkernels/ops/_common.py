@@ -40,6 +40,7 @@ __all__ = [
     "tl",
     "autocast_off",
     "without_autocast",
+    "reference_dtype",
     "last_dim_contiguous",
     "new_output",
     "poisoning_outputs",
@@ -47,6 +48,12 @@ __all__ = [
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+
+def reference_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the plain-PyTorch references compute in: float64 for float64 inputs, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def autocast_off(t: torch.Tensor):

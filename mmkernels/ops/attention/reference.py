@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from mmkernels.ops._common import reference_dtype
 
 
 def cross_attention(
@@ -40,7 +38,7 @@ def cross_attention(
     (default float32, float64 for float64 inputs; the tests pass the inputs' dtype to get the plain
     eager formula); an additive mask is added in its own precision if that is wider.
     """
-    dtype = compute_dtype or _compute_dtype(q)
+    dtype = compute_dtype or reference_dtype(q)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     batch, _, len_q, head_dim = q.shape
     len_k = k.shape[2]

@@ -132,6 +132,7 @@ def clip_loss_from_stats(n_total: int, label_smoothing: float, *, rows=None, col
         total = total + col_lse.double().sum()
     return total / (directions * n_total)
 
+
 @functools.lru_cache(maxsize=None)
 def _fp32_out_products(device: torch.device) -> bool:
     """Whether torch.mm / torch.addmm take out_dtype=torch.float32 for bf16 operands on `device`

@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from mmkernels.ops._common import reference_dtype
 
 
 def clip_logits(image_emb, text_emb, logit_scale, normalize: bool = False, logit_bias=None) -> torch.Tensor:
@@ -22,7 +20,7 @@ def clip_logits(image_emb, text_emb, logit_scale, normalize: bool = False, logit
 
     Non-finite logits are NaN.
     """
-    dtype = _compute_dtype(image_emb)
+    dtype = reference_dtype(image_emb)
     image_emb, text_emb = image_emb.to(dtype), text_emb.to(dtype)
     if normalize:
         image_emb = F.normalize(image_emb, dim=-1)
@@ -144,7 +142,7 @@ def clip_block_grads(image_emb, text_emb, logit_scale, row_lse, col_lse, offset:
     cross-entropy's backward does it (P^row + P^col ≈ 2 at a dominant positive would round first).
     Returns (d image_emb (M, D) or None, d text_emb (N, D) or None, d logit_scale ()).
     """
-    dtype = _compute_dtype(image_emb)
+    dtype = reference_dtype(image_emb)
     a, b, scale = _leaves(image_emb, text_emb, logit_scale, dtype=dtype)
     with torch.enable_grad():
         logits = clip_logits(a, b, scale, normalize)
@@ -170,7 +168,7 @@ def siglip_block(image_emb, text_emb, logit_scale, logit_bias, offset: int | Non
     rows, and, when asked, of its gradients; offset None: a block without positives (every label
     -1, the rows against another rank's columns). Returns (loss (), d image_emb (M, D) or None,
     d text_emb (N, D) or None, d logit_scale () or None, d logit_bias () or None)."""
-    dtype = _compute_dtype(image_emb)
+    dtype = reference_dtype(image_emb)
     a, b, scale, bias = _leaves(image_emb, text_emb, logit_scale, logit_bias, dtype=dtype)
     with torch.enable_grad():
         logits = clip_logits(a, b, scale, normalize, bias)

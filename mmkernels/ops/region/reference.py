@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from mmkernels.ops._common import reference_dtype
 
 
 # The counter-based RNG of region_mask, computed bit for bit alike by the Triton kernels (kernels.py),
@@ -131,7 +129,7 @@ def masked_region_loss(pred, target, mask, kind: str, reduction: str = "mean", b
     gradient are 0 whatever they hold. reduction "none" gives the (B, R) per-region losses (0 where
     not selected), "sum" their sum, "mean" the sum divided by max(number selected, 1).
     """
-    dtype = _compute_dtype(pred)
+    dtype = reference_dtype(pred)
     # Rows that are not selected are replaced by zeros before the loss, so that NaN or Inf there
     # reaches neither the loss nor a gradient (masking the per-region loss alone would still send
     # 0 · NaN = NaN back to them).
