@@ -31,8 +31,8 @@ def _square_groups(group_ids):
     """The groups of a batch against itself: (ids, counts, ids, counts), or None."""
     if group_ids is None:
         return None
-    counts = reference.group_counts(group_ids)
-    return (group_ids, counts, group_ids, counts)
+    labels, counts = reference.group_labels(group_ids)
+    return (labels, counts, labels, counts)
 
 
 def _columns(text_emb, extra):
