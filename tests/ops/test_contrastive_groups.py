@@ -1,0 +1,302 @@
+"""Group ids (clip_loss, info_nce_loss, siglip_loss: pairs with the same id are positives of each
+other) and extra negatives (clip_loss's extra_text, info_nce_loss's extra_keys: negatives of every
+row, in the row direction only) on both paths, under the numerics rule (docs/design.md) against the
+float64 N×N(+K) formula written from the semantics (tests/contrastive_oracle.py: explicit targets,
+log_softmax), independent of mmkernels' reference: fp32, fp16 and bf16 (bf16 on the CPU takes the
+reference path), odd N and D, duplicated ids, one group of everything, label smoothing, K = 0, 1 and
+odd. All-distinct ids are today's diagonal bit for bit; ids mean only the partition they make (any
+int dtype, any values); NaN/Inf as today; errors name the argument. The block API with groups and
+extra columns: test_contrastive_blocks.py; the work: test_contrastive_work.py."""
+import pytest
+import torch
+
+import mmkernels
+from contrastive_oracle import (GROUP_NAMES, check_grouped, eager_grouped_clip_loss, oracle_clip_loss,
+                                oracle_siglip_loss, random_leaves)
+from mmkernels.ops.contrastive import reference
+from toolkit import eager_clip_loss, eager_info_nce_loss, eager_siglip_loss, fresh_seed, value_and_grads
+
+# NaN and Inf inputs make the interpreter's numpy arithmetic warn where the GPU computes silently
+NON_FINITE_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_group_ids(kind: str | None, n: int, device, dtype=torch.int64):
+    """(n,) ids of `dtype` from torch's current seed: "dups" draws each id from n//3 (at least 1)
+    arbitrary values (negative ones among them), so groups of several sizes and singletons;
+    "one" is one group of everything; "distinct" all different, in no particular order."""
+    if kind is None:
+        return None
+    if kind == "one":
+        ids = torch.full((n,), 42)
+    elif kind == "dups":
+        values = torch.randperm(200)[: max(n // 3, 1)] - 100
+        ids = values[torch.randint(0, values.numel(), (n,))]
+    elif kind == "distinct":
+        ids = torch.randperm(n) * 3 - n
+    else:
+        raise ValueError(kind)
+    return ids.to(dtype=dtype, device=device)
+
+
+def loss_fn(loss_name: str, group_ids, normalize: bool, smoothing: float = 0.0, **kw):
+    """mmkernels' loss as a function of the leaves ([image, text, scale] + [extra] or + [bias])."""
+    if loss_name == "clip":
+        return lambda a, b, s, *e: mmkernels.clip_loss(a, b, s, normalize=normalize, label_smoothing=smoothing,
+                                                       group_ids=group_ids, **({"extra_text": e[0]} if e else {}), **kw)
+    if loss_name == "info_nce":
+        return lambda a, b, s, *e: mmkernels.info_nce_loss(a, b, s, normalize=normalize, label_smoothing=smoothing,
+                                                           group_ids=group_ids,
+                                                           **({"extra_keys": e[0]} if e else {}), **kw)
+    return lambda a, b, s, c: mmkernels.siglip_loss(a, b, s, c, normalize=normalize, group_ids=group_ids, **kw)
+
+
+def make_leaves(loss_name: str, n: int, d: int, k, dtype, device):
+    """[image, text, scale] + [extra (k, D)] (k None: no extra argument), or + [bias] for SigLIP."""
+    leaves = random_leaves(n, d, dtype, device, with_bias=loss_name == "siglip")
+    if loss_name != "siglip" and k is not None:
+        leaves.append(torch.randn(k, d, dtype=dtype, device=device))
+    return leaves
+
+
+def _skip_unsupported(kernel_path, dtype, n, d, k=0):
+    if kernel_path.name == "kernels" and kernel_path.device.type == "cpu":
+        if dtype == torch.bfloat16:
+            pytest.skip("bf16 on the CPU takes the reference path (docs/design.md#numerics-rule)")
+        if dtype == torch.float16 and n * d > 40 * 16:
+            pytest.skip("fp16 under the interpreter on the small shapes only, to keep it fast")
+
+
+def run_case(loss_name, kernel_path, dtype, n, d, normalize, smoothing, groups, k, ids_dtype=torch.int64):
+    _skip_unsupported(kernel_path, dtype, n, d)
+    fresh_seed()
+    device = kernel_path.device
+    leaves = make_leaves(loss_name, n, d, k, dtype, device)
+    ids = make_group_ids(groups, n, device, ids_dtype)
+    before = [t.clone() for t in leaves] + ([ids.clone()] if ids is not None else [])
+    got = value_and_grads(loss_fn(loss_name, ids, normalize, smoothing), leaves)
+    after = leaves + ([ids] if ids is not None else [])
+    assert all(torch.equal(t, t0) for t, t0 in zip(after, before)), "the loss modified its inputs"
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    assert all(g.dtype == dtype for g in got[1:3]) and all(g.dtype == dtype for g in got[4:] if g.dim())
+    what = (f"{loss_name} {kernel_path.name} N={n} D={d} K={k} {dtype} normalize={normalize} eps={smoothing} "
+            f"groups={groups}")
+    check_grouped(loss_name, got, leaves, dtype, what, ids, normalize, smoothing)
+
+
+# (N, D, normalize, label_smoothing, groups, K): N = 1 and D = 1, sizes off the 64-wide tiles, one
+# group of everything, K = 0 (an empty tensor), 1 and odd; None: that argument not given.
+EXTRA_CASES = [
+    (1, 5, False, 0.0, "one", 0),
+    (7, 1, False, 0.1, "dups", 3),
+    (37, 13, True, 0.1, "dups", 1),
+    (70, 24, False, 0.2, "one", 9),
+    (66, 33, True, 0.0, "dups", None),
+    (65, 17, False, 0.3, None, 7),
+]
+SIGLIP_CASES = [
+    (1, 5, False, "one"),
+    (7, 1, False, "dups"),
+    (37, 13, True, "dups"),
+    (70, 24, False, "one"),
+    (66, 33, True, "dups"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,normalize,smoothing,groups,k", EXTRA_CASES)
+def test_clip_groups_and_extras_match_the_oracle(kernel_path, dtype, n, d, normalize, smoothing, groups, k):
+    run_case("clip", kernel_path, dtype, n, d, normalize, smoothing, groups, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,normalize,smoothing,groups,k", EXTRA_CASES)
+def test_info_nce_groups_and_extras_match_the_oracle(kernel_path, dtype, n, d, normalize, smoothing, groups, k):
+    run_case("info_nce", kernel_path, dtype, n, d, normalize, smoothing, groups, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,normalize,groups", SIGLIP_CASES)
+def test_siglip_groups_match_the_oracle(kernel_path, dtype, n, d, normalize, groups):
+    run_case("siglip", kernel_path, dtype, n, d, normalize, 0.0, groups, None)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce", "siglip"])
+def test_distinct_ids_are_todays_loss_bit_for_bit(loss_name, kernel_path):
+    """All-distinct ids (shuffled, arbitrary values) are today's diagonal: the loss and every
+    gradient equal group_ids=None's bit for bit; so does an empty extra (K = 0), whose gradient
+    is an empty (0, D) tensor."""
+    fresh_seed()
+    n, d = 70, 24
+    leaves = make_leaves(loss_name, n, d, None, torch.float32, kernel_path.device)
+    ids = make_group_ids("distinct", n, kernel_path.device)
+    today = value_and_grads(loss_fn(loss_name, None, True, 0.1), leaves)
+    runs = {"distinct ids": value_and_grads(loss_fn(loss_name, ids, True, 0.1), leaves)}
+    if loss_name != "siglip":
+        empty = torch.randn(0, d, device=kernel_path.device)
+        with_empty = value_and_grads(loss_fn(loss_name, None, True, 0.1), leaves + [empty])
+        assert with_empty[-1].shape == (0, d)
+        runs["K = 0"] = with_empty[:-1]
+        runs["distinct ids, K = 0"] = value_and_grads(loss_fn(loss_name, ids, True, 0.1), leaves + [empty])[:-1]
+    for what, got in runs.items():
+        for name, g, t in zip(GROUP_NAMES[loss_name], got, today):
+            assert g.dtype == t.dtype and torch.equal(g, t), f"{loss_name} {kernel_path.name} {what}: {name} differs"
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce", "siglip"])
+def test_ids_mean_only_their_partition(loss_name, kernel_path):
+    """Any int dtype and any values: relabelling the groups (int16, int32, uint8, negative ids, ids
+    that differ only above bit 32) gives the same loss and gradients bit for bit."""
+    fresh_seed()
+    n, d = 37, 13
+    leaves = make_leaves(loss_name, n, d, 3, torch.float32, kernel_path.device)
+    compact = torch.randint(0, 9, (n,)).to(kernel_path.device)  # ids 0..8, duplicated
+    relabelled = {
+        "int16 negative": (compact.to(torch.int16) * -7 + 3),
+        "int32": compact.to(torch.int32) * 1000,
+        "uint8": (compact * 25 + 5).to(torch.uint8),
+        # equal modulo 2^32: a kernel that narrows ids to 32 bits would merge groups
+        "above bit 32": compact * (1 << 32) + 11,
+    }
+    base = value_and_grads(loss_fn(loss_name, compact, False, 0.1), leaves)
+    for what, ids in relabelled.items():
+        got = value_and_grads(loss_fn(loss_name, ids, False, 0.1), leaves)
+        for name, g, t in zip(GROUP_NAMES[loss_name], got, base):
+            assert torch.equal(g, t), f"{loss_name} {kernel_path.name} ids {what}: {name} differs"
+    # negative control: merging two groups changes the loss (the ids are read at all)
+    merged = torch.where(compact == 1, 0, compact)
+    if (compact == 1).any() and (compact == 0).any():
+        assert not torch.equal(value_and_grads(loss_fn(loss_name, merged, False, 0.1), leaves)[0], base[0])
+
+
+def test_the_oracle_is_todays_loss_and_the_eager_formula():
+    """The oracle (explicit targets and log_softmax) against two other writings in float64: without
+    ids or extras it is mmkernels' reference (today's loss); with them, F.cross_entropy with
+    probability targets (the eager baseline) and, for one group of everything without smoothing,
+    CLIP's closed form: rows lse_i - mean_j S_ij and columns likewise."""
+    fresh_seed()
+    n, d, k = 9, 5, 4
+    a, b, s = random_leaves(n, d, torch.float64, "cpu", with_bias=False)
+    extra = torch.randn(k, d, dtype=torch.float64)
+    bias = torch.tensor(-1.5, dtype=torch.float64)
+    torch.testing.assert_close(oracle_clip_loss(a, b, s, normalize=True, smoothing=0.2),
+                               reference.clip_loss(a, b, s, True, 0.2), rtol=1e-13, atol=0)
+    torch.testing.assert_close(oracle_clip_loss(a, b, s, smoothing=0.2, directions=1),
+                               reference.info_nce_loss(a, b, s, False, 0.2), rtol=1e-13, atol=0)
+    torch.testing.assert_close(oracle_siglip_loss(a, b, s, bias, normalize=True),
+                               reference.siglip_loss(a, b, s, bias, True), rtol=1e-13, atol=0)
+    ids = torch.tensor([3, 1, 3, 3, -2, 1, 7, 3, 0])
+    for directions in (1, 2):
+        torch.testing.assert_close(
+            oracle_clip_loss(a, b, s, extra, group_ids=ids, normalize=True, smoothing=0.3, directions=directions),
+            eager_grouped_clip_loss(a, b, s, extra, group_ids=ids, normalize=True, smoothing=0.3,
+                                    directions=directions), rtol=1e-13, atol=0)
+    logits = s * a @ torch.cat([b, extra]).T
+    one = torch.zeros(n, dtype=torch.long)
+    rows = (torch.logsumexp(logits, 1) - logits[:, :n].mean(1)).mean()
+    cols = (torch.logsumexp(logits[:, :n], 0) - logits[:, :n].mean(0)).mean()
+    torch.testing.assert_close(oracle_clip_loss(a, b, s, extra, group_ids=one), (rows + cols) / 2,
+                               rtol=1e-13, atol=0)
+    labels = torch.ones(n, n, dtype=torch.float64)
+    torch.testing.assert_close(oracle_siglip_loss(a, b, s, bias, group_ids=one),
+                               -torch.nn.functional.logsigmoid(labels * (s * a @ b.T + bias)).sum() / n)
+    # the eager baselines' group_ids=None is toolkit's eager formulas
+    torch.testing.assert_close(eager_grouped_clip_loss(a, b, s, smoothing=0.1), eager_clip_loss(a, b, s, False, 0.1))
+    torch.testing.assert_close(eager_grouped_clip_loss(a, b, s, smoothing=0.1, directions=1),
+                               eager_info_nce_loss(a, b, s, False, 0.1))
+
+
+def test_extras_are_negatives_of_the_rows_only(kernel_path):
+    """An extra column that copies a text row's embedding is still a negative: the loss goes up
+    against today's (the copy adds to every row's log-sum-exp), and the column direction does not
+    see it: with text_emb = image_emb the extras change nothing but the rows' softmax. Checked
+    against the oracle on those inputs, whose extras the rule's floor would not separate from
+    positives otherwise."""
+    fresh_seed()
+    n, d = 12, 6
+    a, b, s = random_leaves(n, d, torch.float32, kernel_path.device, with_bias=False)
+    extra = b[[2, 5, 5]].clone()  # copies of positives' text embeddings
+    ids = make_group_ids("dups", n, kernel_path.device)
+    for loss_name in ("clip", "info_nce"):
+        without = loss_fn(loss_name, ids, False)(a, b, s)
+        with_copies = loss_fn(loss_name, ids, False)(a, b, s, extra)
+        assert with_copies > without
+        got = value_and_grads(loss_fn(loss_name, ids, False, 0.1), [a, b, s, extra])
+        check_grouped(loss_name, got, [a, b, s, extra], torch.float32, f"{loss_name} {kernel_path.name} copies",
+                      ids, False, 0.1)
+
+
+# --------------------------------------------------------------------------- NaN and Inf
+
+
+@NON_FINITE_WARNINGS
+@pytest.mark.parametrize("interpret", ["1", "0"])
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce", "siglip"])
+def test_non_finite_inputs_give_nan(loss_name, interpret, monkeypatch):
+    """An Inf or NaN in any embedding (an extra one included) gives NaN, with group ids and extras,
+    as today."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    fresh_seed()
+    sides = ("image", "text") if loss_name == "siglip" else ("image", "text", "extra")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for side in sides:
+            for normalize in (False, True):
+                leaves = make_leaves(loss_name, 70, 16, 5, torch.float32, torch.device("cpu"))
+                ids = make_group_ids("dups", 70, "cpu")
+                tensor = leaves[{"image": 0, "text": 1, "extra": 3}[side]]
+                tensor[tensor.shape[0] // 2, 5] = bad
+                loss = loss_fn(loss_name, ids, normalize)(*leaves)
+                assert torch.isnan(loss), f"{loss_name}: {bad} in {side} (normalize={normalize}) gave {loss}"
+
+
+# --------------------------------------------------------------------------- errors
+
+R = torch.randn
+EXTRA_NAME = {"clip": "extra_text", "info_nce": "extra_keys"}
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce", "siglip"])
+@pytest.mark.parametrize(
+    "ids,exc",
+    [
+        (torch.zeros(5, dtype=torch.long), ValueError),  # one id per pair: N = 4
+        (torch.zeros(4, 1, dtype=torch.long), ValueError),
+        (torch.zeros((), dtype=torch.long), ValueError),
+        (torch.zeros(4), TypeError),  # float ids
+        (torch.zeros(4, dtype=torch.complex64), TypeError),
+        ([0, 1, 2, 3], TypeError),
+        (torch.zeros(4, dtype=torch.long, device="meta"), ValueError),
+    ],
+)
+def test_bad_group_ids_raise(loss_name, ids, exc):
+    leaves = make_leaves(loss_name, 4, 8, None, torch.float32, torch.device("cpu"))
+    with pytest.raises(exc, match="group_ids"):
+        loss_fn(loss_name, ids, False)(*leaves)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce"])
+@pytest.mark.parametrize(
+    "extra,exc",
+    [
+        (R(3, 6), ValueError),  # D = 8
+        (R(3, 8).half(), TypeError),
+        (torch.randint(0, 3, (3, 8)), TypeError),
+        (R(8), ValueError),
+        (R(3, 8, 1), ValueError),
+        (R(3, 8, device="meta"), ValueError),
+        ([[0.0] * 8], TypeError),
+    ],
+)
+def test_bad_extras_raise(loss_name, extra, exc):
+    leaves = make_leaves(loss_name, 4, 8, None, torch.float32, torch.device("cpu"))
+    with pytest.raises(exc, match=EXTRA_NAME[loss_name]):
+        loss_fn(loss_name, None, False)(*leaves, extra)
+
+
+def test_eager_baselines_are_the_toolkits_without_groups():
+    """The rule's baselines with group_ids=None are tests/toolkit.py's eager formulas (SigLIP too)."""
+    fresh_seed()
+    from contrastive_oracle import eager_grouped_siglip_loss
+
+    a, b, s, c = random_leaves(6, 4, torch.float32, "cpu", with_bias=True)
+    torch.testing.assert_close(eager_grouped_siglip_loss(a, b, s, c), eager_siglip_loss(a, b, s, c))
