@@ -12,8 +12,9 @@ import torch
 
 import mmkernels
 from contrastive_oracle import (GROUP_NAMES, check_grouped, eager_grouped_clip_loss, oracle_clip_loss,
-                                oracle_siglip_loss, random_leaves)
-from mmkernels.ops.contrastive import reference
+                                oracle_siglip_loss, positives, random_leaves)
+from mmkernels.ops import contrastive
+from mmkernels.ops.contrastive import clip_loss_from_stats, reference
 from toolkit import eager_clip_loss, eager_info_nce_loss, eager_siglip_loss, fresh_seed, value_and_grads
 
 # NaN and Inf inputs make the interpreter's numpy arithmetic warn where the GPU computes silently
@@ -300,3 +301,172 @@ def test_eager_baselines_are_the_toolkits_without_groups():
 
     a, b, s, c = random_leaves(6, 4, torch.float32, "cpu", with_bias=True)
     torch.testing.assert_close(eager_grouped_siglip_loss(a, b, s, c), eager_siglip_loss(a, b, s, c))
+
+
+# --------------------------------------------------------------------------- the block API
+# The internal entries that mmkernels.distributed composes (clip_block_stats_unchecked,
+# clip_block_grads_unchecked, siglip_block_unchecked) with BlockGroups and extra columns (n_pair):
+# blocks of rows, and blocks of columns (the ring's decomposition), compose the global loss and its
+# gradients, under the rule against the float64 oracle of the whole batch.
+
+
+def _block_groups(ids, counts, rows, cols):
+    if ids is None:
+        return None
+    return contrastive.BlockGroups(row_ids=ids[rows[0]:rows[1]], row_count=counts[rows[0]:rows[1]],
+                                   col_ids=ids[cols[0]:cols[1]], col_count=counts[cols[0]:cols[1]])
+
+
+def compose_grouped_clip(a, b, scale, extra, ids, cuts, normalize, eps, directions=2):
+    """CLIP (directions=2) or InfoNCE (1) with groups and extra columns from blocks of rows, each
+    against all N + K columns (n_pair = N): [loss, d image, d text, d scale] (+ [d extra])."""
+    n, d = a.shape
+    k = 0 if extra is None else extra.shape[0]
+    cols = b if extra is None else torch.cat([b, extra])
+    counts = None if ids is None else contrastive.group_counts(ids)
+    ws = contrastive.resolve_workspace_bytes(None)
+    blocks = list(zip([0, *cuts], [*cuts, n]))
+    stats = [contrastive.clip_block_stats_unchecked(
+        a[p0:p1], cols, scale, p0, normalize, ws, groups=_block_groups(ids, counts, (p0, p1), (0, n)), n_pair=n,
+        columns=directions == 2) for p0, p1 in blocks]
+    for st in stats:
+        assert (st.extra_sum is None) == (k == 0), "extra_sum is None exactly when there are no extra columns"
+    loss = sum(clip_loss_from_stats(n, eps, rows=st, directions=directions, row_classes=n + k) for st in stats)
+    col_lse = None
+    if directions == 2:
+        col_lse = contrastive.merge_column_stats(torch.stack([st.col_max[:n] for st in stats]),
+                                                 torch.stack([st.col_sumexp[:n] for st in stats]))
+        loss = loss + clip_loss_from_stats(n, eps, col_lse=col_lse, directions=2)
+    one = torch.ones((), device=a.device)
+    grads = [contrastive.clip_block_grads_unchecked(
+        a[p0:p1], cols, scale, st.row_lse, col_lse, p0, n, eps, normalize, True, True, one, ws,
+        groups=_block_groups(ids, counts, (p0, p1), (0, n)), n_pair=n, row_classes=n + k, directions=directions)
+        for (p0, p1), st in zip(blocks, stats)]
+    d_cols = torch.stack([g.text_grad for g in grads]).sum(0)
+    got = [loss, torch.cat([g.image_grad for g in grads]), d_cols[:n], torch.stack([g.scale_grad for g in grads]).sum()]
+    return got + ([d_cols[n:]] if extra is not None else [])
+
+
+BLOCK_GROUP_CASES = [
+    # (N, D, normalize, label_smoothing, groups, K, cuts): one empty block, an extra-only case
+    (9, 7, True, 0.1, "dups", 3, [4]),
+    (70, 24, False, 0.2, "dups", 5, [3, 3, 40]),
+    (37, 13, True, 0.0, "one", None, [20]),
+    (66, 33, False, 0.1, None, 7, [33]),
+]
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce"])
+@pytest.mark.parametrize("n,d,normalize,smoothing,groups,k,cuts", BLOCK_GROUP_CASES)
+def test_clip_blocks_with_groups_and_extras_compose_the_loss(kernel_path, loss_name, n, d, normalize, smoothing,
+                                                            groups, k, cuts):
+    fresh_seed()
+    device = kernel_path.device
+    leaves = make_leaves(loss_name, n, d, k, torch.float32, device)
+    ids = make_group_ids(groups, n, device)
+    got = compose_grouped_clip(leaves[0], leaves[1], leaves[2], leaves[3] if k is not None else None, ids, cuts,
+                               normalize, smoothing, directions=2 if loss_name == "clip" else 1)
+    check_grouped(loss_name, got, leaves, torch.float32,
+                  f"{loss_name} blocks {kernel_path.name} N={n} D={d} K={k} groups={groups} cuts={cuts}", ids,
+                  normalize, smoothing)
+
+
+def _logaddexp_all(parts):
+    out = parts[0]
+    for p in parts[1:]:
+        out = torch.logaddexp(out, p)
+    return out
+
+
+@pytest.mark.parametrize("n,d,normalize,smoothing,cuts", [(9, 7, True, 0.1, [4]), (70, 24, False, 0.2, [30, 31])])
+def test_clip_column_blocks_with_groups_compose_the_loss(kernel_path, n, d, normalize, smoothing, cuts):
+    """The ring's decomposition: all rows against each block of columns (offset None; a row's
+    positives may sit in any block, found by id): row statistics merged over the blocks (log-sum-
+    exps, and the linear diag and row_sum), each block's column statistics complete; the image
+    gradient summed over the blocks, each block's text gradient its own."""
+    fresh_seed()
+    device = kernel_path.device
+    a, b, scale = random_leaves(n, d, torch.float32, device, with_bias=False)
+    ids = make_group_ids("dups", n, device)
+    counts = contrastive.group_counts(ids)
+    ws = contrastive.resolve_workspace_bytes(None)
+    blocks = list(zip([0, *cuts], [*cuts, n]))
+    stats = [contrastive.clip_block_stats_unchecked(a, b[q0:q1], scale, None, normalize, ws,
+                                                    groups=_block_groups(ids, counts, (0, n), (q0, q1)))
+             for q0, q1 in blocks]
+    row_lse = _logaddexp_all([st.row_lse for st in stats])
+    rows = stats[0]._replace(row_lse=row_lse, diag=sum(st.diag for st in stats),
+                             row_sum=sum(st.row_sum for st in stats))
+    col_lse = [contrastive.merge_column_stats(st.col_max[None], st.col_sumexp[None]) for st in stats]
+    loss = clip_loss_from_stats(n, smoothing, rows=rows, col_lse=torch.cat(col_lse))
+    one = torch.ones((), device=device)
+    grads = [contrastive.clip_block_grads_unchecked(
+        a, b[q0:q1], scale, row_lse, lse, None, n, smoothing, normalize, True, True, one, ws,
+        groups=_block_groups(ids, counts, (0, n), (q0, q1))) for (q0, q1), lse in zip(blocks, col_lse)]
+    got = [loss, sum(g.image_grad for g in grads), torch.cat([g.text_grad for g in grads]),
+           sum(g.scale_grad for g in grads)]
+    check_grouped("clip", got, [a, b, scale], torch.float32, f"CLIP column blocks {kernel_path.name} N={n}", ids,
+                  normalize, smoothing)
+
+
+@pytest.mark.parametrize("n,d,normalize,groups,cuts", [(9, 7, True, "dups", [4]), (70, 24, False, "dups", [3, 3, 40]),
+                                                       (37, 13, True, "one", [20])])
+def test_siglip_ring_blocks_with_groups_compose_the_loss(kernel_path, n, d, normalize, groups, cuts):
+    """Each rank's rows against every rank's texts, positives by id wherever they sit (offset not
+    read with groups: None for the other ranks' blocks, as the ring passes it): the global loss and
+    gradients."""
+    fresh_seed()
+    device = kernel_path.device
+    leaves = random_leaves(n, d, torch.float32, device, with_bias=True)
+    a, b, scale, bias = leaves
+    ids = make_group_ids(groups, n, device)
+    counts = contrastive.group_counts(ids)
+    ws = contrastive.resolve_workspace_bytes(None)
+    ranks = list(zip([0, *cuts], [*cuts, n]))
+    loss, d_image, d_text = 0.0, torch.zeros_like(a), torch.zeros_like(b)
+    d_scale, d_bias = torch.zeros((), device=device), torch.zeros((), device=device)
+    for r0, r1 in ranks:
+        for q0, q1 in ranks:
+            if q0 == q1:
+                continue
+            part = contrastive.siglip_block_unchecked(
+                a[r0:r1], b[q0:q1], scale, bias, 0 if q0 == r0 else None, n, normalize, True, True, True, ws,
+                groups=_block_groups(ids, counts, (r0, r1), (q0, q1)))
+            loss = loss + part.loss
+            d_image[r0:r1] += part.image_grad
+            d_text[q0:q1] += part.text_grad
+            d_scale, d_bias = d_scale + part.scale_grad, d_bias + part.bias_grad
+    check_grouped("siglip", [loss, d_image, d_text, d_scale, d_bias], leaves, torch.float32,
+                  f"SigLIP ring blocks {kernel_path.name} N={n} groups={groups} cuts={cuts}", ids, normalize)
+
+
+def test_block_stats_with_groups_and_extras(kernel_path):
+    """The statistics' new fields against their float64 definitions: diag_i = Σ_j P_ij S_ij / c_i over
+    the paired columns, row_sum over the paired columns, extra_sum over the extra ones (None without
+    them), row_lse over all N + K columns."""
+    fresh_seed()
+    n, k, d, p0, p1 = 40, 5, 12, 7, 29
+    device = kernel_path.device
+    a, b, scale = random_leaves(n, d, torch.float32, device, with_bias=False)
+    extra = torch.randn(k, d, device=device)
+    ids = make_group_ids("dups", n, device)
+    counts = contrastive.group_counts(ids)
+    assert counts.dtype == torch.int64
+    torch.testing.assert_close(counts.cpu(), positives(ids.cpu(), n, torch.int64, "cpu").sum(1))
+    cols = torch.cat([b, extra])
+    st = contrastive.clip_block_stats_unchecked(a[p0:p1], cols, scale, p0, False,
+                                                contrastive.resolve_workspace_bytes(None),
+                                                groups=_block_groups(ids, counts, (p0, p1), (0, n)), n_pair=n)
+    logits = scale.double() * a[p0:p1].double() @ cols.double().T
+    p = positives(ids.cpu(), n, torch.float64, "cpu")[p0:p1].to(device)
+    expected = {"row_lse": torch.logsumexp(logits, 1), "diag": (p * logits[:, :n]).sum(1) / p.sum(1),
+                "row_sum": logits[:, :n].sum(1), "extra_sum": logits[:, n:].sum(1)}
+    terms = {"row_lse": logits.abs().max(1).values + 1, "diag": logits[:, :n].abs().max(1).values,
+             "row_sum": logits[:, :n].abs().sum(1), "extra_sum": logits[:, n:].abs().sum(1)}
+    for name, want in expected.items():
+        got = getattr(st, name).double()
+        assert (got - want).abs().le(1e-5 * terms[name]).all(), f"{name}: {got} against {want}"
+    plain = contrastive.clip_block_stats_unchecked(a[p0:p1], b, scale, p0, False,
+                                                   contrastive.resolve_workspace_bytes(None),
+                                                   groups=_block_groups(ids, counts, (p0, p1), (0, n)))
+    assert plain.extra_sum is None
