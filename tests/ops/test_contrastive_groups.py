@@ -227,6 +227,68 @@ def test_extras_are_negatives_of_the_rows_only(kernel_path):
                       ids, False, 0.1)
 
 
+def _wrong_clip(variant, ids, eps):
+    """CLIP computed with one of the semantics' points wrong, in fp32, as an implementation might."""
+    def fn(a, b, s, extra):
+        logits = s * a @ torch.cat([b, extra]).T
+        n, k = a.shape[0], extra.shape[0]
+        p = positives(None if variant == "ids ignored" else ids, n, a.dtype, a.device)
+        rows_t = torch.cat([p / p.sum(1, keepdim=True), torch.zeros(n, k)], 1)
+        classes = n if variant == "row smoothing over N" else n + k
+        rows_t = (1 - eps) * rows_t + eps / classes
+        if variant == "extras dropped":
+            rows_t, logits_rows = rows_t[:, :n] + eps * k / (n * (n + k)), logits[:, :n]
+        else:
+            logits_rows = logits
+        rows = -(rows_t * torch.log_softmax(logits_rows, 1)).sum(1).mean()
+        cols_t = (1 - eps) * p / p.sum(0, keepdim=True) + eps / n
+        if variant == "extras in the columns":  # a column cross-entropy for each extra too (no positive)
+            cols_t = torch.cat([cols_t, torch.full((n, k), eps / n)], 1)
+            cols = -(cols_t * torch.log_softmax(logits, 0)).sum(0).mean()
+        else:
+            cols = -(cols_t * torch.log_softmax(logits[:, :n], 0)).sum(0).mean()
+        return (rows + cols) / 2
+    return fn
+
+
+@pytest.mark.parametrize("variant", ["ids ignored", "row smoothing over N", "extras dropped",
+                                     "extras in the columns"])
+def test_the_rule_sees_each_point_of_the_semantics(variant):
+    """Negative controls: a CLIP loss with one point of the semantics wrong (the ids ignored, the
+    rows' smoothing over N classes, the extras left out, the extras also rows of the columns'
+    softmax) fails check_grouped on the shapes the tests use."""
+    fresh_seed()
+    n, d, k, eps = 37, 13, 5, 0.2
+    leaves = make_leaves("clip", n, d, k, torch.float32, torch.device("cpu"))
+    ids = make_group_ids("dups", n, "cpu")
+    got = value_and_grads(_wrong_clip(variant, ids, eps), leaves)
+    with pytest.raises(AssertionError):
+        check_grouped("clip", got, leaves, torch.float32, variant, ids, False, eps)
+    # positive control: the same code with nothing wrong passes
+    right = value_and_grads(_wrong_clip("none", ids, eps), leaves)
+    check_grouped("clip", right, leaves, torch.float32, "right", ids, False, eps)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce"])
+@pytest.mark.parametrize("frozen", ["text", "extra", "image and text"])
+def test_frozen_sides_with_extras(loss_name, frozen, kernel_path):
+    """A side that does not require grad gets none; the extras get theirs whether or not the text
+    side does, and the text side whether or not the extras do; every gradient there meets the rule."""
+    fresh_seed()
+    device = kernel_path.device
+    leaves = make_leaves(loss_name, 37, 13, 5, torch.float32, device)
+    ids = make_group_ids("dups", 37, device)
+    frozen_idx = {"text": [1], "extra": [3], "image and text": [0, 1]}[frozen]
+    inputs = [t.clone().requires_grad_(i not in frozen_idx) for i, t in enumerate(leaves)]
+    loss = loss_fn(loss_name, ids, True, 0.1)(*inputs)
+    loss.backward()
+    for i, t in enumerate(inputs):
+        assert (t.grad is None) == (i in frozen_idx), f"{frozen} frozen: leaf {i} grad {t.grad is not None}"
+    got = [loss.detach(), inputs[0].grad, inputs[1].grad, inputs[2].grad, inputs[3].grad]
+    check_grouped(loss_name, got, leaves, torch.float32, f"{loss_name} {kernel_path.name} {frozen} frozen", ids,
+                  True, 0.1)
+
+
 # --------------------------------------------------------------------------- NaN and Inf
 
 
