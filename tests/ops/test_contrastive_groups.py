@@ -289,6 +289,29 @@ def test_frozen_sides_with_extras(loss_name, frozen, kernel_path):
                   True, 0.1)
 
 
+def test_compile_fullgraph_with_groups_and_extras(kernel_path):
+    """torch.compile(fullgraph=True) (aot_eager: the ops' fakes and autograd as Inductor traces them)
+    of the three losses with group ids and extras gives the eager call's loss and gradients, on
+    both paths: docs/design.md's "no graph break" holds with the new arguments too."""
+    torch._dynamo.reset()
+    fresh_seed()
+    device = kernel_path.device
+    a, b, s = random_leaves(13, 24, torch.float32, device, with_bias=False)
+    extra = torch.randn(3, 24, device=device)
+    ids = make_group_ids("dups", 13, device)
+
+    def losses(a, b, s, e):
+        return (mmkernels.clip_loss(a, b, s, label_smoothing=0.1, group_ids=ids, extra_text=e)
+                + mmkernels.info_nce_loss(a, b, s, normalize=True, group_ids=ids, extra_keys=e)
+                + mmkernels.siglip_loss(a, b, s, -1.0, group_ids=ids))
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    got = value_and_grads(compiled, [a, b, s, extra])
+    want = value_and_grads(losses, [a, b, s, extra])
+    for name, g, w in zip(["loss", "d image_emb", "d text_emb", "d logit_scale", "d extra"], got, want):
+        torch.testing.assert_close(g, w, msg=lambda m: f"{kernel_path.name} {name}: {m}")
+
+
 # --------------------------------------------------------------------------- NaN and Inf
 
 
