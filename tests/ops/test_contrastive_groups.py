@@ -94,6 +94,7 @@ EXTRA_CASES = [
     (70, 24, False, 0.2, "one", 9),
     (66, 33, True, 0.0, "dups", None),
     (65, 17, False, 0.3, None, 7),
+    (9, 5, True, 0.1, "dups", 70),  # K > N: column tiles of extras only
 ]
 SIGLIP_CASES = [
     (1, 5, False, "one"),
@@ -147,7 +148,7 @@ def test_distinct_ids_are_todays_loss_bit_for_bit(loss_name, kernel_path):
 @pytest.mark.parametrize("loss_name", ["clip", "info_nce", "siglip"])
 def test_ids_mean_only_their_partition(loss_name, kernel_path):
     """Any int dtype and any values: relabelling the groups (int16, int32, uint8, negative ids, ids
-    that differ only above bit 32) gives the same loss and gradients bit for bit."""
+    that differ only above bit 32, a strided tensor) gives the same loss and gradients bit for bit."""
     fresh_seed()
     n, d = 37, 13
     leaves = make_leaves(loss_name, n, d, 3, torch.float32, kernel_path.device)
@@ -158,6 +159,7 @@ def test_ids_mean_only_their_partition(loss_name, kernel_path):
         "uint8": (compact * 25 + 5).to(torch.uint8),
         # equal modulo 2^32: a kernel that narrows ids to 32 bits would merge groups
         "above bit 32": compact * (1 << 32) + 11,
+        "strided": torch.stack([compact + 3, -compact]).T.reshape(-1)[::2],
     }
     base = value_and_grads(loss_fn(loss_name, compact, False, 0.1), leaves)
     for what, ids in relabelled.items():
@@ -555,3 +557,18 @@ def test_block_stats_with_groups_and_extras(kernel_path):
                                                    contrastive.resolve_workspace_bytes(None),
                                                    groups=_block_groups(ids, counts, (p0, p1), (0, n)))
     assert plain.extra_sum is None
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce", "siglip"])
+def test_gpu_groups_and_extras_match_the_oracle(loss_name, dtype):
+    """The GPU's tiles on a batch of several thousand pairs, off every block size: duplicated ids
+    and 257 extra columns, against the float64 oracle."""
+    from types import SimpleNamespace
+
+    run_case(loss_name, SimpleNamespace(name="kernels", device=torch.device("cuda")), dtype, 4095, 512, True, 0.1,
+             "dups", None if loss_name == "siglip" else 257)

@@ -5,6 +5,8 @@ OpTrace: every interpreted tl.dot and every aten matmul; every tensor allocated)
   6·N²·D that the loss's three products need: CLIP ≤ 1.34× (8·N²·D), SigLIP ≤ 1.01× (6·N²·D).
 - Allocations at a workspace that forces several panels: the workspace and O(N·D) buffers, nothing
   that grows with N².
+- Group ids cost no matrix work (exactly 8·N²·D for CLIP and InfoNCE, 6·N²·D for SigLIP, as without
+  them); K extra columns cost exactly their own 8·N·K·D (8·N·(N + K)·D in all).
 """
 import pytest
 import torch
