@@ -7,6 +7,8 @@ reference path), odd N and D, duplicated ids, one group of everything, label smo
 odd. All-distinct ids are today's diagonal bit for bit; ids mean only the partition they make (any
 int dtype, any values); NaN/Inf as today; errors name the argument. The block API with groups and
 extra columns: test_contrastive_blocks.py; the work: test_contrastive_work.py."""
+import re
+
 import pytest
 import torch
 
@@ -312,6 +314,39 @@ def test_compile_fullgraph_with_groups_and_extras(kernel_path):
     want = value_and_grads(losses, [a, b, s, extra])
     for name, g, w in zip(["loss", "d image_emb", "d text_emb", "d logit_scale", "d extra"], got, want):
         torch.testing.assert_close(g, w, msg=lambda m: f"{kernel_path.name} {name}: {m}")
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce", "siglip"])
+def test_groups_and_extras_in_panels_of_one_block(loss_name, device):
+    """A workspace of one block of rows: S in several row panels (and the statistics' column splits),
+    each reading its rows' ids at its own offset; against the oracle. Then the minimum that a too-small
+    workspace's error names, with the extra columns counted, runs forward and backward."""
+    from mmkernels.ops._common import HAS_TRITON
+    from mmkernels.ops.contrastive import plan
+
+    if not HAS_TRITON:
+        pytest.skip("needs triton")
+    fresh_seed()
+    n, d, k = 150, 16, None if loss_name == "siglip" else 9
+    cols = n + (k or 0)
+    block = plan.tile_config(d, torch.float32, device)["BLOCK_M"]
+    workspace = max(plan.stats_panel_bytes(block, cols, d, torch.float32, device),
+                    plan.panel_bytes(block, cols, d, torch.float32, device, True, True, torch.float32))
+    assert plan.panel_workspace(n, cols, d, torch.float32, device, True, True, torch.float32, workspace) < n
+    leaves = make_leaves(loss_name, n, d, k, torch.float32, device)
+    ids = make_group_ids("dups", n, device)
+    got = value_and_grads(loss_fn(loss_name, ids, True, 0.1 if loss_name != "siglip" else 0.0,
+                                  workspace_bytes=workspace), leaves)
+    check_grouped(loss_name, got, leaves, torch.float32, f"{loss_name} panels of one block", ids, True,
+                  0.1 if loss_name != "siglip" else 0.0)
+    a = leaves[0].clone().requires_grad_()
+    with pytest.raises(ValueError, match="expected workspace_bytes >= ") as raised:
+        loss_fn(loss_name, ids, True, workspace_bytes=1)(a, *leaves[1:])
+    needed = int(re.search(r"expected workspace_bytes >= (\d+) ", str(raised.value)).group(1))
+    with pytest.raises(ValueError, match=f"expected workspace_bytes >= {needed} "):
+        loss_fn(loss_name, ids, True, workspace_bytes=needed - 1)(a, *leaves[1:])
+    (d_image,) = torch.autograd.grad(loss_fn(loss_name, ids, True, workspace_bytes=needed)(a, *leaves[1:]), a)
+    assert torch.isfinite(d_image).all()
 
 
 # --------------------------------------------------------------------------- NaN and Inf
