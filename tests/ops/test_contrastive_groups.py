@@ -63,11 +63,11 @@ def make_leaves(loss_name: str, n: int, d: int, k, dtype, device):
 
 
 def _skip_unsupported(kernel_path, dtype, n, d, k=0):
-    if kernel_path.name == "kernels" and kernel_path.device.type == "cpu":
-        if dtype == torch.bfloat16:
+    if kernel_path.device.type == "cpu":
+        if dtype == torch.bfloat16 and kernel_path.name == "kernels":
             pytest.skip("bf16 on the CPU takes the reference path (docs/design.md#numerics-rule)")
-        if dtype == torch.float16 and n * d > 40 * 16:
-            pytest.skip("fp16 under the interpreter on the small shapes only, to keep it fast")
+        if dtype != torch.float32 and n * d > 40 * 16:
+            pytest.skip("fp16 and bf16 on the small shapes only on the CPU, to keep the tests fast")
 
 
 def run_case(loss_name, kernel_path, dtype, n, d, normalize, smoothing, groups, k, ids_dtype=torch.int64):
@@ -157,12 +157,12 @@ def test_ids_mean_only_their_partition(loss_name, kernel_path):
     compact = torch.randint(0, 9, (n,)).to(kernel_path.device)  # ids 0..8, duplicated
     relabelled = {
         "int16 negative": (compact.to(torch.int16) * -7 + 3),
-        "int32": compact.to(torch.int32) * 1000,
         "uint8": (compact * 25 + 5).to(torch.uint8),
         # equal modulo 2^32: a kernel that narrows ids to 32 bits would merge groups
         "above bit 32": compact * (1 << 32) + 11,
-        "strided": torch.stack([compact + 3, -compact]).T.reshape(-1)[::2],
+        "int32, strided": torch.stack([compact * 1000, -compact]).to(torch.int32).T.reshape(-1)[::2],
     }
+    assert not relabelled["int32, strided"].is_contiguous()
     base = value_and_grads(loss_fn(loss_name, compact, False, 0.1), leaves)
     for what, ids in relabelled.items():
         got = value_and_grads(loss_fn(loss_name, ids, False, 0.1), leaves)
@@ -274,7 +274,7 @@ def test_the_rule_sees_each_point_of_the_semantics(variant):
 
 
 @pytest.mark.parametrize("loss_name", ["clip", "info_nce"])
-@pytest.mark.parametrize("frozen", ["text", "extra", "image and text"])
+@pytest.mark.parametrize("frozen", ["text", "extra"])
 def test_frozen_sides_with_extras(loss_name, frozen, kernel_path):
     """A side that does not require grad gets none; the extras get theirs whether or not the text
     side does, and the text side whether or not the extras do; every gradient there meets the rule."""
@@ -282,7 +282,7 @@ def test_frozen_sides_with_extras(loss_name, frozen, kernel_path):
     device = kernel_path.device
     leaves = make_leaves(loss_name, 37, 13, 5, torch.float32, device)
     ids = make_group_ids("dups", 37, device)
-    frozen_idx = {"text": [1], "extra": [3], "image and text": [0, 1]}[frozen]
+    frozen_idx = {"text": [1], "extra": [3]}[frozen]
     inputs = [t.clone().requires_grad_(i not in frozen_idx) for i, t in enumerate(leaves)]
     loss = loss_fn(loss_name, ids, True, 0.1)(*inputs)
     loss.backward()
