@@ -3,10 +3,13 @@ other) and extra negatives (clip_loss's extra_text, info_nce_loss's extra_keys: 
 row, in the row direction only) on both paths, under the numerics rule (docs/design.md) against the
 float64 N×N(+K) formula written from the semantics (tests/contrastive_oracle.py: explicit targets,
 log_softmax), independent of mmkernels' reference: fp32, fp16 and bf16 (bf16 on the CPU takes the
-reference path), odd N and D, duplicated ids, one group of everything, label smoothing, K = 0, 1 and
-odd. All-distinct ids are today's diagonal bit for bit; ids mean only the partition they make (any
-int dtype, any values); NaN/Inf as today; errors name the argument. The block API with groups and
-extra columns: test_contrastive_blocks.py; the work: test_contrastive_work.py."""
+reference path), odd N and D, duplicated ids, one group of everything, label smoothing, K = 0, 1,
+odd and > N. All-distinct ids are today's diagonal bit for bit; ids mean only the partition they make
+(any int dtype, any values, strided); negative controls for each point of the semantics; frozen
+sides; row panels of one block; torch.compile(fullgraph=True); NaN/Inf as today; errors name the
+argument. The block API's internal entries with BlockGroups and extra columns (n_pair): blocks of
+rows and of columns compose the global loss. The work: test_contrastive_work.py; opcheck of the
+new arguments: registry.py's samples."""
 import re
 
 import pytest
@@ -607,3 +610,23 @@ def test_gpu_groups_and_extras_match_the_oracle(loss_name, dtype):
 
     run_case(loss_name, SimpleNamespace(name="kernels", device=torch.device("cuda")), dtype, 4095, 512, True, 0.1,
              "dups", None if loss_name == "siglip" else 257)
+
+
+@pytest.mark.gpu
+def test_gpu_groups_and_extras_do_not_sync():
+    """Group ids (their sizes from a sort and binary searches) and extra columns reach the kernels
+    without a host synchronisation, forward and backward."""
+    from toolkit import assert_no_host_sync
+
+    a = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    extra = torch.randn(37, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, 100, (512,), device="cuda")
+
+    def step():
+        loss = (mmkernels.clip_loss(a, b, 14.0, normalize=True, label_smoothing=0.1, group_ids=ids, extra_text=extra)
+                + mmkernels.siglip_loss(a, b, 10.0, -10.0, normalize=True, group_ids=ids)
+                + mmkernels.info_nce_loss(a, b, 14.0, normalize=True, group_ids=ids, extra_keys=extra))
+        torch.autograd.grad(loss, (a, b, extra))
+
+    assert_no_host_sync(step)
