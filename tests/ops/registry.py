@@ -193,7 +193,8 @@ def _clip_registered(device):
     groups = _block_groups(ids)
     columns = torch.cat([b, extra.detach()])
     return {
-        "clip_loss_fwd": [(*grad_leaves, True, 0.1, WORKSPACE_BYTES), (*grad_leaves, False, 0.2, WORKSPACE_BYTES, ids, extra)],
+        "clip_loss_fwd": [(*grad_leaves, True, 0.1, WORKSPACE_BYTES),
+                          (*grad_leaves, False, 0.2, WORKSPACE_BYTES, ids, extra)],
         "clip_block_stats": [(a[3:9], b, s, 2, False, WORKSPACE_BYTES),
                              (a[3:9], columns, s, 16, False, WORKSPACE_BYTES, *_rows(groups, 3, 9), 13)],
         "clip_block_grads": [(a, b, s, row_lse, col_lse, g, 0, 13, 0.1, True, image_grad, text_grad, torch.float32,
