@@ -6,7 +6,7 @@ log_softmax), independent of mmkernels' reference: fp32, fp16 and bf16 (bf16 on 
 reference path), odd N and D, duplicated ids, one group of everything, label smoothing, K = 0, 1,
 odd and > N. All-distinct ids are today's diagonal bit for bit; ids mean only the partition they make
 (any int dtype, any values, strided); negative controls for each point of the semantics; frozen
-sides; row panels of one block; torch.compile(fullgraph=True); NaN/Inf as today; errors name the
+sides; row panels of one block; autocast; torch.compile(fullgraph=True); NaN/Inf as today; errors name the
 argument. The block API's internal entries with BlockGroups and extra columns (n_pair): blocks of
 rows and of columns compose the global loss. The work: test_contrastive_work.py; opcheck of the
 new arguments: registry.py's samples."""
@@ -350,6 +350,21 @@ def test_groups_and_extras_in_panels_of_one_block(loss_name, device):
         loss_fn(loss_name, ids, True, workspace_bytes=needed - 1)(a, *leaves[1:])
     (d_image,) = torch.autograd.grad(loss_fn(loss_name, ids, True, workspace_bytes=needed)(a, *leaves[1:]), a)
     assert torch.isfinite(d_image).all()
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce", "siglip"])
+def test_autocast_computes_as_without(loss_name, kernel_path):
+    """Under torch.autocast (bf16) the losses with group ids and extras compute as without it (the
+    contract's dtypes), loss and every gradient bit for bit."""
+    fresh_seed()
+    device = kernel_path.device
+    leaves = make_leaves(loss_name, 37, 13, 5, torch.float32, device)
+    ids = make_group_ids("dups", 37, device)
+    plain = value_and_grads(loss_fn(loss_name, ids, True, 0.1 if loss_name != "siglip" else 0.0), leaves)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = value_and_grads(loss_fn(loss_name, ids, True, 0.1 if loss_name != "siglip" else 0.0), leaves)
+    for name, g, p in zip(GROUP_NAMES[loss_name], got, plain):
+        assert g.dtype == p.dtype and torch.equal(g, p), f"{loss_name} {kernel_path.name}: {name} differs"
 
 
 # --------------------------------------------------------------------------- NaN and Inf
