@@ -5,7 +5,7 @@ After the backward and DDP's averaging, every parameter's gradient, the loss (th
 processes) and the embeddings of each row meet the numerics rule (docs/design.md) against the
 unpatched model run by one process on the concatenated batch (fp32 eager; its float64 copy the
 oracle), for CLIPModel (unequal and equal local batches), SiglipModel, Siglip2Model, BlipModel,
-and FlavaForPreTraining (its global contrastive term); with
+FlavaForPreTraining (its global contrastive term) and BridgeTowerForContrastiveLearning; with
 global_loss=False each process computes its local loss, as without the option (and the update is
 then not the single-process one: the negative control). Without a process group global_loss=True
 is the local loss. What `print(handle)` says about the loss in force.
@@ -41,7 +41,7 @@ from toolkit import (  # noqa: E402
 SPLITS = {"unequal": (3, 1), "equal": (2, 2)}  # rows per process of the 4-pair batch
 EMBEDDINGS = {"bridgetower-contrastive": ("text_embeds", "image_embeds", "cross_embeds"), "flava": ()}
 CASES = [("clip", "unequal"), ("clip", "equal"), ("siglip", "unequal"), ("siglip2", "unequal"), ("blip", "unequal"),
-         ("flava", "unequal")]
+         ("flava", "unequal"), ("bridgetower-contrastive", "unequal")]
 JOB_TIMEOUT_S = 240.0
 
 

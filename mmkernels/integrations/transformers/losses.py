@@ -24,11 +24,10 @@ builds S). `return_dict=False` returns the same tuple as the model.
 With `patch(model, global_loss=True)` and a torch.distributed process group of more than one
 process initialised at the time of the call, each of these losses is the loss of the global batch
 (every process's local pairs concatenated in rank order), computed with `mmkernels.distributed`
-(`clip_loss`, `siglip_loss`; grad_scaling="ddp", so that DDP's averaging gives the single-process
-gradient), the same value on every process; FLAVA's global contrastive term likewise (its MIM, MLM,
-ITM and MMM terms stay each process's own). BridgeTowerForContrastiveLearning's loss stays local.
-The logits stay the local ones (this process's rows against its own columns). Otherwise the local
-loss of the call's batch.
+(`clip_loss`, `siglip_loss`, `info_nce_loss`; grad_scaling="ddp", so that DDP's averaging gives the
+single-process gradient), the same value on every process; FLAVA's global contrastive term likewise
+(its MIM, MLM, ITM and MMM terms stay each process's own). The logits stay the local ones (this
+process's rows against its own columns). Otherwise the local loss of the call's batch.
 
 Calls the patch does not cover run the model's own forward: `return_loss` not set (no loss asked
 for: the logits keep their autograd, nothing is counted); and, counted as fallbacks (StrictPatchError
@@ -221,8 +220,13 @@ def _bridgetower_forward(self, input_ids=None, attention_mask=None, token_type_i
     cross_embeds = F.normalize(self.itc_cross_modal_head(outputs.pooler_output), dim=-1, p=2).to(
         device=text_embeds.device)
     scale = self.logit_scale.exp().to(device=text_embeds.device)
-    loss = (info_nce_loss(text_embeds, image_embeds, scale) + info_nce_loss(text_embeds, cross_embeds, scale)
-            + info_nce_loss(image_embeds, cross_embeds, scale)) / 3.0
+    if patch_state(self).global_loss_world:
+        terms = [_global(mmd.info_nce_loss, query, keys, scale) for query, keys in
+                 ((text_embeds, image_embeds), (text_embeds, cross_embeds), (image_embeds, cross_embeds))]
+    else:
+        terms = [info_nce_loss(text_embeds, image_embeds, scale), info_nce_loss(text_embeds, cross_embeds, scale),
+                 info_nce_loss(image_embeds, cross_embeds, scale)]
+    loss = (terms[0] + terms[1] + terms[2]) / 3.0
     loss = loss.to(_loss_dtype(text_embeds, scale, cross_entropy=True))
     logits = None
     if patch_state(self).keep_logits:
