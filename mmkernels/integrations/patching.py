@@ -59,8 +59,8 @@ A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one
   exactly. `ctx.set_up(fn)` runs `fn()`, something process-wide the patch needs (registering a name
   with a library; idempotent), now and again in a process that loads a pickled copy of the model.
   `ctx.skip(path, kind, reason)` records an item the patcher recognises and leaves as it is.
-  `ctx.keep_logits`, `ctx.global_loss`, `ctx.strict`, `ctx.is_patched(module, kind)` are there to read; `ctx.memo` is a
-  dict shared by the patchers of one `patch()` call.
+  `ctx.keep_logits`, `ctx.global_loss`, `ctx.strict`, `ctx.is_patched(module, kind)` are there to
+  read; `ctx.memo` is a dict shared by the patchers of one `patch()` call.
 - The patched forward is a module-level function `forward(self, *args, **kwargs)` (or an instance of a
   module-level class holding only such functions: it is pickled by name); it finds everything through
   `self` (so a deep copy or a pickled copy of a patched model is a patched copy computing with its own
@@ -205,10 +205,12 @@ class PatchState:
 
     @property
     def global_loss_world(self) -> int:
-        """The number of processes whose batches this call's loss covers, decided now: the world
-        size of the default process group when the handle has global_loss=True and such a group of
-        more than one process is initialised; else 0 (each process's local loss)."""
-        return self.handle.global_loss_world
+        """The number of processes whose batches this call's loss covers, decided now (a process
+        group may be initialised or destroyed after the patch): the world size of the default
+        process group when the handle has global_loss=True and such a group of more than one process
+        is initialised; else 0 (each process's local loss)."""
+        world = _process_group_world() if self.handle.global_loss else 0
+        return world if world > 1 else 0
 
 
 def _process_group_world() -> int:
@@ -390,16 +392,7 @@ class PatchHandle:
         return dict(attention=self.attention, losses=self.losses, keep_logits=self.keep_logits,
                     global_loss=self.global_loss, strict=self.strict)
 
-    @property
-    def global_loss_world(self) -> int:
-        """See PatchState.global_loss_world (decided at each call: a process group may be
-        initialised or destroyed after the patch)."""
-        if not self.global_loss:
-            return 0
-        world = _process_group_world()
-        return world if world > 1 else 0
-
-    def loss_scope(self) -> str:
+    def _loss_scope(self) -> str:
         """Which loss the patched losses compute now, in words."""
         if not self.global_loss:
             return "local loss: each process's own batch (global_loss=False)"
@@ -439,7 +432,7 @@ class PatchHandle:
         state = "active" if self._active else "undone"
         lines = [f"mmkernels.patch({title}): {len(self._records)} patched, {len(self._skipped)} left as they are ({state})"]
         if any(r.kind == "loss" for r in self._records):
-            lines.append(f"losses: {self.loss_scope()}")
+            lines.append(f"losses: {self._loss_scope()}")
         if self._records:
             width = max(len(r.path or "(model)") for r in self._records)
             for r in self._records:

@@ -10,7 +10,8 @@ global_loss=False each process computes its local loss, as without the option (a
 then not the single-process one: the negative control). Without a process group global_loss=True
 is the local loss. What `print(handle)` says about the loss in force.
 
-Tiny random models (tests/integrations/test_patch_hf.py's), the reference path; one spawned job runs
+Tiny random models, patched as tests/integrations/test_patch_hf.py patches them (attention too,
+except BLIP's and FLAVA's hand-written attention), on the reference path; one spawned job runs
 every case on one process group (spawning is the slow part), each case's result is then checked here.
 DDP wraps a module returning the term under test and the embeddings, so that its reducer waits for
 exactly the parameters that term reaches (FLAVA's output also holds its MLM, MIM, ITM and MMM heads).
@@ -26,7 +27,7 @@ import torch
 pytest.importorskip("transformers")
 
 import mmkernels  # noqa: E402
-from test_patch_hf import build, cast, floor_sizes, inputs_for  # noqa: E402
+from test_patch_hf import build, cast, floor_sizes, inputs_for, patch_kwargs  # noqa: E402
 from toolkit import (  # noqa: E402
     PICKLERS,
     assert_models_within_rule,
@@ -66,7 +67,7 @@ def make_model(name: str, seed: int) -> torch.nn.Module:
 def ddp_step(rank: int, name: str, sizes: tuple, seed: int, global_loss: bool) -> dict:
     """One forward and backward of DDP(the patched model) on this rank's rows of the batch."""
     model = make_model(name, seed)
-    handle = mmkernels.patch(model, attention=False, global_loss=global_loss)
+    handle = mmkernels.patch(model, global_loss=global_loss, **patch_kwargs(name))
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
     local = cast({k: v[rows] for k, v in inputs_for(name, seed).items()}, torch.float32)
     ddp = torch.nn.parallel.DistributedDataParallel(Objective(name, model), find_unused_parameters=True)
@@ -145,7 +146,7 @@ def test_without_global_loss_each_process_has_its_local_loss(outcome, monkeypatc
     use_path(monkeypatch, "reference")
     seed, ranks = outcome
     model = make_model("clip", seed)
-    mmkernels.patch(model, attention=False)
+    mmkernels.patch(model)
     inputs = inputs_for("clip", seed)
     for rank, r in enumerate(ranks):
         rows = slice(sum(SPLITS["unequal"][:rank]), sum(SPLITS["unequal"][: rank + 1]))
