@@ -260,12 +260,12 @@ def _panel_kernel(
         z = tl.where(positive, s, -s)  # label · S
         # softplus(-z) = -log σ(z) = max(-z, 0) + log1p(exp(-|z|)), without overflow
         e = tl.exp(-tl.abs(z))
-        terms = tl.maximum(-z, 0.0) + _log1p(e)
-        tl.store(part, tl.sum(tl.sum(tl.where(valid, terms, 0.0), axis=1), axis=0))
-        if SCALARS or WRITE_W:
+        if SCALARS or WRITE_W:  # first, so that `positive` is dead before the loss terms
             # σ(-z) from the same exp(-|z|), which never overflows: 1/(1+e) for z <= 0, e/(1+e) above
             sig = tl.where(z <= 0.0, 1.0, e) / (1.0 + e)
             w = tl.where(positive, -sig, sig)
+        terms = tl.maximum(-z, 0.0) + _log1p(e)
+        tl.store(part, tl.sum(tl.sum(tl.where(valid, terms, 0.0), axis=1), axis=0))
     if SCALARS or WRITE_W:
         w = tl.where(valid, w, 0.0)
     if SCALARS:
