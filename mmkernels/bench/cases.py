@@ -133,6 +133,9 @@ def cases_for(mode: str, ops=OPS, cuda: bool | None = None) -> list[Case]:
             for d in grid["D"]:
                 for n in grid["N"]:
                     add("contrastive", kernel, "N", n, providers, D=d)
+        for kernel in ("clip_loss", "siglip_loss"):
+            # group ids (every caption twice) against the diagonal above, at the largest N and D
+            add("contrastive", kernel, "N", grid["N"][-1], ("mmkernels",), D=grid["D"][-1], groups=2)
     if "attention" in ops:
         grid = ATTENTION[sizes]
         for d, padding, lengths in grid["curves"]:

@@ -65,8 +65,9 @@ _OURS = {"clip_loss": mmkernels.clip_loss, "siglip_loss": mmkernels.siglip_loss,
 _EAGER = {"clip_loss": eager_clip_loss, "siglip_loss": eager_siglip_loss, "info_nce_loss": eager_info_nce_loss}
 
 
-def _contrastive_fn(provider, loss_name, device):
-    """A function of the leaves [image, text, log_scale, (bias)] that returns the loss."""
+def _contrastive_fn(provider, loss_name, device, group_ids=None):
+    """A function of the leaves [image, text, log_scale, (bias)] that returns the loss (mmkernels'
+    with group_ids when given)."""
     if provider == "siglip-kernel":
         fused = _peer("siglip_kernel", "siglip-kernel", device).fused_siglip_loss
         return lambda a, b, log_scale, bias: fused(a, b, log_scale, bias)
@@ -83,14 +84,18 @@ def _contrastive_fn(provider, loss_name, device):
         return lambda a, b, log_scale: (one_way(a, b, scale=log_scale.exp()) + one_way(b, a, scale=log_scale.exp())) / 2
     fn = (_OURS if provider == "mmkernels" else _EAGER)[loss_name]
 
+    groups = {} if group_ids is None else dict(group_ids=group_ids)
+
     def loss(a, b, log_scale, *bias):  # bias: SigLIP's only
-        return fn(a, b, log_scale.exp(), *bias)
+        return fn(a, b, log_scale.exp(), *bias, **groups)
     return _compiled(loss, device) if provider == "torch.compile" else loss
 
 
 def contrastive_step(case, provider, device, dtype):
     n, d = case.x_value, case.settings["D"]
-    loss_fn = _contrastive_fn(provider, case.kernel, device)
+    groups = case.settings.get("groups")  # each id on `groups` consecutive pairs
+    group_ids = None if groups is None else torch.arange(n, device=device) // groups
+    loss_fn = _contrastive_fn(provider, case.kernel, device, group_ids)
     gen = torch.Generator(device=device).manual_seed(0)
     image, text = (F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).to(dtype).requires_grad_()
                    for _ in range(2))
