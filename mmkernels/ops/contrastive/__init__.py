@@ -60,6 +60,7 @@ __all__ = [
     "info_nce_loss",
     "ClipBlockStats",
     "ClipBlockGrads",
+    "BlockGroups",
     "SiglipBlock",
     "clip_block_stats",
     "merge_column_stats",
@@ -116,6 +117,54 @@ def _check_block(image_emb, text_emb, offset, n_total=None, *, positives_optiona
         _check_int("n_total", n_total, 1)
 
 
+def check_group_ids(group_ids, n: int, like: torch.Tensor, name: str = "group_ids") -> torch.Tensor | None:
+    """group_ids as an int64 (n,) tensor on like's device (None stays None); TypeError or ValueError naming it."""
+    if group_ids is None:
+        return None
+    if not isinstance(group_ids, torch.Tensor):
+        raise TypeError(f"expected {name} to be None or an integer torch.Tensor of shape ({n},), "
+                        f"got {type(group_ids).__name__}")
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        raise TypeError(f"expected {name} to be an integer tensor (one id per pair), got dtype {group_ids.dtype}")
+    if tuple(group_ids.shape) != (n,):
+        raise ValueError(f"expected {name} of shape ({n},) (one id per pair), got {tuple(group_ids.shape)}")
+    if group_ids.device != like.device:
+        raise ValueError(f"expected {name} on the embeddings' device {like.device}, got {group_ids.device}")
+    return group_ids.detach().to(torch.int64).contiguous()
+
+
+def check_extra(name: str, extra, like: torch.Tensor, like_name: str) -> None:
+    """extra (K, D): None, or a float tensor with like's D, dtype and device (K may be 0)."""
+    if extra is None:
+        return
+    check_embedding_pair(like, extra, (like_name, name), ("N", "K"))
+
+
+def group_counts(group_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: the size of each id's group among the N ids (O(N log N), no N × N)."""
+    return reference.group_counts(group_ids)
+
+
+class BlockGroups(NamedTuple):
+    """The positives of a block by group id: row i and paired column j are positives of each other
+    when row_ids[i] == col_ids[j]; a row's (a column's) target spreads over its positives, 1/its
+    group's size each. The counts are over the whole batch (group_counts of all its ids).
+
+    row_ids (M,), row_count (M,), col_ids (n_pair,), col_count (n_pair,): int64, on the block's device.
+    """
+
+    row_ids: torch.Tensor
+    row_count: torch.Tensor
+    col_ids: torch.Tensor
+    col_count: torch.Tensor
+
+    @classmethod
+    def square(cls, group_ids: torch.Tensor) -> "BlockGroups":
+        """The groups of a batch against itself (N rows and N paired columns)."""
+        counts = group_counts(group_ids)
+        return cls(group_ids, counts, group_ids, counts)
+
+
 def _check_stat(name: str, t, length: int, like: torch.Tensor) -> torch.Tensor:
     check_float_tensor(name, t, 1, f"({length},)")
     if t.shape[0] != length:
@@ -142,8 +191,10 @@ class ClipBlockStats(NamedTuple):
       bits set exp(S_ij - row_lse_i) where S_ij dominates its row, as exactly as a softmax does.
     - col_max (N,): max_i S_ij over the block's rows (-inf when M = 0).
     - col_sumexp (N,): Σ_i exp(S_ij - col_max_j) over the block's rows.
-    - diag (M,): S[i, offset + i], the positives' logits.
-    - row_sum (M,): Σ_j S_ij, for label smoothing.
+    - diag (M,): S[i, offset + i], the positives' logits (with groups, Σ over row i's positives of
+      S_ij / its group's size: the row's target logit; 0 for a block without positives).
+    - row_sum (M,): Σ_j S_ij over the paired columns, for label smoothing.
+    - extra_sum (M,): Σ_j S_ij over the extra columns (j >= n_pair), or None without them.
 
     The global loss with smoothing eps: col_lse = merge_column_stats(stacked col_max, stacked
     col_sumexp) over all blocks, targets_i = (1 - eps)·diag_i + eps/n_total·row_sum_i, and
@@ -155,6 +206,7 @@ class ClipBlockStats(NamedTuple):
     col_sumexp: torch.Tensor
     diag: torch.Tensor
     row_sum: torch.Tensor
+    extra_sum: torch.Tensor | None = None
 
 
 class ClipBlockGrads(NamedTuple):
@@ -193,54 +245,82 @@ class SiglipBlock(NamedTuple):
 # tensors from scalar_tensor, bools, a float label_smoothing, an int workspace_bytes). No autograd.
 
 
-def clip_block_stats_unchecked(image_emb, text_emb, scale, offset: int, normalize: bool,
-                               workspace_bytes: int) -> ClipBlockStats:
-    """clip_block_stats on checked arguments."""
+def _kernel_block_args(groups, n_pair, n: int, like: torch.Tensor) -> dict:
+    """The registered ops' optional group and extra-column arguments."""
+    if groups is None:
+        return dict(n_pair=n if n_pair is None else n_pair)
+    return dict(row_ids=groups.row_ids, row_count=groups.row_count, col_ids=groups.col_ids,
+                col_count=groups.col_count, n_pair=n if n_pair is None else n_pair)
+
+
+def clip_block_stats_unchecked(image_emb, text_emb, scale, offset: int | None, normalize: bool,
+                               workspace_bytes: int, *, groups: BlockGroups | None = None,
+                               n_pair: int | None = None, columns: bool = True) -> ClipBlockStats:
+    """clip_block_stats on checked arguments. offset None: the block holds no positives (another
+    rank's columns); groups: the positives by group id (offset is then not read); n_pair: columns
+    n_pair.. are extra negatives (extra_sum); columns=False: no column statistics (col_max and
+    col_sumexp are None; one-directional InfoNCE)."""
     with autocast_off(image_emb):
         a, b, scale = image_emb.detach(), text_emb.detach(), scale.detach()
+        n = b.shape[0]
         if not uses_kernels("clip_block_stats", a):
-            return ClipBlockStats(*reference.clip_block_stats(a, b, scale, offset, normalize))
-        plan.stats_workspace(a.shape[0], b.shape[0], a.shape[1], a.dtype, a.device, workspace_bytes)
-        return ClipBlockStats(*torch.ops.mmkernels.clip_block_stats(a, b, scale, offset, normalize, workspace_bytes))
+            stats = ClipBlockStats(*reference.clip_block_stats(a, b, scale, offset, normalize, groups, n_pair))
+        else:
+            plan.stats_workspace(a.shape[0], n, a.shape[1], a.dtype, a.device, workspace_bytes)
+            out = torch.ops.mmkernels.clip_block_stats(
+                a, b, scale, n if offset is None else offset, normalize, workspace_bytes,
+                **_kernel_block_args(groups, n_pair, n, a))
+            stats = ClipBlockStats(*out[:5], out[5] if n_pair not in (None, n) else None)
+        if not columns:
+            stats = stats._replace(col_max=None, col_sumexp=None)
+        return stats
 
 
-def clip_block_grads_unchecked(image_emb, text_emb, scale, row_lse, col_lse, offset: int, n_total: int,
+def clip_block_grads_unchecked(image_emb, text_emb, scale, row_lse, col_lse, offset: int | None, n_total: int,
                                label_smoothing: float, normalize: bool, image_grad: bool, text_grad: bool,
-                               grad_output, workspace_bytes: int) -> ClipBlockGrads:
-    """clip_block_grads on checked arguments (row_lse (M,), col_lse (N,) and grad_output, a 0-dim
-    tensor, on the embeddings' device)."""
+                               grad_output, workspace_bytes: int, *, groups: BlockGroups | None = None,
+                               n_pair: int | None = None, row_classes: int | None = None,
+                               directions: int = 2) -> ClipBlockGrads:
+    """clip_block_grads on checked arguments (row_lse (M,), col_lse (n_pair,) and grad_output, a 0-dim
+    tensor, on the embeddings' device). offset, groups, n_pair: as in clip_block_stats_unchecked;
+    row_classes: the classes of the rows' label smoothing (default n_total; N + K with K extra
+    columns); directions=1: the one-directional InfoNCE (rows only; col_lse is not read)."""
     with autocast_off(image_emb):
         a, b, scale, grad = image_emb.detach(), text_emb.detach(), scale.detach(), grad_output.detach()
-        row_lse, col_lse = row_lse.detach(), col_lse.detach()
+        n = b.shape[0]
+        row_lse = row_lse.detach()
+        col_lse = row_lse if col_lse is None or directions == 1 else col_lse.detach()
         if not uses_kernels("clip_block_grads", a):
             return ClipBlockGrads(*reference.clip_block_grads(
                 a, b, scale, row_lse, col_lse, offset, n_total, label_smoothing, normalize, image_grad, text_grad,
-                grad))
+                grad, groups, n_pair, row_classes, directions))
         m, d = a.shape
-        plan.panel_workspace(m, b.shape[0], d, a.dtype, a.device, image_grad, text_grad, torch.float32,
+        plan.panel_workspace(m, n, d, a.dtype, a.device, image_grad, text_grad, torch.float32,
                              workspace_bytes)
         d_image, d_text, d_scale = torch.ops.mmkernels.clip_block_grads(
-            a, b, scale, row_lse.double().contiguous(), col_lse.double().contiguous(), grad, offset, n_total,
-            label_smoothing, normalize, image_grad, text_grad, torch.float32, workspace_bytes,
+            a, b, scale, row_lse.double().contiguous(), col_lse.double().contiguous(), grad,
+            n if offset is None else offset, n_total, label_smoothing, normalize, image_grad, text_grad,
+            torch.float32, workspace_bytes, row_classes=n_total if row_classes is None else row_classes,
+            directions=directions, **_kernel_block_args(groups, n_pair, n, a),
         )
         return ClipBlockGrads(d_image if image_grad else None, d_text if text_grad else None, d_scale)
 
 
 def siglip_block_unchecked(image_emb, text_emb, scale, bias, offset: int | None, n_total: int, normalize: bool,
                            image_grad: bool, text_grad: bool, scalar_grads: bool,
-                           workspace_bytes: int) -> SiglipBlock:
-    """siglip_block on checked arguments."""
+                           workspace_bytes: int, *, groups: BlockGroups | None = None) -> SiglipBlock:
+    """siglip_block on checked arguments; groups: the positives by group id (offset is then not read)."""
     with autocast_off(image_emb):
         a, b, scale, bias = image_emb.detach(), text_emb.detach(), scale.detach(), bias.detach()
         if not uses_kernels("siglip_block", a):
             return SiglipBlock(*reference.siglip_block(
-                a, b, scale, bias, offset, n_total, normalize, image_grad, text_grad, scalar_grads))
+                a, b, scale, bias, offset, n_total, normalize, image_grad, text_grad, scalar_grads, groups))
         m, d = a.shape
         plan.panel_workspace(m, b.shape[0], d, a.dtype, a.device, image_grad, text_grad, torch.float32,
                              workspace_bytes)
         loss, d_image, d_text, d_scale, d_bias = torch.ops.mmkernels.siglip_block(
             a, b, scale, bias, b.shape[0] if offset is None else offset, n_total, normalize, image_grad, text_grad,
-            scalar_grads, torch.float32, workspace_bytes,
+            scalar_grads, torch.float32, workspace_bytes, **_kernel_block_args(groups, None, b.shape[0], a),
         )
         return SiglipBlock(loss, d_image if image_grad else None, d_text if text_grad else None,
                            d_scale if scalar_grads else None, d_bias if scalar_grads else None)
@@ -368,51 +448,60 @@ def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int | 
 
 
 def clip_loss_unchecked(image_emb, text_emb, scale, normalize: bool, label_smoothing: float,
-                        workspace_bytes: int) -> torch.Tensor:
-    """clip_loss on checked arguments."""
+                        workspace_bytes: int, group_ids=None, extra_text=None) -> torch.Tensor:
+    """clip_loss on checked arguments (group_ids: None or int64 (N,); extra_text: None or (K, D))."""
     if not uses_kernels("clip_loss", image_emb):
-        return without_autocast(reference.clip_loss, image_emb, text_emb, scale, normalize, label_smoothing)
+        return without_autocast(reference.clip_loss, image_emb, text_emb, scale, normalize, label_smoothing,
+                                group_ids, extra_text)
     with autocast_off(image_emb):
         n, d = image_emb.shape
-        image_grad, text_grad, scale_grad = _grad_flags(image_emb, text_emb, scale)
-        grads = image_grad or text_grad or scale_grad
-        plan.check_call_workspace(n, n, d, image_emb.dtype, image_emb.device, workspace_bytes, stats=True,
-                                  panel=(image_grad, text_grad, image_emb.dtype) if grads else None)
+        k = 0 if extra_text is None else extra_text.shape[0]
+        image_grad, text_grad, scale_grad, extra_grad = _grad_flags(
+            image_emb, text_emb, scale, image_emb if extra_text is None else extra_text)
+        grads = image_grad or text_grad or scale_grad or (k > 0 and extra_grad)
+        plan.check_call_workspace(n, n + k, d, image_emb.dtype, image_emb.device, workspace_bytes, stats=True,
+                                  panel=(image_grad, text_grad or extra_grad, image_emb.dtype) if grads else None)
         return torch.ops.mmkernels.clip_loss_fwd(image_emb, text_emb, scale, normalize, label_smoothing,
-                                                 workspace_bytes)[0]
+                                                 workspace_bytes, group_ids, extra_text)[0]
 
 
-def siglip_loss_unchecked(image_emb, text_emb, scale, bias, normalize: bool, workspace_bytes: int) -> torch.Tensor:
-    """siglip_loss on checked arguments."""
+def siglip_loss_unchecked(image_emb, text_emb, scale, bias, normalize: bool, workspace_bytes: int,
+                          group_ids=None) -> torch.Tensor:
+    """siglip_loss on checked arguments (group_ids: None or int64 (N,))."""
     if not uses_kernels("siglip_loss", image_emb):
-        return without_autocast(reference.siglip_loss, image_emb, text_emb, scale, bias, normalize)
+        return without_autocast(reference.siglip_loss, image_emb, text_emb, scale, bias, normalize, group_ids)
     with autocast_off(image_emb):
         n, d = image_emb.shape
         image_grad, text_grad, scale_grad, bias_grad = _grad_flags(image_emb, text_emb, scale, bias)
         plan.check_call_workspace(n, n, d, image_emb.dtype, image_emb.device, workspace_bytes,
                                   panel=(image_grad, text_grad, image_emb.dtype))
+        groups = {} if group_ids is None else _kernel_block_args(BlockGroups.square(group_ids), None, n, image_emb)
         return torch.ops.mmkernels.siglip_block(
             image_emb, text_emb, scale, bias, 0, n, normalize, image_grad, text_grad, scale_grad or bias_grad,
-            image_emb.dtype, workspace_bytes,
+            image_emb.dtype, workspace_bytes, **groups,
         )[0]
 
 
 def info_nce_loss_unchecked(query, keys, scale, normalize: bool, label_smoothing: float,
-                            workspace_bytes: int) -> torch.Tensor:
-    """info_nce_loss on checked arguments."""
+                            workspace_bytes: int, group_ids=None, extra_keys=None) -> torch.Tensor:
+    """info_nce_loss on checked arguments (group_ids: None or int64 (N,); extra_keys: None or (K, D))."""
     if not uses_kernels("info_nce_loss", query):
-        return without_autocast(reference.info_nce_loss, query, keys, scale, normalize, label_smoothing)
+        return without_autocast(reference.info_nce_loss, query, keys, scale, normalize, label_smoothing,
+                                group_ids, extra_keys)
     with autocast_off(query):
         n, d = query.shape
-        query_grad, keys_grad, scale_grad = _grad_flags(query, keys, scale)
-        grads = query_grad or keys_grad or scale_grad
-        plan.check_call_workspace(n, n, d, query.dtype, query.device, workspace_bytes, stats=True, columns=False,
-                                  panel=(query_grad, keys_grad, query.dtype) if grads else None)
-        return torch.ops.mmkernels.info_nce_fwd(query, keys, scale, normalize, label_smoothing, workspace_bytes)[0]
+        k = 0 if extra_keys is None else extra_keys.shape[0]
+        query_grad, keys_grad, scale_grad, extra_grad = _grad_flags(
+            query, keys, scale, query if extra_keys is None else extra_keys)
+        grads = query_grad or keys_grad or scale_grad or (k > 0 and extra_grad)
+        plan.check_call_workspace(n, n + k, d, query.dtype, query.device, workspace_bytes, stats=True, columns=False,
+                                  panel=(query_grad, keys_grad or extra_grad, query.dtype) if grads else None)
+        return torch.ops.mmkernels.info_nce_fwd(query, keys, scale, normalize, label_smoothing, workspace_bytes,
+                                                group_ids, extra_keys)[0]
 
 
 def clip_loss(image_emb, text_emb, logit_scale, *, normalize: bool = False, label_smoothing: float = 0.0,
-              workspace_bytes: int | None = None):
+              workspace_bytes: int | None = None, group_ids=None, extra_text=None):
     """CLIP's symmetric InfoNCE loss, as Hugging Face `clip_loss` and open_clip `ClipLoss` compute it.
 
     Args:
@@ -426,22 +515,33 @@ def clip_loss(image_emb, text_emb, logit_scale, *, normalize: bool = False, labe
             $MMKERNELS_WORKSPACE_BYTES, else 256 MiB); S is processed in row panels that fit it.
             Too small for one block of rows raises a ValueError naming the minimum for every pass
             the call runs (forward and backward).
+        group_ids: None, or (N,) integer ids: pairs with the same id are positives of each other (a
+            repeated caption, several captions of one image). Row i's target spreads uniformly over
+            the columns of its group (1/|group| each), and each column's over the rows of its group.
+            None: pair i alone (the diagonal).
+        extra_text: None, or (K, D) more text columns (hard negatives, NegCLIP's loss): negatives of
+            every image row, in the image-to-text cross-entropy only (softmax over N + K columns,
+            label smoothing over N + K classes); the text-to-image direction keeps its N columns.
+            Same dtype and device; gradients reach it.
 
     Returns:
         () float32 tensor: (CE(rows of S) + CE(columns of S)) / 2 with S = logit_scale · image_emb @ text_emb.T.
         An Inf or NaN among the inputs gives NaN. On CUDA (or under TRITON_INTERPRET=1) S is never
-        materialised; forward + backward compute 8·N²·D matrix FLOPs (6·N²·D with one tower frozen).
+        materialised; forward + backward compute 8·N²·D matrix FLOPs (6·N²·D with one tower frozen),
+        the same with group_ids (the kernels compare the ids per tile), and 8·N·(N + K)·D with extra_text.
     """
     _check_pairs(image_emb, text_emb)
     label_smoothing = check_label_smoothing(label_smoothing)
     normalize = check_bool("normalize", normalize)
     scale = scalar_tensor("logit_scale", logit_scale, image_emb)
+    group_ids = check_group_ids(group_ids, image_emb.shape[0], image_emb)
+    check_extra("extra_text", extra_text, image_emb, "image_emb")
     return clip_loss_unchecked(image_emb, text_emb, scale, normalize, label_smoothing,
-                               resolve_workspace_bytes(workspace_bytes))
+                               resolve_workspace_bytes(workspace_bytes), group_ids, extra_text)
 
 
 def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, normalize: bool = False,
-                workspace_bytes: int | None = None):
+                workspace_bytes: int | None = None, group_ids=None):
     """SigLIP's pairwise sigmoid loss, as Hugging Face `SiglipModel` computes it.
 
     Args:
@@ -451,10 +551,12 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, normalize: bool
         logit_bias: the additive bias; a Python float or a 0-dim tensor.
         normalize: L2-normalise both inputs inside the op (forward and backward).
         workspace_bytes: as in clip_loss.
+        group_ids: None, or (N,) integer ids: label +1 for every pair (i, j) with the same id
+            (multiple positives per row), -1 elsewhere. None: +1 on the diagonal only.
 
     Returns:
         () float32 tensor: -Σ_ij log σ(label_ij · S_ij) / N with S = logit_scale · image_emb @ text_emb.T
-        + logit_bias, label +1 on the diagonal and -1 elsewhere. Gradients reach both embeddings,
+        + logit_bias, label +1 on the diagonal (or within a group) and -1 elsewhere. Gradients reach both embeddings,
         logit_scale and logit_bias. An Inf or NaN among the inputs gives NaN. When grad mode is on
         and an input requires grad, the gradients are computed in this forward pass (the backward
         only scales them): 6·N²·D matrix FLOPs in all, 2·N²·D without gradients.
@@ -463,11 +565,13 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, normalize: bool
     normalize = check_bool("normalize", normalize)
     scale = scalar_tensor("logit_scale", logit_scale, image_emb)
     bias = scalar_tensor("logit_bias", logit_bias, image_emb)
-    return siglip_loss_unchecked(image_emb, text_emb, scale, bias, normalize, resolve_workspace_bytes(workspace_bytes))
+    group_ids = check_group_ids(group_ids, image_emb.shape[0], image_emb)
+    return siglip_loss_unchecked(image_emb, text_emb, scale, bias, normalize, resolve_workspace_bytes(workspace_bytes),
+                                 group_ids)
 
 
 def info_nce_loss(query, keys, logit_scale, *, normalize: bool = False, label_smoothing: float = 0.0,
-                  workspace_bytes: int | None = None):
+                  workspace_bytes: int | None = None, group_ids=None, extra_keys=None):
     """One-directional InfoNCE: `F.cross_entropy(logit_scale · query @ keys.T, arange(N))`, without S.
 
     Args:
@@ -478,17 +582,24 @@ def info_nce_loss(query, keys, logit_scale, *, normalize: bool = False, label_sm
         normalize: L2-normalise both inputs inside the op (forward and backward).
         label_smoothing: as in `F.cross_entropy`, a float in [0, 1].
         workspace_bytes: as in `mmkernels.clip_loss` (default $MMKERNELS_WORKSPACE_BYTES, else 256 MiB).
+        group_ids: None, or (N,) integer ids: query i's target spreads uniformly over the keys with
+            its id (false negatives become positives).
+        extra_keys: None, or (K, D) more keys (hard negatives): negatives of every query (softmax
+            over N + K keys, label smoothing over N + K classes); gradients reach them.
 
     Returns:
         () float32 tensor: mean_i CE(S_i, i) with S = logit_scale · query @ keys.T (CLIP's loss is the
         mean of this and its transpose: `(info_nce_loss(a, b, s) + info_nce_loss(b, a, s)) / 2`).
         An Inf or NaN among the inputs gives NaN. On CUDA (or under TRITON_INTERPRET=1) S is never
-        materialised; forward + backward compute 8·N²·D matrix FLOPs (6·N²·D with one side frozen).
+        materialised; forward + backward compute 8·N²·D matrix FLOPs (6·N²·D with one side frozen),
+        the same with group_ids, and 8·N·(N + K)·D with extra_keys.
     """
     _check_pairs(query, keys, ("query", "keys"), "rows N (key i is query i's positive)",
                  "expected at least one query, got N = 0")
     label_smoothing = check_label_smoothing(label_smoothing)
     normalize = check_bool("normalize", normalize)
     scale = scalar_tensor("logit_scale", logit_scale, query)
+    group_ids = check_group_ids(group_ids, query.shape[0], query)
+    check_extra("extra_keys", extra_keys, query, "query")
     return info_nce_loss_unchecked(query, keys, scale, normalize, label_smoothing,
-                                   resolve_workspace_bytes(workspace_bytes))
+                                   resolve_workspace_bytes(workspace_bytes), group_ids, extra_keys)

@@ -84,11 +84,24 @@ def _minus_lse(s, lse):
 
 
 @triton.jit
+def _positives(offs_i, offs_j, mask_i, mask_j, offset, n_pair, row_gid_ptr, col_gid_ptr, GROUPS: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: the tile's positive pairs. GROUPS: row i (block row offs_i) and a paired
+    column j < n_pair with equal ids; else j = offset + i (offset >= N: none)."""
+    if GROUPS:
+        row_g = tl.load(row_gid_ptr + offs_i, mask=mask_i, other=0)
+        paired = mask_j & (offs_j < n_pair)
+        col_g = tl.load(col_gid_ptr + offs_j, mask=paired, other=0)
+        return (row_g[:, None] == col_g[None, :]) & paired[None, :]
+    else:
+        return offs_j[None, :] == (offs_i + offset)[:, None]
+
+
+@triton.jit
 def _clip_stats_kernel(
-    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, col_m_ptr, col_l_ptr, row_ptr,
-    row0, P, N, D, offset, cols_per_split,
+    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, col_m_ptr, col_l_ptr, row_ptr, row_gid_ptr, col_gid_ptr,
+    row_cnt_ptr, row0, P, N, D, offset, n_pair, cols_per_split,
     stride_am, stride_ad, stride_bn, stride_bd, stride_col, stride_row_k, stride_row_s,
-    COLUMNS: tl.constexpr,
+    COLUMNS: tl.constexpr, GROUPS: tl.constexpr, EXTRA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (r, s): panel rows r·BLOCK_M.. (block rows row0 + ...) against columns split s.
@@ -96,7 +109,9 @@ def _clip_stats_kernel(
     COLUMNS: writes, over its columns, the partial column statistics of its row block: col_m[r, j] =
     max_i S_ij, col_l[r, j] = Σ_i exp(S_ij - col_m[r, j]). Always, for its rows over its column split:
     row[0, s, i] = max_j S_ij, row[1, s, i] = Σ_j exp(S_ij - row[0, s, i]) (online over the tiles),
-    row[2, s, i] = S[i, offset + i] if that column is in the split (else 0), row[3, s, i] = Σ_j S_ij.
+    row[2, s, i] = S[i, offset + i] if that column is in the split (else 0) (GROUPS: Σ over the row's
+    positives in the split of S_ij / row_cnt_i), row[3, s, i] = Σ_{j < n_pair} S_ij, row[4, s, i] =
+    Σ_{j >= n_pair} S_ij (the extra columns'; EXTRA, else 0).
     """
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -108,6 +123,7 @@ def _clip_stats_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
     line_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    extra_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     col_begin = pid_s * cols_per_split
     col_end = tl.minimum(N, col_begin + cols_per_split)
     for start in range(col_begin, col_end, BLOCK_N):
@@ -124,19 +140,27 @@ def _clip_stats_kernel(
         m_new = tl.maximum(m_i, tl.max(s_rows, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_rows - m_new[:, None]), axis=1)
         m_i = m_new
-        diag += tl.sum(tl.where(offs_j[None, :] == (offs_i + offset)[:, None], s, 0.0), axis=1)
-        line_sum += tl.sum(tl.where(mask_j[None, :], s, 0.0), axis=1)
+        positive = _positives(offs_i, offs_j, mask_i, mask_j, offset, n_pair, row_gid_ptr, col_gid_ptr, GROUPS)
+        diag += tl.sum(tl.where(positive, s, 0.0), axis=1)
+        if EXTRA:  # columns n_pair.. are extra negatives: their sum apart
+            line_sum += tl.sum(tl.where((mask_j & (offs_j < n_pair))[None, :], s, 0.0), axis=1)
+            extra_sum += tl.sum(tl.where((mask_j & (offs_j >= n_pair))[None, :], s, 0.0), axis=1)
+        else:
+            line_sum += tl.sum(tl.where(mask_j[None, :], s, 0.0), axis=1)
         if COLUMNS:  # this row block's share, from its valid rows (there is at least one)
             s_cols = tl.where(mask_i[:, None], s, float("-inf"))
             col_m = tl.max(s_cols, axis=0)
             col_l = tl.sum(tl.exp(s_cols - col_m[None, :]), axis=0)
             tl.store(col_m_ptr + pid_r * stride_col + offs_j, col_m, mask=mask_j)
             tl.store(col_l_ptr + pid_r * stride_col + offs_j, col_l, mask=mask_j)
+    if GROUPS:  # the row's target spreads over its group: 1/count each
+        diag = diag / tl.load(row_cnt_ptr + offs_i, mask=mask_i, other=1).to(tl.float32)
     row_out = row_ptr + pid_s * stride_row_s + offs_p
     tl.store(row_out, m_i, mask=mask_i)
     tl.store(row_out + stride_row_k, l_i, mask=mask_i)
     tl.store(row_out + 2 * stride_row_k, diag, mask=mask_i)
     tl.store(row_out + 3 * stride_row_k, line_sum, mask=mask_i)
+    tl.store(row_out + 4 * stride_row_k, extra_sum, mask=mask_i)
 
 
 @triton.jit
@@ -177,16 +201,21 @@ def _merge_lse_kernel(
 @triton.jit
 def _panel_kernel(
     a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, bias_ptr, coef_ptr, row_lse_ptr, col_lse_ptr, w_ptr, part_ptr,
-    row0, P, N, D, offset, n_total, label_smoothing,
+    row_gid_ptr, col_gid_ptr, row_cnt_ptr, col_cnt_ptr,
+    row0, P, N, D, offset, n_pair, n_total, row_classes, label_smoothing,
     stride_am, stride_ad, stride_bn, stride_bd, stride_w, stride_part_k, stride_part_r,
-    MODE: tl.constexpr, SCALARS: tl.constexpr, WRITE_W: tl.constexpr,
+    MODE: tl.constexpr, SCALARS: tl.constexpr, WRITE_W: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (r, c): one tile of S, computed once, turned into W.
 
-    CLIP: W = (P^row - t) + (P^col - t), t = (1-eps)·[j = offset+i] + eps/n_total (= 2·n_total·dL/dS).
-    InfoNCE: W = P^row - t (= n_total·dL/dS).
-    SigLIP: W = -label·σ(-label·S) (= n_total·dL/dS), and the loss terms softplus(-label·S).
+    CLIP: W = (P^row - t^row) + (P^col - t^col) (= 2·n_total·dL/dS), t^row = (1-eps)·[j = offset+i] +
+    eps/row_classes, t^col = (1-eps)·[j = offset+i] + eps/n_total; the columns j >= n_pair (extra
+    negatives) have no column term. GROUPS: the positives are the pairs with equal ids, and the
+    positive's 1 - eps is divided by the row's (t^row) or the column's (t^col) group size.
+    InfoNCE: W = P^row - t^row (= n_total·dL/dS).
+    SigLIP: W = -label·σ(-label·S) (= n_total·dL/dS), and the loss terms softplus(-label·S); label +1
+    on the positives.
     part[0, r, c] = Σ loss terms (SigLIP; CLIP: 0), part[1, r, c] = Σ W, part[2, r, c] = Σ W·U over
     the tile (SCALARS; else 0); WRITE_W: w[i, j] = coef·W_ij·ra_i·rb_j for the panel's rows i (row stride stride_w).
     """
@@ -202,18 +231,29 @@ def _panel_kernel(
         stride_am, stride_ad, stride_bn, stride_bd, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
     )
     s = _finite_or_nan(u * tl.load(scale_ptr) + tl.load(bias_ptr))
-    positive = offs_j[None, :] == (offs_i + offset)[:, None]
+    positive = _positives(offs_i, offs_j, mask_i, mask_j, offset, n_pair, row_gid_ptr, col_gid_ptr, GROUPS)
     valid = mask_i[:, None] & mask_j[None, :]
     part = part_ptr + pid_r * stride_part_r + pid_c
     if MODE != 1:  # CLIP and InfoNCE: softmax cross-entropies
         lse_r = tl.load(row_lse_ptr + offs_i, mask=mask_i, other=0.0)
-        # each direction's target t = (1-eps)·[positive] + eps/n_total off its own softmax, as the eager
-        # backward subtracts it: P^row + P^col ≈ 2 at a dominant positive would lose the low bits first
-        t = tl.where(positive, 1.0 - label_smoothing, 0.0) + label_smoothing / n_total
+        # each direction's target off its own softmax, as the eager backward subtracts it: P^row + P^col
+        # ≈ 2 at a dominant positive would lose the low bits first
+        on = 1.0 - label_smoothing
+        if GROUPS:
+            cnt_r = tl.load(row_cnt_ptr + offs_i, mask=mask_i, other=1).to(tl.float32)
+            t = tl.where(positive, on / cnt_r[:, None], 0.0) + label_smoothing / row_classes
+        else:
+            t = tl.where(positive, on, 0.0) + label_smoothing / row_classes
         w = tl.exp(_minus_lse(s, lse_r[:, None])) - t
         if MODE == 0:
-            lse_c = tl.load(col_lse_ptr + offs_j, mask=mask_j, other=0.0)
-            w = w + (tl.exp(_minus_lse(s, lse_c[None, :])) - t)
+            paired = mask_j & (offs_j < n_pair)
+            lse_c = tl.load(col_lse_ptr + offs_j, mask=paired, other=0.0)
+            if GROUPS:
+                cnt_c = tl.load(col_cnt_ptr + offs_j, mask=paired, other=1).to(tl.float32)
+                t = tl.where(positive, on / cnt_c[None, :], 0.0) + label_smoothing / n_total
+            else:
+                t = tl.where(positive, on, 0.0) + label_smoothing / n_total
+            w = w + tl.where(paired[None, :], tl.exp(_minus_lse(s, lse_c[None, :])) - t, 0.0)
         tl.store(part, 0.0)
     else:
         z = tl.where(positive, s, -s)  # label · S

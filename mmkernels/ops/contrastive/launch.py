@@ -68,25 +68,39 @@ class ClipStats(NamedTuple):
     col_sumexp: torch.Tensor | None
     diag: torch.Tensor
     row_sum: torch.Tensor
+    extra_sum: torch.Tensor | None  # None without extra columns
 
 
-def clip_stats(a, b, ra, rb, scale, offset: int, workspace_bytes: int, columns: bool = True) -> ClipStats:
+def _group_args(groups, like: torch.Tensor) -> tuple:
+    """(row ids, row counts, col ids, col counts) pointers for the kernels; `like` stands in for the
+    ones a launch without groups does not read."""
+    return (like, like, like, like) if groups is None else tuple(groups)
+
+
+def clip_stats(a, b, ra, rb, scale, offset: int, workspace_bytes: int, columns: bool = True, *,
+               groups=None, n_pair: int | None = None) -> ClipStats:
     """CLIP's statistics of the block row a (M, D) against b (N, D) (see ClipBlockStats), fp32 but
     row_lse float64; without `columns` (InfoNCE) the rows' only: col_max and col_sumexp are None.
 
     a, b: last dimension contiguous; ra (M,), rb (N,) row scales; scale: 0-dim fp32 tensor.
+    groups: None or (row ids (M,), row counts (M,), col ids (n_pair,), col counts (n_pair,)) int64;
+    n_pair: the paired columns (default N; the others are extra negatives, summed in extra_sum).
     """
     m, d = a.shape
     n = b.shape[0]
     cfg = plan.tile_config(d, a.dtype, a.device)
     rows, layout = plan.stats_plan(m, n, cfg, workspace_bytes, columns)
+    n_pair = n if n_pair is None else n_pair
+    extra = n_pair < n
     f32 = dict(dtype=torch.float32, device=a.device)
     row_lse = new_output((m,), torch.float64, a.device)
     diag, row_sum = (new_output((m,), **f32) for _ in range(2))
+    extra_sum = new_output((m,), **f32) if extra else None
     col_max = torch.full((n,), float("-inf"), **f32) if columns else None
     col_sumexp = torch.zeros(n, **f32) if columns else None
     if m == 0:
-        return ClipStats(row_lse, col_max, col_sumexp, diag, row_sum)
+        return ClipStats(row_lse, col_max, col_sumexp, diag, row_sum, extra_sum)
+    gids = _group_args(groups, a)
     ws = layout.carve(a.device)
     (_, splits), per_split = plan.stats_grid(rows, n, cfg)  # the column splits of a full panel
     row_part = ws["row"]
@@ -95,39 +109,53 @@ def clip_stats(a, b, ra, rb, scale, offset: int, workspace_bytes: int, columns: 
         row_blocks = triton.cdiv(p, cfg["BLOCK_M"])
         col_m, col_l = (ws["col_m"], ws["col_l"]) if columns else (row_part, row_part)  # unused without
         _clip_stats_kernel[(row_blocks, splits)](
-            a, b, ra, rb, scale, col_m, col_l, row_part,
-            p0, p, n, d, offset, per_split,
+            a, b, ra, rb, scale, col_m, col_l, row_part, gids[0], gids[2], gids[1],
+            p0, p, n, d, offset, n_pair, per_split,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), col_m.stride(0),
             row_part.stride(0), row_part.stride(1),
-            COLUMNS=columns, DOT_PRECISION=plan.dot_precision(a.dtype), **plan.launch_options(cfg),
+            COLUMNS=columns, GROUPS=groups is not None, EXTRA=extra, DOT_PRECISION=plan.dot_precision(a.dtype), **plan.launch_options(cfg),
         )
         merge_lse(row_part[0, :, :p], row_part[1, :, :p], lse=row_lse[p0:p0 + p])
         torch.sum(row_part[2, :, :p], 0, out=diag[p0:p0 + p])
         torch.sum(row_part[3, :, :p], 0, out=row_sum[p0:p0 + p])
+        if extra:
+            torch.sum(row_part[4, :, :p], 0, out=extra_sum[p0:p0 + p])
         if columns:
             merge_lse(col_m[:row_blocks], col_l[:row_blocks], col_max, col_sumexp)
-    return ClipStats(row_lse, col_max, col_sumexp, diag, row_sum)
+    return ClipStats(row_lse, col_max, col_sumexp, diag, row_sum, extra_sum)
 
 
 
 def clip_loss_from_stats(n_total: int, label_smoothing: float, *, rows=None, col_lse=None,
-                         directions: int = 2) -> torch.Tensor:
+                         directions: int = 2, row_classes: int | None = None) -> torch.Tensor:
     """CLIP's loss (directions=2) or one-directional InfoNCE (directions=1) from the statistics of
     S, or the share of it that the rows and columns given carry; float64 ().
 
     With eps = label_smoothing and the targets' logits t_i = (1 - eps)·diag_i + eps/n_total·row_sum_i
     (CE with smoothing: lse_i - (1-eps)·S_ii - (eps/n_total)·Σ_j S_ij; the columns' Σ of targets is
-    the rows'), the sum over the rows given of (row_lse_i - directions·t_i), plus the sum over the
-    columns given of col_lse_j, divided by directions·n_total.
+    the rows', also with group targets, whose row and column shares of a group are the same), the sum
+    over the rows given of (row_lse_i - directions·t_i), plus the sum over the columns given of
+    col_lse_j, divided by directions·n_total. With extra columns (rows.extra_sum not None) or
+    row_classes given, the rows' own target is (1 - eps)·diag_i + eps/row_classes·(row_sum_i + extra_sum_i)
+    (their smoothing spreads over row_classes = n_total + K classes) and the columns' stays t_i.
 
-    rows: the rows' statistics (anything with row_lse (M,) float64, diag and row_sum (M,): ClipStats,
-        ClipBlockStats), or None for none. col_lse: (K,) float64 column log-sum-exps, or None.
+    rows: the rows' statistics (anything with row_lse (M,) float64, diag and row_sum (M,), and
+        optionally extra_sum: ClipStats, ClipBlockStats), or None for none. col_lse: (K,) float64
+        column log-sum-exps, or None.
     The sum is linear, so the shares of disjoint rows and columns add up to the loss.
     """
     total = torch.zeros((), dtype=torch.float64, device=(rows.row_lse if rows is not None else col_lse).device)
     if rows is not None:
+        extra_sum = getattr(rows, "extra_sum", None)
         targets = (1 - label_smoothing) * rows.diag.double() + (label_smoothing / n_total) * rows.row_sum.double()
-        total = total + (rows.row_lse.double() - directions * targets).sum()
+        if extra_sum is None and row_classes in (None, n_total):
+            total = total + (rows.row_lse.double() - directions * targets).sum()
+        else:
+            line = rows.row_sum.double() + (0.0 if extra_sum is None else extra_sum.double())
+            row_targets = (1 - label_smoothing) * rows.diag.double() + (label_smoothing / row_classes) * line
+            total = total + (rows.row_lse.double() - row_targets).sum()
+            if directions == 2:
+                total = total - targets.sum()
     if col_lse is not None:
         total = total + col_lse.double().sum()
     return total / (directions * n_total)
@@ -187,8 +215,11 @@ class PanelResult(NamedTuple):
 
 def panel_pass(mode: int, a, b, ra, rb, scale, bias, coef, row_lse, col_lse, *, offset: int, n_total: int,
                label_smoothing: float, normalize: bool, scalars: bool, image_grad: bool, text_grad: bool,
-               grad_dtype: torch.dtype, workspace_bytes: int) -> PanelResult:
+               grad_dtype: torch.dtype, workspace_bytes: int, groups=None, n_pair: int | None = None,
+               row_classes: int | None = None) -> PanelResult:
     """One pass over the block row's logits, W per panel, and the products the sides asked for.
+
+    groups, n_pair: as in clip_stats; row_classes: the rows' label-smoothing classes (default n_total).
 
     The gradients come out as coef·(the matching Σ W products), the normalisation's backward applied:
     image rows complete (M, D); the text side (N, D) summed over this block's rows.
@@ -212,14 +243,16 @@ def panel_pass(mode: int, a, b, ra, rb, scale, bias, coef, row_lse, col_lse, *, 
     part = ws["part"]
     write_w = image_grad or text_grad
     w_all = ws["w"] if write_w else part
+    gids = _group_args(groups, a)
     for p0 in range(0, m, rows):
         p = min(rows, m - p0)
         grid = plan.panel_grid(p, n, cfg)
         _panel_kernel[grid](
-            a, b, ra, rb, scale, bias, coef, row_lse, col_lse, w_all, part,
-            p0, p, n, d, offset, n_total, label_smoothing,
+            a, b, ra, rb, scale, bias, coef, row_lse, col_lse, w_all, part, gids[0], gids[2], gids[1], gids[3],
+            p0, p, n, d, offset, n if n_pair is None else n_pair, n_total,
+            n_total if row_classes is None else row_classes, label_smoothing,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), w_all.stride(0), part.stride(0), part.stride(1),
-            MODE=mode, SCALARS=scalars, WRITE_W=write_w, DOT_PRECISION=plan.dot_precision(a.dtype), **plan.launch_options(cfg),
+            MODE=mode, SCALARS=scalars, WRITE_W=write_w, GROUPS=groups is not None, DOT_PRECISION=plan.dot_precision(a.dtype), **plan.launch_options(cfg),
         )
         sums += part[:, :grid[0]].sum((1, 2))
         if not write_w:

@@ -159,7 +159,7 @@ def _stats_layout(rows: int, n: int, cfg: dict, columns: bool = True) -> _Layout
     splits, _ = column_splits(row_blocks, n, cfg)
     f32 = torch.float32
     col = ((row_blocks, n), f32) if columns else None
-    return _Layout({"col_m": col, "col_l": col, "row": ((4, splits, rows), f32)})
+    return _Layout({"col_m": col, "col_l": col, "row": ((5, splits, rows), f32)})
 
 
 def stats_plan(m: int, n: int, cfg: dict, workspace_bytes: int, columns: bool) -> tuple[int, _Layout]:
