@@ -53,7 +53,8 @@ def grouped_clip(logits, n, ids, eps):
     j's (1-eps)·[g_i = g_j]/c_j + eps/N over the N paired columns only. Returns (loss, the rows'
     targets (N, N + K), the columns' targets (N, N))."""
     k = logits.shape[1] - n
-    same = (ids[:, None] == ids[None, :]).to(logits.dtype) if ids is not None else torch.eye(n, dtype=logits.dtype)
+    same = (ids[:, None] == ids[None, :] if ids is not None else torch.eye(n, dtype=torch.bool, device=logits.device))
+    same = same.to(logits.dtype)
     count = same.sum(1)
     row_targets = F.pad((1 - eps) * same / count[:, None], (0, k)) + eps / (n + k)
     col_targets = (1 - eps) * same / count[None, :] + eps / n
@@ -789,9 +790,9 @@ def test_ring_schedule_pairs_every_message_and_brings_every_gradient_home():
 
 
 def gpu_job(rank, world_size, seed):
-    """On each GPU of an NCCL group: both losses in fp32 and bf16 (SigLIP in both modes), sizes off
-    the tiles, a small workspace (several panels), against the single-process loss of the
-    concatenated batch."""
+    """On each GPU of an NCCL group: both losses in fp32 and bf16 in both modes (the ring also with
+    group ids, and CLIP's with extra text rows), sizes off the tiles, a small workspace (several
+    panels), against the single-process loss of the concatenated batch."""
     failures = []
     for index, (n_per_rank, d, dtype, workspace) in enumerate([
         (1000, 256, torch.float32, None), (1031, 768, torch.bfloat16, None), (4096, 512, torch.bfloat16, 2**22),
@@ -800,15 +801,20 @@ def gpu_job(rank, world_size, seed):
         env = Rank(rank, world_size, sizes, seed + index)
         A, B, scale, bias = env.batch(dtype, d=d)
         A, B = A.cuda(), B.cuda()
-        for kind, kw in (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"})):
+        ids = env.group_ids(sum(sizes) // 2).cuda()
+        E, extra_rows = env.extras(tuple(5 + r for r in range(world_size)), dtype, d)
+        grouped = dict(ids=ids, E=E.cuda(), extra_rows=extra_rows)
+        for kind, kw in (("clip", {}), ("clip", {"mode": "ring"}), ("clip", dict(grouped, mode="ring")),
+                         ("siglip", {}), ("siglip", {"mode": "ring"}), ("siglip", {"mode": "ring", "ids": ids})):
             try:
                 loss, grads = run_loss(kind, A, B, scale, bias, env.rows, normalize=True, workspace_bytes=workspace,
                                        **kw)
                 assert loss.is_cuda and all(g.is_cuda for g in grads.values())
+                oracle_kw = {k: v for k, v in kw.items() if k in ("ids", "E", "extra_rows")}
                 assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=world_size,
-                                              dtype=dtype, normalize=True)
+                                              dtype=dtype, normalize=True, **oracle_kw)
             except Exception:
-                failures.append(f"{kind} {kw} N/rank={n_per_rank} D={d} {dtype}:\n{traceback.format_exc()}")
+                failures.append(f"{kind} {sorted(kw)} N/rank={n_per_rank} D={d} {dtype}:\n{traceback.format_exc()}")
     return failures
 
 
