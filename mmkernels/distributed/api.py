@@ -362,10 +362,13 @@ def _clip_ring(image, text, extra, scale, groups, plan: Plan, opts: _Options):
         stats = contrastive.clip_block_stats_unchecked(image, columns, scale, 0 if q == rank else None,
                                                        opts.normalize, opts.workspace_bytes, **keywords(q))
         rows.add(stats)
-        return torch.stack([stats.col_max.to(acc), stats.col_sumexp.to(acc)])
+        return torch.stack([stats.col_max.double(), stats.col_sumexp.double()])
 
+    # The partial column statistics travel and merge in float64 (2 per column, a small part of a
+    # block's bytes), so that W merges on the way cost no more than the gather mode's one.
     partials = ring.ring_pass(block, sizes, plan.group, statistics, gradients=True,
-                              carry_shape=lambda q: (2, sizes[q]), merge=_merge_column_partials)
+                              carry_shape=lambda q: (2, sizes[q]), carry_dtype=torch.float64,
+                              merge=_merge_column_partials)
     own = slice(0, plan.sizes[rank])
     col_lse = contrastive.merge_column_stats(partials[0:1, own], partials[1:2, own])
     # Every rank computes on at least one block (the check: some rank holds a pair), so rows holds them.
@@ -479,7 +482,7 @@ def clip_loss(image_local, text_local, logit_scale, *, group=None, normalize: bo
               r receives from r-1, sends to r+1; ring.py). Pass 1: each rank's image rows meet
               one rank's block at a time (its own with their positives, the others' as negatives
               only, unless group ids say otherwise), fold their row statistics, and send the
-              block's partial column statistics (max and Σ exp, 2 fp32 per column) on behind it,
+              block's partial column statistics (max and Σ exp, 2 float64 per column) on behind it,
               merged on the way, so that each block comes home with its columns' statistics over
               every rank's rows; then one all_gather of W loss shares. Pass 2: the blocks go round
               again with their column log-sum-exps (float64), each rank computes its rows'

@@ -89,7 +89,8 @@ def ring_schedule(rank: int, sizes: tuple, gradients: bool) -> list:
 
 
 def ring_pass(block, sizes: tuple, group, compute: Callable, *, gradients: bool, shapes: Callable | None = None,
-              carry_shape: Callable | None = None, merge: Callable | None = None):
+              carry_shape: Callable | None = None, carry_dtype: torch.dtype | None = None,
+              merge: Callable | None = None):
     """Run `compute(q, block_q)` on every rank's block (q's, own block first) as the blocks pass
     around the ring of `group`, the exchange of the next block overlapping each compute.
 
@@ -101,10 +102,10 @@ def ring_pass(block, sizes: tuple, group, compute: Callable, *, gradients: bool,
         sent (each side makes its own empty one).
     gradients: whether compute's results travel on to the block's owner, folded on the way:
         compute returns block q's contribution, shaped carry_shape(q) (default (sizes[q], D) of the
-        first tensor), in the accumulation dtype: fp32, float64 for a float64 first tensor (what the
-        block functions return). merge(sum, contribution) -> sum folds two of them (default: the
-        in-place sum, for gradient contributions; CLIP's column statistics merge by max and
-        rescaled sums). Without gradients compute may return anything (ignored).
+        first tensor), in carry_dtype (default the accumulation dtype: fp32, float64 for a float64
+        first tensor, what the block functions return). merge(sum, contribution) -> sum folds two
+        of them (default: the in-place sum, for gradient contributions; CLIP's column statistics
+        merge by max and rescaled sums). Without gradients compute may return anything (ignored).
     Returns the fold over all ranks of the contributions to this rank's block, carry_shape(rank)
     in that dtype (gradients=True), else None. Every rank of the group must call it with the same
     sizes, shapes and gradients flag.
@@ -119,7 +120,8 @@ def ring_pass(block, sizes: tuple, group, compute: Callable, *, gradients: bool,
     if merge is None:
         merge = torch.Tensor.add_
     # The carried blocks received must have the dtype of those sent, or gloo aborts on the size.
-    carry_dtype = torch.float64 if local[0].dtype == torch.float64 else torch.float32
+    if carry_dtype is None:
+        carry_dtype = torch.float64 if local[0].dtype == torch.float64 else torch.float32
     nxt, prv = (dist.get_global_rank(group, (rank + d) % world) for d in (1, -1))
     current = local
     own = outgoing = None
