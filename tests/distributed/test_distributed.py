@@ -327,7 +327,7 @@ def check_autocast_changes_nothing(env):
     """Under torch.autocast (bf16) the losses compute as their contract says (the block functions
     they are built from turn it off): the same fp32 loss and gradients as without it, bit for bit."""
     batch = env.batch()
-    for kind, kw in (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"})):
+    for kind, kw in (("clip", {}), ("clip", {"mode": "ring"}), ("siglip", {}), ("siglip", {"mode": "ring"})):
         loss, grads = run_loss(kind, *batch, env.rows, **kw)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got_loss, got_grads = run_loss(kind, *batch, env.rows, **kw)
@@ -338,7 +338,7 @@ def check_autocast_changes_nothing(env):
 
 def check_non_finite(env):
     # A NaN in the last rank's image rows, an Inf in the first rank's text rows: NaN on every rank.
-    runs = (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"}))
+    runs = (("clip", {}), ("clip", {"mode": "ring"}), ("siglip", {}), ("siglip", {"mode": "ring"}))
     A, B, scale, bias = env.batch()
     A[sum(env.sizes[:-1]), 0] = float("nan")
     losses = [run_loss(kind, A, B, scale, bias, env.rows, **kw)[0] for kind, kw in runs]
