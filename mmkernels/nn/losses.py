@@ -76,13 +76,16 @@ class ClipLoss(nn.Module):
              mode=None)
 
     forward(image_features (M, D), text_features (M, D), logit_scale, logit_bias=None, output_dict=False,
-            group_ids=None)
+            group_ids=None, extra_text=None)
     -> () float32 loss, or {"contrastive_loss": loss} with output_dict. logit_scale is already
-    exponentiated (open_clip passes `model.logit_scale.exp()`). group_ids (M,) int (not open_clip's):
-    pairs with the same id are positives of each other, each row's and column's target spread over
-    its positives (`mmkernels.clip_loss(group_ids=)`); with world_size > 1 the ids are global (equal
-    ids on two ranks are one group), every rank passes them or none does, and local_loss=True
-    refuses them (open_clip's local loss has the diagonal's targets).
+    exponentiated (open_clip passes `model.logit_scale.exp()`). Not open_clip's, as in
+    `mmkernels.clip_loss`: group_ids (M,) int: pairs with the same id are positives of each other,
+    each row's and column's target spread over its positives; extra_text (K, D): more text columns
+    (hard negatives, NegCLIP), negatives of every image row in the image→text direction only. With
+    world_size > 1 they are global, as in `mmkernels.distributed.clip_loss`: equal ids on two ranks
+    are one group (every rank passes ids or none does), every rank's extra rows are negatives of
+    every rank's images (K may differ between ranks); local_loss=True refuses both (open_clip's
+    local loss has the diagonal's targets).
 
     world_size == 1: (CE(rows of S) + CE(columns of S)) / 2 with S = logit_scale · image @ text.T.
     world_size > 1 (a torch.distributed process group of that size, `group` or the world): each
@@ -153,16 +156,17 @@ class ClipLoss(nn.Module):
         return "open_clip_gather_with_grad" if self.gather_with_grad else "open_clip_detached"
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None,
-                output_dict: bool = False, group_ids=None):
+                output_dict: bool = False, group_ids=None, extra_text=None):
         if self.world_size == 1:
             loss = clip_loss(image_features, text_features, logit_scale, normalize=self.normalize,
                              label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes,
-                             group_ids=group_ids)
+                             group_ids=group_ids, extra_text=extra_text)
         else:
             loss = clip_loss_scaled(
                 image_features, text_features, logit_scale, group=self.group, normalize=self.normalize,
                 label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes,
-                scaling=self._scaling(), mode=self.mode, group_ids_local=group_ids, caller="mmkernels.nn.ClipLoss",
+                scaling=self._scaling(), mode=self.mode, group_ids_local=group_ids, extra_text_local=extra_text,
+                caller="mmkernels.nn.ClipLoss",
                 extra_checks=_group_matches(self.rank, self.world_size),
             )
         loss = _with_zero_bias_grad(loss, logit_bias)

@@ -232,19 +232,21 @@ def check_ranks_needing_different_gradients(env):
 
 
 def check_group_ids(env):
-    """forward(..., group_ids=) with ids whose groups span the ranks: ClipLoss (global loss, both
-    modes) gives the single-process loss with those ids and its gradients (W · dL/d(rows), dL/ds);
+    """forward(..., group_ids=) with ids whose groups span the ranks (and ClipLoss's extra_text=,
+    unequal per rank): ClipLoss (global loss, both modes) gives the single-process loss with those
+    ids and extra rows and its gradients (W · dL/d(rows), dL/ds);
     SigLipLoss open_clip's per-rank value with every same-id pair labelled +1, and its gradients;
     ClipLoss(local_loss=True) refuses them on every rank."""
     A, B, scale, bias = env.batch()
     ids = env.group_ids(3)
+    E, extra_rows = env.extras((2, 3))
     for mode in ("gather", "ring"):
         criterion = mmkernels.nn.ClipLoss(gather_with_grad=True, rank=env.rank, world_size=env.world_size, mode=mode)
-        image, text = (t[env.rows].clone().requires_grad_() for t in (A, B))
-        loss = criterion(image, text, scale, group_ids=ids[env.rows])
-        grads = dict(zip(("image", "text"), torch.autograd.grad(loss, (image, text))))
+        image, text, extra = (t.clone().requires_grad_() for t in (A[env.rows], B[env.rows], E[extra_rows]))
+        loss = criterion(image, text, scale, group_ids=ids[env.rows], extra_text=extra)
+        grads = dict(zip(("image", "text", "extra"), torch.autograd.grad(loss, (image, text, extra))))
         assert_matches_single_process(env, "clip", loss.detach(), grads, (A, B, scale, bias), factor=env.world_size,
-                                      dtype=torch.float32, ids=ids)
+                                      dtype=torch.float32, ids=ids, E=E, extra_rows=extra_rows)
     criterion = mmkernels.nn.SigLipLoss(rank=env.rank, world_size=env.world_size)
     leaves = _leaves(A, B, scale, bias, env.rows, torch.float32)
     loss = criterion(*leaves, group_ids=ids[env.rows])
@@ -348,7 +350,7 @@ def test_single_process_matches_the_functions_and_open_clip():
         got = mmkernels.nn.ClipLoss(normalize=True, label_smoothing=0.1)(a, b, scale)
         assert torch.equal(got, mmkernels.clip_loss(a, b, scale, normalize=True, label_smoothing=0.1))
         assert torch.equal(mmkernels.nn.ClipLoss(True, True, True, 0, 1)(a, b, scale), mmkernels.clip_loss(a, b, scale))
-        # group_ids (and InfoNCELoss's extra_keys) reach the functions.
+        # group_ids, ClipLoss's extra_text and InfoNCELoss's extra_keys reach the functions.
         ids, extra = torch.tensor([3, 1, 3, 0, 1, 3]), torch.randn(2, 8, dtype=torch.float64)
         assert torch.equal(mmkernels.nn.ClipLoss()(a, b, scale, group_ids=ids),
                            mmkernels.clip_loss(a, b, scale, group_ids=ids))
@@ -356,6 +358,8 @@ def test_single_process_matches_the_functions_and_open_clip():
                            mmkernels.siglip_loss(a, b, scale, bias, group_ids=ids))
         assert torch.equal(mmkernels.nn.InfoNCELoss(label_smoothing=0.1)(a, b, scale, group_ids=ids, extra_keys=extra),
                            mmkernels.info_nce_loss(a, b, scale, label_smoothing=0.1, group_ids=ids, extra_keys=extra))
+        assert torch.equal(mmkernels.nn.ClipLoss(label_smoothing=0.1)(a, b, scale, group_ids=ids, extra_text=extra),
+                           mmkernels.clip_loss(a, b, scale, label_smoothing=0.1, group_ids=ids, extra_text=extra))
         assert not torch.equal(mmkernels.nn.ClipLoss()(a, b, scale, group_ids=ids), mmkernels.clip_loss(a, b, scale))
 
 
