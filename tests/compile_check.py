@@ -165,6 +165,18 @@ def _contrastive_scenarios():
                 for grads, scalars in ((False, False), (True, True), (True, False), (False, True)):
                     yield f"siglip {tag}", lambda: ops.siglip_block(
                         a, b, scale, bias, 0, n, normalize, grads, grads, scalars, dtype, ws)
+            if d in (64, 768) and dtype != torch.float16:
+                # group ids (GROUPS) and extra negative columns (EXTRA): their own specialisations
+                ids = (torch.arange(n) // 3 * 3).to(torch.int32)  # group_labels' int32 labels and counts
+                count = torch.full((n,), 3, dtype=torch.int32)
+                extra = torch.randn(7, d, dtype=dtype)
+                yield f"clip groups+extra {tag}", lambda: ops.clip_loss_fwd(a, b, scale, False, 0.1, ws, ids, extra)
+                yield f"clip grads groups {tag}", lambda: ops.clip_block_grads(
+                    a, b, scale, lse, lse, grad, 0, n, 0.1, False, True, True, dtype, ws, ids, count, ids, count)
+                yield f"info_nce grads groups+extra {tag}", lambda: ops.info_nce_grads(
+                    a, b, scale, lse, grad, 0.0, False, True, True, dtype, ws, ids, extra)
+                yield f"siglip groups {tag}", lambda: ops.siglip_block(
+                    a, b, scale, bias, 0, n, False, True, True, True, dtype, ws, ids, count, ids, count)
 
 
 def _region_scenarios():
@@ -511,7 +523,7 @@ def build_rows(launches: list) -> list:
     return [Row(job, results[key], labels[key]) for key, job in jobs.items()]
 
 
-_SHOWN = ("MODE", "SCALARS", "WRITE_W", "COLUMNS", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D",
+_SHOWN = ("MODE", "SCALARS", "WRITE_W", "COLUMNS", "GROUPS", "EXTRA", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D",
           "BLOCK_R", "CHUNK", "BLOCK", "KIND", "BERT", "TARGET_GRAD", "HAS_EMB", "HAS_EMB_GRAD", "HAS_LENS",
           "HAS_KV_LENS", "HAS_Q_LENS", "HAS_KPM", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "COMPUTE_DQ",
           "COMPUTE_DK", "COMPUTE_DV", "INIT", "WRITE_LSE")

@@ -157,6 +157,23 @@ def _contrastive_sizes(loss_name):
     return sizes
 
 
+def _group_ids(n: int, device) -> torch.Tensor:
+    """(n,) int64 ids with duplicates, for the ops' optional group arguments."""
+    return torch.randint(0, max(n // 3, 1), (n,), device=device)
+
+
+def _block_groups(ids) -> tuple:
+    """(row ids, row counts, col ids, col counts) of a batch against itself: the ops' group arguments."""
+    counts = (ids[:, None] == ids[None, :]).sum(1)
+    return ids, counts, ids, counts
+
+
+def _rows(groups, p0: int, p1: int) -> tuple:
+    """The group arguments of rows p0..p1-1 against all paired columns."""
+    row_ids, row_count, col_ids, col_count = groups
+    return row_ids[p0:p1], row_count[p0:p1], col_ids, col_count
+
+
 def _clip_run(inputs, a, b, s):
     return mmkernels.clip_loss(a, b, s, normalize=inputs.fixed["normalize"],
                                label_smoothing=inputs.fixed["label_smoothing"])
@@ -171,11 +188,19 @@ def _clip_registered(device):
     s, g = _scalar(2.5, device), _scalar(1.5, device)
     grad_leaves = [t.clone().requires_grad_() for t in (a, b, s)]
     _, row_lse, col_lse = torch.ops.mmkernels.clip_loss_fwd(a, b, s, False, 0.0, WORKSPACE_BYTES)
+    # group ids (duplicates) and K = 3 extra columns: the optional arguments of each op
+    ids, extra = _group_ids(13, device), torch.randn(3, 24, device=device, requires_grad=True)
+    groups = _block_groups(ids)
+    columns = torch.cat([b, extra.detach()])
     return {
-        "clip_loss_fwd": [(*grad_leaves, True, 0.1, WORKSPACE_BYTES)],
-        "clip_block_stats": [(a[3:9], b, s, 2, False, WORKSPACE_BYTES)],
+        "clip_loss_fwd": [(*grad_leaves, True, 0.1, WORKSPACE_BYTES),
+                          (*grad_leaves, False, 0.2, WORKSPACE_BYTES, ids, extra)],
+        "clip_block_stats": [(a[3:9], b, s, 2, False, WORKSPACE_BYTES),
+                             (a[3:9], columns, s, 16, False, WORKSPACE_BYTES, *_rows(groups, 3, 9), 13)],
         "clip_block_grads": [(a, b, s, row_lse, col_lse, g, 0, 13, 0.1, True, image_grad, text_grad, torch.float32,
-                              WORKSPACE_BYTES) for image_grad, text_grad in [(True, True), (False, True)]],
+                              WORKSPACE_BYTES) for image_grad, text_grad in [(True, True), (False, True)]]
+        + [(a, columns, s, row_lse, col_lse, g, 16, 13, 0.1, True, True, True, torch.float32, WORKSPACE_BYTES,
+            *groups, 13, 16, directions) for directions in (1, 2)],
     }
 
 
@@ -199,6 +224,9 @@ def _siglip_registered(device):
         (*grad_leaves, 0, 13, False, True, True, True, a.dtype, WORKSPACE_BYTES),
         # offset = N (columns 0..N-1 hold no positive): what siglip_block(offset=None) passes
         (*without_positives, 5, 14, True, True, True, True, torch.float32, DEFAULT_WORKSPACE_BYTES),
+        # positives by group id
+        (a[2:7], b, s, bias, 13, 13, True, True, True, True, a.dtype, WORKSPACE_BYTES,
+         *_rows(_block_groups(_group_ids(13, device)), 2, 7)),
     ]}
 
 
@@ -216,10 +244,14 @@ def _info_nce_registered(device):
     s, g = _scalar(2.5, device), _scalar(1.5, device)
     leaves = [t.clone().requires_grad_() for t in (q, k, s)]
     _, row_lse = torch.ops.mmkernels.info_nce_fwd(q, k, s, False, 0.0, WORKSPACE_BYTES)
+    ids, extra = _group_ids(13, device), torch.randn(3, 24, device=device)
+    _, extra_row_lse = torch.ops.mmkernels.info_nce_fwd(q, k, s, False, 0.0, WORKSPACE_BYTES, ids, extra)
     return {
-        "info_nce_fwd": [(*leaves, True, 0.1, WORKSPACE_BYTES)],
+        "info_nce_fwd": [(*leaves, True, 0.1, WORKSPACE_BYTES),
+                         (*leaves, False, 0.2, WORKSPACE_BYTES, ids, extra.clone().requires_grad_())],
         "info_nce_grads": [(q, k, s, row_lse, g, 0.1, True, query_grad, keys_grad, torch.float32, WORKSPACE_BYTES)
-                           for query_grad, keys_grad in [(True, True), (False, True), (True, False)]],
+                           for query_grad, keys_grad in [(True, True), (False, True), (True, False)]]
+        + [(q, k, s, extra_row_lse, g, 0.2, False, True, True, torch.float32, WORKSPACE_BYTES, ids, extra)],
     }
 
 

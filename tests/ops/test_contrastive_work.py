@@ -5,6 +5,8 @@ OpTrace: every interpreted tl.dot and every aten matmul; every tensor allocated)
   6·N²·D that the loss's three products need: CLIP ≤ 1.34× (8·N²·D), SigLIP ≤ 1.01× (6·N²·D).
 - Allocations at a workspace that forces several panels: the workspace and O(N·D) buffers, nothing
   that grows with N².
+- Group ids cost no matrix work (exactly 8·N²·D for CLIP and InfoNCE, 6·N²·D for SigLIP, as without
+  them); K extra columns cost exactly their own 8·N·K·D (8·N·(N + K)·D in all).
 """
 import pytest
 import torch
@@ -107,3 +109,63 @@ def test_allocations_are_the_workspace_and_o_of_n_d(loss_name, device):
     with OpTrace() as eager_trace:
         (eager_clip_loss(*eager[:3]) if loss_name == "clip" else eager_siglip_loss(*eager)).backward()
     assert _bounded(eager_trace, workspace, n, d)
+
+
+GROUP_WORK = {"clip": 8, "info_nce": 8, "siglip": 6}  # forward + backward, units of N²·D
+
+
+def _grouped_loss(loss_name, leaves, ids, extra=None):
+    if loss_name == "clip":
+        return mmkernels.clip_loss(*leaves[:3], normalize=True, label_smoothing=0.1, group_ids=ids,
+                                   **({} if extra is None else {"extra_text": extra}))
+    if loss_name == "info_nce":
+        return mmkernels.info_nce_loss(*leaves[:3], normalize=True, label_smoothing=0.1, group_ids=ids,
+                                       **({} if extra is None else {"extra_keys": extra}))
+    return mmkernels.siglip_loss(*leaves, normalize=True, group_ids=ids)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce", "siglip"])
+def test_group_ids_cost_no_matrix_work(loss_name, device):
+    """Group ids are read per tile: forward + backward count exactly today's matrix FLOPs (8·N²·D for
+    CLIP and InfoNCE, 6·N²·D for SigLIP; whole 64-wide tiles, so no padding in the count), and the
+    loss and gradients meet the rule against the float64 oracle."""
+    if device.type != "cpu":
+        pytest.skip("counts interpreted tl.dot")
+    from contrastive_oracle import check_grouped
+
+    n, d = 128, 64
+    fresh_seed()
+    leaves = random_leaves(n, d, torch.float32, device, with_bias=loss_name == "siglip")
+    ids = torch.randint(0, n // 3, (n,), device=device)
+    inputs = [t.clone().requires_grad_() for t in leaves]
+    with OpTrace() as trace:
+        loss = _grouped_loss(loss_name, inputs, ids)
+        loss.backward()
+    assert trace.dot_calls > 0, "no kernel ran: the count is blind"
+    assert trace.matmul_flops == GROUP_WORK[loss_name] * n * n * d, trace.matmul_flops / (n * n * d)
+    got = [loss] + [t.grad for t in inputs]
+    check_grouped(loss_name, got, leaves, torch.float32, f"{loss_name} groups, counted", ids, True,
+                  0.0 if loss_name == "siglip" else 0.1)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "info_nce"])
+def test_extra_negatives_cost_their_own_columns(loss_name, device):
+    """K extra columns cost their own 8·N·K·D and no more: forward + backward count exactly
+    8·N·(N + K)·D with group ids (each of the N·(N + K) logits computed once a pass and two products
+    in the backward); the gradients, the extras' included, meet the rule."""
+    if device.type != "cpu":
+        pytest.skip("counts interpreted tl.dot")
+    from contrastive_oracle import check_grouped
+
+    n, k, d = 128, 64, 64
+    fresh_seed()
+    leaves = random_leaves(n, d, torch.float32, device, with_bias=False) + [torch.randn(k, d, device=device)]
+    ids = torch.randint(0, n // 3, (n,), device=device)
+    inputs = [t.clone().requires_grad_() for t in leaves]
+    with OpTrace() as trace:
+        loss = _grouped_loss(loss_name, inputs[:3], ids, extra=inputs[3])
+        loss.backward()
+    assert trace.dot_calls > 0, "no kernel ran: the count is blind"
+    assert trace.matmul_flops == 8 * n * (n + k) * d, trace.matmul_flops / (n * (n + k) * d)
+    got = [loss] + [t.grad for t in inputs]
+    check_grouped(loss_name, got, leaves, torch.float32, f"{loss_name} extras, counted", ids, True, 0.1)

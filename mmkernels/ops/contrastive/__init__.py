@@ -140,6 +140,13 @@ def check_extra(name: str, extra, like: torch.Tensor, like_name: str) -> None:
     check_embedding_pair(like, extra, (like_name, name), ("N", "K"))
 
 
+def group_labels(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels (N,) int32, counts (N,) int32) of N integer ids: one label per distinct id and each
+    id's group size (O(N log N), no N × N, no host sync). The kernels compare int32 labels (int64 ids
+    work too, at more registers)."""
+    return reference.group_labels(group_ids)
+
+
 def group_counts(group_ids: torch.Tensor) -> torch.Tensor:
     """(N,) int64: the size of each id's group among the N ids (O(N log N), no N × N)."""
     return reference.group_counts(group_ids)
@@ -150,7 +157,8 @@ class BlockGroups(NamedTuple):
     when row_ids[i] == col_ids[j]; a row's (a column's) target spreads over its positives, 1/its
     group's size each. The counts are over the whole batch (group_counts of all its ids).
 
-    row_ids (M,), row_count (M,), col_ids (n_pair,), col_count (n_pair,): int64, on the block's device.
+    row_ids (M,), row_count (M,), col_ids (n_pair,), col_count (n_pair,): integer tensors on the block's
+    device; best the int32 labels and counts of group_labels over the whole batch.
     """
 
     row_ids: torch.Tensor
@@ -161,8 +169,8 @@ class BlockGroups(NamedTuple):
     @classmethod
     def square(cls, group_ids: torch.Tensor) -> "BlockGroups":
         """The groups of a batch against itself (N rows and N paired columns)."""
-        counts = group_counts(group_ids)
-        return cls(group_ids, counts, group_ids, counts)
+        labels, counts = group_labels(group_ids)
+        return cls(labels, counts, labels, counts)
 
 
 def _check_stat(name: str, t, length: int, like: torch.Tensor) -> torch.Tensor:

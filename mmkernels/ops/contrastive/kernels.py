@@ -247,7 +247,8 @@ def _panel_kernel(
         w = tl.exp(_minus_lse(s, lse_r[:, None])) - t
         if MODE == 0:
             paired = mask_j & (offs_j < n_pair)
-            lse_c = tl.load(col_lse_ptr + offs_j, mask=paired, other=0.0)
+            # +inf off the paired columns: exp(s - inf) = 0 there, no overflow computed and discarded
+            lse_c = tl.load(col_lse_ptr + offs_j, mask=paired, other=float("inf"))
             if GROUPS:
                 cnt_c = tl.load(col_cnt_ptr + offs_j, mask=paired, other=1).to(tl.float32)
                 t = tl.where(positive, on / cnt_c[None, :], 0.0) + label_smoothing / n_total

@@ -113,7 +113,8 @@ def clip_stats(a, b, ra, rb, scale, offset: int, workspace_bytes: int, columns: 
             p0, p, n, d, offset, n_pair, per_split,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), col_m.stride(0),
             row_part.stride(0), row_part.stride(1),
-            COLUMNS=columns, GROUPS=groups is not None, EXTRA=extra, DOT_PRECISION=plan.dot_precision(a.dtype), **plan.launch_options(cfg),
+            COLUMNS=columns, GROUPS=groups is not None, EXTRA=extra, DOT_PRECISION=plan.dot_precision(a.dtype),
+            **plan.launch_options(cfg),
         )
         merge_lse(row_part[0, :, :p], row_part[1, :, :p], lse=row_lse[p0:p0 + p])
         torch.sum(row_part[2, :, :p], 0, out=diag[p0:p0 + p])
@@ -252,7 +253,8 @@ def panel_pass(mode: int, a, b, ra, rb, scale, bias, coef, row_lse, col_lse, *, 
             p0, p, n, d, offset, n if n_pair is None else n_pair, n_total,
             n_total if row_classes is None else row_classes, label_smoothing,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), w_all.stride(0), part.stride(0), part.stride(1),
-            MODE=mode, SCALARS=scalars, WRITE_W=write_w, GROUPS=groups is not None, DOT_PRECISION=plan.dot_precision(a.dtype), **plan.launch_options(cfg),
+            MODE=mode, SCALARS=scalars, WRITE_W=write_w, GROUPS=groups is not None,
+            DOT_PRECISION=plan.dot_precision(a.dtype), **plan.launch_options(cfg),
         )
         sums += part[:, :grid[0]].sum((1, 2))
         if not write_w:

@@ -31,11 +31,19 @@ def clip_logits(image_emb, text_emb, logit_scale, normalize: bool = False, logit
     return torch.where(torch.isfinite(logits), logits, torch.nan)
 
 
-def group_counts(group_ids: torch.Tensor) -> torch.Tensor:
-    """(N,) int64: how many of the N ids equal each one (its group's size): a sort and two binary
-    searches, O(N log N), no N × N and no host sync."""
+def group_labels(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels (N,) int32, counts (N,) int32) of N integer ids: equal ids get one label (the position
+    of their group in the sorted ids, < N) and their group's size. A sort and two binary searches,
+    O(N log N), no N × N and no host sync."""
     ordered = torch.sort(group_ids).values
-    return (torch.searchsorted(ordered, group_ids, right=True) - torch.searchsorted(ordered, group_ids)).to(torch.int64)
+    first = torch.searchsorted(ordered, group_ids)
+    counts = torch.searchsorted(ordered, group_ids, right=True) - first
+    return first.to(torch.int32), counts.to(torch.int32)
+
+
+def group_counts(group_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: how many of the N ids equal each one (its group's size)."""
+    return group_labels(group_ids)[1].to(torch.int64)
 
 
 def _group_targets(group_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,21 +53,32 @@ def _group_targets(group_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.
     return positives, positives.to(dtype) / group_counts(group_ids).to(dtype)[:, None]
 
 
-def _diagonal(group_ids) -> bool:
-    """Whether the ids make every pair its own group (None, or all distinct): the targets are then
-    the diagonal's, computed as without ids (the same bits)."""
-    return group_ids is None or bool((group_counts(group_ids) == 1).all())
+def _distinct(group_ids) -> torch.Tensor:
+    """0-dim bool: whether every id is its own group (the targets are then the diagonal's)."""
+    return (group_counts(group_ids) == 1).all()
+
+
+def _same_bits_when_distinct(group_ids, grouped: torch.Tensor, diagonal) -> torch.Tensor:
+    """`grouped` (the loss with group targets), or the diagonal's loss when the ids are all distinct,
+    so that they give the same bits as group_ids=None. `diagonal` is a function computing it. Eager
+    code decides on the host; under torch.compile both are computed and torch.where picks (no
+    data-dependent branch; the branch not taken adds exact zeros to the gradients)."""
+    if torch.compiler.is_compiling():
+        return torch.where(_distinct(group_ids), diagonal(), grouped)
+    return diagonal() if bool(_distinct(group_ids)) else grouped
 
 
 def _soft_cross_entropy(logits, group_ids, n_extra: int, label_smoothing: float) -> torch.Tensor:
     """F.cross_entropy of the rows of logits (N, N + n_extra) against the group targets of the first
     N columns (the n_extra last columns are negatives only), label smoothing over all N + n_extra."""
     n = logits.shape[0]
-    if _diagonal(group_ids):
-        return F.cross_entropy(logits, torch.arange(n, device=logits.device), label_smoothing=label_smoothing)
+    labels = torch.arange(n, device=logits.device)
+    if group_ids is None:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     _, targets = _group_targets(group_ids, logits.dtype)
-    targets = F.pad(targets, (0, n_extra))
-    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    grouped = F.cross_entropy(logits, F.pad(targets, (0, n_extra)), label_smoothing=label_smoothing)
+    return _same_bits_when_distinct(
+        group_ids, grouped, lambda: F.cross_entropy(logits, labels, label_smoothing=label_smoothing))
 
 
 def clip_loss(image_emb, text_emb, logit_scale, normalize: bool = False, label_smoothing: float = 0.0,
@@ -70,7 +89,7 @@ def clip_loss(image_emb, text_emb, logit_scale, normalize: bool = False, label_s
     image_emb, text_emb: (N, D); logit_scale: 0-dim tensor (already exponentiated). extra_text (K, D):
     more columns of the rows' cross-entropy (image to text), negatives of every row. Returns a scalar.
     """
-    if extra_text is None and _diagonal(group_ids):
+    if extra_text is None and group_ids is None:
         logits = clip_logits(image_emb, text_emb, logit_scale, normalize)
         labels = torch.arange(logits.shape[0], device=logits.device)
         rows = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
@@ -104,11 +123,11 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, normalize: bool = 
     """
     logits = clip_logits(image_emb, text_emb, logit_scale, normalize, logit_bias)
     n = logits.shape[0]
-    if _diagonal(group_ids):
-        labels = _siglip_labels(n, n, 0, logits)
-    else:
-        labels = torch.where(_group_targets(group_ids, logits.dtype)[0], 1.0, -1.0).to(logits.dtype)
-    return -F.logsigmoid(labels * logits).sum() / n
+    diagonal = lambda: -F.logsigmoid(_siglip_labels(n, n, 0, logits) * logits).sum() / n  # noqa: E731
+    if group_ids is None:
+        return diagonal()
+    labels = torch.where(_group_targets(group_ids, logits.dtype)[0], 1.0, -1.0).to(logits.dtype)
+    return _same_bits_when_distinct(group_ids, -F.logsigmoid(labels * logits).sum() / n, diagonal)
 
 
 def info_nce_loss(query, keys, logit_scale, normalize: bool = False, label_smoothing: float = 0.0,

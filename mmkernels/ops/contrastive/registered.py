@@ -31,8 +31,8 @@ def _square_groups(group_ids):
     """The groups of a batch against itself: (ids, counts, ids, counts), or None."""
     if group_ids is None:
         return None
-    counts = reference.group_counts(group_ids)
-    return (group_ids, counts, group_ids, counts)
+    labels, counts = reference.group_labels(group_ids)
+    return (labels, counts, labels, counts)
 
 
 def _columns(text_emb, extra):
@@ -70,7 +70,8 @@ def clip_block_stats(
     a, b, ra, rb = launch.operands(image_emb, text_emb, normalize)
     n = b.shape[0]
     stats = launch.clip_stats(a, b, ra, rb, logit_scale, offset, workspace_bytes,
-                              groups=_groups(row_ids, row_count, col_ids, col_count), n_pair=n if n_pair < 0 else n_pair)
+                              groups=_groups(row_ids, row_count, col_ids, col_count),
+                              n_pair=n if n_pair < 0 else n_pair)
     extra_sum = torch.zeros_like(stats.row_sum) if stats.extra_sum is None else stats.extra_sum
     return tuple(stats[:5]) + (extra_sum,)
 
