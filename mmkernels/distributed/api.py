@@ -155,10 +155,10 @@ def _scatter_sum_columns(partial: torch.Tensor, plan: Plan) -> tuple:
 
 
 def _group_ids(ids_local, plan: Plan):
-    """(ids (N,), counts (N,): each pair's group size over the global batch), int64: one all_gather
-    of the ranks' ids, O(N) on every rank (the counts need the whole batch)."""
-    ids = _gather_rows(ids_local.to(torch.int64), plan)
-    return ids, contrastive.group_counts(ids)
+    """(labels (N,), counts (N,)): the global batch's group labels and each pair's group size, int32
+    (contrastive.group_labels; what the kernels compare), from one all_gather of the ranks' int64
+    ids, O(N) on every rank (the counts need the whole batch)."""
+    return contrastive.group_labels(_gather_rows(ids_local.to(torch.int64), plan))
 
 
 def _block_groups(groups, plan: Plan, columns: int | None):
@@ -166,11 +166,11 @@ def _block_groups(groups, plan: Plan, columns: int | None):
     columns), or None without group ids."""
     if groups is None:
         return None
-    ids, counts = groups
+    labels, counts = groups
     start = [0, *itertools.accumulate(plan.sizes)]
     rows = slice(start[plan.rank], start[plan.rank + 1])
     cols = slice(None) if columns is None else slice(start[columns], start[columns + 1])
-    return contrastive.BlockGroups(row_ids=ids[rows], row_count=counts[rows], col_ids=ids[cols],
+    return contrastive.BlockGroups(row_ids=labels[rows], row_count=counts[rows], col_ids=labels[cols],
                                    col_count=counts[cols])
 
 
