@@ -365,7 +365,7 @@ def check_work_per_rank(env):
     """Each rank's matrix work is its block row's: CLIP 8·M_r·N·D (2 for the statistics, 6 for the
     gradients), SigLIP 6·M_r·N·D, in either mode (the ring's W blocks of M_r × M_q add up to it),
     2·M_r·N·D less per frozen tower (the reference path computes both sides whatever is frozen),
-    2·M_r·N·D without gradients."""
+    2·M_r·N·D without gradients; with K extra text rows CLIP's 8·M_r·(N + K)·D."""
     env = Rank(env.rank, env.world_size, WORK_SIZES[env.world_size], env.seed)
     d = 64
     A, B, scale, bias = env.batch(d=d)
@@ -379,6 +379,16 @@ def check_work_per_rank(env):
                 run_loss(kind, A, B, scale, bias, env.rows, **NEEDS[needs], mode=mode)
             if trace.matmul_flops != products * unit:
                 wrong.append(f"{kind} ({mode}), {needs}: {trace.matmul_flops / unit} products, expected {products}")
+    # Extra text rows (64 on rank 0, whole tiles in either mode) and group ids: CLIP's 4 products of
+    # 2·M_r·(N + K)·D, the extra columns' own work and no more.
+    E, extra_rows = env.extras((64,) + (0,) * (env.world_size - 1), d=d)
+    wide = 2 * env.sizes[env.rank] * (sum(env.sizes) + E.shape[0]) * d
+    for mode in MODES["clip"]:
+        with OpTrace() as trace:
+            run_loss("clip", A, B, scale, bias, env.rows, mode=mode, ids=env.group_ids(9), E=E, extra_rows=extra_rows)
+        if trace.matmul_flops != 4 * wide:
+            wrong.append(f"clip ({mode}) with extra rows and group ids: {trace.matmul_flops / wide} products, "
+                         "expected 4")
     assert not wrong, f"rank {env.rank} (M = {env.sizes[env.rank]}): " + "; ".join(wrong)
 
 
