@@ -226,7 +226,7 @@ def check_clip_fp16(env, mode="gather"):
                                   normalize=True)
 
 
-EXTRA_SIZES = {2: (3, 0), 3: (2, 0, 1)}  # K_r per rank: unequal, a rank with none
+EXTRA_SIZES = {2: (3, 0), 3: (2, 1, 0)}  # K_r per rank: unequal, a rank with none, the empty rank with one
 
 
 def check_clip_groups_and_extras(env, mode="gather"):
