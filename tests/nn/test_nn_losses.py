@@ -234,9 +234,9 @@ def check_ranks_needing_different_gradients(env):
 def check_group_ids(env):
     """forward(..., group_ids=) with ids whose groups span the ranks (and ClipLoss's extra_text=,
     unequal per rank): ClipLoss (global loss, both modes) gives the single-process loss with those
-    ids and extra rows and its gradients (W · dL/d(rows), dL/ds);
-    SigLipLoss open_clip's per-rank value with every same-id pair labelled +1, and its gradients;
-    ClipLoss(local_loss=True) refuses them on every rank."""
+    ids and extra rows and its gradients (W · dL/d(rows), dL/ds); SigLipLoss open_clip's per-rank
+    value with every same-id pair labelled +1, and its gradients; ClipLoss(local_loss=True) refuses
+    them on every rank."""
     A, B, scale, bias = env.batch()
     ids = env.group_ids(3)
     E, extra_rows = env.extras((2, 3))
