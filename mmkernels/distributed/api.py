@@ -6,6 +6,7 @@ doing 1/world_size of the work.
     loss = mmd.clip_loss(image_local, text_local, logit_scale, mode="ring")     # O(M·D) memory
     loss = mmd.siglip_loss(image_local, text_local, logit_scale, logit_bias)
     loss = mmd.siglip_loss(image_local, text_local, logit_scale, logit_bias, mode="ring")  # O(M·D) memory
+    loss = mmd.info_nce_loss(query_local, keys_local, logit_scale)          # one-directional
     loss.backward()     # DDP / FSDP then average the gradients: the single-process update
 
 Rank r holds M_r pairs (M_r may differ between ranks). The global batch is their concatenation in
@@ -82,7 +83,7 @@ from mmkernels.distributed.plan import (
 from mmkernels.ops import contrastive
 from mmkernels.ops._args import scalar_tensor
 
-__all__ = ["clip_loss", "siglip_loss"]
+__all__ = ["clip_loss", "info_nce_loss", "siglip_loss"]
 
 GRAD_SCALINGS = ("ddp", "none")
 
@@ -537,6 +538,89 @@ def clip_loss(image_local, text_local, logit_scale, *, group=None, normalize: bo
                             label_smoothing=label_smoothing, workspace_bytes=workspace_bytes, scaling=grad_scaling,
                             mode=mode, group_ids_local=group_ids_local, extra_text_local=extra_text_local,
                             extra_checks=_public_scaling(grad_scaling))
+
+
+# --------------------------------------------------------------------------- InfoNCE
+
+
+class _InfoNceLoss(_FinishedGradients):
+    @staticmethod
+    def forward(ctx, query, keys, scale, plan: Plan, opts: _Options):
+        n, off = plan.n_total, plan.offset
+        eps = opts.label_smoothing
+        acc = _accumulation_dtype(query)
+        keys_all = _gather_rows(keys, plan)
+        # The rows' statistics only: InfoNCE's softmax runs over each row of S, and a block row holds
+        # whole rows, so this rank's share of the loss is complete without any other rank's numbers.
+        stats = contrastive.clip_block_stats_unchecked(query, keys_all, scale, off, opts.normalize,
+                                                        opts.workspace_bytes, columns=False)
+        share = contrastive.clip_loss_from_stats(n, eps, rows=stats, directions=1)
+        value = _gather_scalars(share.to(acc).reshape(1), plan).double().sum()
+        grads = (None, None, None)
+        if opts.runs_gradient_pass(plan):
+            g_query, g_keys, g_scale = contrastive.clip_block_grads_unchecked(
+                query, keys_all, scale, stats.row_lse, None, off, n, eps, opts.normalize, opts.image_grad,
+                plan.text_grad, torch.ones((), dtype=torch.float32, device=query.device), opts.workspace_bytes,
+                directions=1,
+            )
+            factor = opts.scaling.factor(plan)
+            del keys_all
+            g_keys = None if g_keys is None else _scatter_sum_rows(g_keys * factor, plan)
+            (g_scale,) = _scalar_grads([g_scale], opts.scalar_grads, plan, opts.scaling, factor, acc)
+            grads = (None if g_query is None else g_query * factor, g_keys, g_scale)
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (query.dtype, keys.dtype, scale.dtype)
+        ctx.fixed_inputs = 2
+        return value.to(acc)
+
+
+def info_nce_loss(query_local, keys_local, logit_scale, *, group=None, normalize: bool = False,
+                  label_smoothing: float = 0.0, grad_scaling: str = "ddp", workspace_bytes: int | None = None):
+    """One-directional InfoNCE of the global batch, from each rank's local (query, key) pairs.
+
+    Args:
+        query_local: (M_r, D) this rank's queries (the rows of S); M_r may differ between ranks, D,
+            dtype and device type may not. The global batch is the ranks' rows concatenated in rank
+            order (N = Σ M_r); key i is the positive of global query i, every other key a negative.
+        keys_local: (M_r, D) this rank's keys, same dtype and device.
+        logit_scale: the multiplier, already exponentiated: a Python float or a 0-dim tensor on the
+            embeddings' device.
+        group, normalize, grad_scaling, workspace_bytes: as for `clip_loss`.
+        label_smoothing: as in `F.cross_entropy`, in [0, 1], over the N global classes.
+
+    Returns:
+        () float32 (float64 for float64 inputs), the same value on every rank: what one process
+        computes on the concatenated batch, `mmkernels.info_nce_loss(query, keys, logit_scale)`,
+        mean_i CE(S_i, i) with S = logit_scale · query @ keys.T (N × N).
+
+    Gradients, as for `clip_loss` ("ddp": W · dL/d(rows) for query_local and keys_local, W · rank
+    r's share (from its block row of S) for logit_scale; "none": the unscaled shares), finished in
+    the forward (the backward runs no collective).
+
+    Each rank gathers every rank's keys (one all_gather of (max M_r, D)) and computes its block row of
+    S, rows only: 8·M_r·N·D matrix FLOPs with gradients (2·M_r·N·D for the row statistics, 6 for the
+    gradients; 2·M_r·N·D less per frozen side), no logit block in autograd. Communication beyond the
+    check and the keys: one all_gather of the ranks' loss shares (one fp32 each) and, when some rank
+    needs the keys' gradient, one reduce-scatter of the (N, D) fp32 partial key gradients.
+    """
+    caller = "mmkernels.distributed.info_nce_loss"
+    names = ("query_local", "keys_local")
+    group = process_group(group, caller)
+    scale = []
+
+    def local_checks():
+        _public_scaling(grad_scaling)(group)
+        embedding_checks(query_local, keys_local, names)
+        scale.append(scalar_tensor("logit_scale", logit_scale, query_local))
+        contrastive.check_label_smoothing(label_smoothing)
+
+    query_grad, keys_grad, scale_grad = (_needs_grad(t) for t in (query_local, keys_local, logit_scale))
+    plan = check(caller, "info_nce_loss", group, query_local, keys_local, local_checks, image_grad=query_grad,
+                 text_grad=keys_grad, scalar_grad=scale_grad, normalize=normalize, label_smoothing=label_smoothing,
+                 grad_scaling=grad_scaling, workspace_bytes=workspace_bytes, names=names)
+    opts = _Options(bool(normalize), float(label_smoothing), plan.workspace_bytes, SCALINGS[grad_scaling], query_grad,
+                    (scale_grad,))
+    return _InfoNceLoss.apply(query_local, keys_local, scale[0], plan, opts)
 
 
 # --------------------------------------------------------------------------- SigLIP

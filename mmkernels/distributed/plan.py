@@ -60,7 +60,7 @@ _SCALING_CODES = {name: i for i, name in enumerate(SCALINGS)}
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
-_OPS = ("clip_loss", "siglip_loss")
+_OPS = ("clip_loss", "siglip_loss", "info_nce_loss")
 MODES = ("gather", "ring")
 # The check's fields, one int64 each, per rank.
 _FIELDS = ("op", "rejected", "M", "D", "dtype", "device", "image_grad", "text_grad", "scalar_grad", "normalize",
@@ -171,7 +171,8 @@ def _describe(values, fmt=str) -> str:
 
 def check(caller: str, op: str, group, image, text, local_checks, *, image_grad: bool, text_grad: bool,
            scalar_grad: bool, normalize, label_smoothing, grad_scaling: str, workspace_bytes,
-           mode: str = "gather", extra=None, group_ids=None) -> Plan:
+           mode: str = "gather", names: tuple = ("image_local", "text_local"), extra=None,
+           group_ids=None) -> Plan:
     """Run this rank's input checks, then one small all_gather of what every rank passed, and
     raise the same kind of error on every rank if any rank's inputs are invalid, the ranks
     disagree (embedding width, dtype, device type, options, mode, whether group ids were passed,
@@ -181,7 +182,8 @@ def check(caller: str, op: str, group, image, text, local_checks, *, image_grad:
     this rank's ids or None, checked by `local_checks`. Returns the plan.
 
     A rank whose own inputs fail still joins the all_gather before raising its own error, so that
-    no other rank is left waiting in a collective.
+    no other rank is left waiting in a collective. `names`: the caller's names of image and text,
+    for the messages.
     """
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     local_error = None
@@ -221,12 +223,12 @@ def check(caller: str, op: str, group, image, text, local_checks, *, image_grad:
         )
     if len(set(col["D"])) > 1:
         raise ValueError(
-            "expected image_local and text_local to have the same embedding dimension D on every rank, got "
+            f"expected {names[0]} and {names[1]} to have the same embedding dimension D on every rank, got "
             + _describe(col["D"], lambda d: f"D = {d}")
         )
     if len(set(col["dtype"])) > 1:
         raise TypeError(
-            "expected image_local and text_local to have the same dtype on every rank, got "
+            f"expected {names[0]} and {names[1]} to have the same dtype on every rank, got "
             + _describe(col["dtype"], lambda i: str(_DTYPES[i]))
         )
     if len(set(col["device"])) > 1:
@@ -266,14 +268,15 @@ def check_workspaces(caller: str, op: str, plan: Plan, col: dict, image, scaling
         image_grad, scalar_grad, workspace = bool(col["image_grad"][r]), bool(col["scalar_grad"][r]), col["workspace"][r]
         runs = runs_gradient_pass(image_grad, scalar_grad, plan, scaling)
         try:
-            if op == "clip_loss":
+            if op in ("clip_loss", "info_nce_loss"):  # the block functions check CLIP's statistics for both
                 check_call_workspace(m, n, d, image.dtype, image.device, workspace, stats=True,
                                      panel=(image_grad, plan.text_grad, torch.float32) if runs else None)
             else:
                 check_call_workspace(m, n, d, image.dtype, image.device, workspace,
                                      panel=(runs and image_grad, runs and plan.text_grad, torch.float32))
         except ValueError as err:
-            columns = f"{n} columns (the widest ring block)" if mode == "ring" else f"N + K = {n} columns"
+            columns = (f"{n} columns (the widest ring block)" if mode == "ring"
+                       else f"N + K = {n} columns" if plan.n_extra else f"N = {n} columns")
             raise ValueError(f"{caller}: rank {r} (M = {m} rows against {columns}): {err}") from None
 
 
@@ -283,7 +286,7 @@ def runs_gradient_pass(image_grad: bool, scalar_grad: bool, plan: Plan, scaling:
     return image_grad or plan.text_grad or scalar_grad or (scaling.scalar_total and plan.scalar_grad)
 
 
-def embedding_checks(image, text):
-    check_embedding_pair(image, text, ("image_local", "text_local"), ("M", "M"), same_rows="local pairs M")
+def embedding_checks(image, text, names: tuple = ("image_local", "text_local")):
+    check_embedding_pair(image, text, names, ("M", "M"), same_rows="local pairs M")
     if image.dtype not in _DTYPES:
-        raise TypeError(f"expected image_local and text_local in one of {_DTYPES}, got {image.dtype}")
+        raise TypeError(f"expected {names[0]} and {names[1]} in one of {_DTYPES}, got {image.dtype}")

@@ -59,13 +59,13 @@ A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one
   exactly. `ctx.set_up(fn)` runs `fn()`, something process-wide the patch needs (registering a name
   with a library; idempotent), now and again in a process that loads a pickled copy of the model.
   `ctx.skip(path, kind, reason)` records an item the patcher recognises and leaves as it is.
-  `ctx.keep_logits`, `ctx.strict`, `ctx.is_patched(module, kind)` are there to read; `ctx.memo` is a
-  dict shared by the patchers of one `patch()` call.
+  `ctx.keep_logits`, `ctx.global_loss`, `ctx.strict`, `ctx.is_patched(module, kind)` are there to
+  read; `ctx.memo` is a dict shared by the patchers of one `patch()` call.
 - The patched forward is a module-level function `forward(self, *args, **kwargs)` (or an instance of a
   module-level class holding only such functions: it is pickled by name); it finds everything through
   `self` (so a deep copy or a pickled copy of a patched model is a patched copy computing with its own
   weights), and `patch_state(self)` gives its `PatchState` (path, handle, handle options such as
-  keep_logits).
+  keep_logits; `global_loss_world`, decided at call time: see below).
 - Per-call fallback: whatever the kernels cannot compute for a call (weights requested, a head mask,
   an unsupported option) goes to `call_original(self, reason, *args, **kwargs)`, which runs the
   module's own forward (its class's) and counts the call in `handle.fallbacks[(path, reason)]`; under `strict=True` it raises
@@ -77,6 +77,15 @@ A patcher is a function `patcher(module, path, ctx) -> bool`, registered for one
   because a library is missing (transformers) is left out, and one whose library lacks a name it
   imports (another version) is left out with a warning, so each module may import its library at
   the top.
+
+The global loss
+---------------
+With `patch(model, global_loss=True)` a loss patch computes the loss of the global batch (every
+process's local pairs concatenated in rank order) with `mmkernels.distributed` wherever a
+torch.distributed process group of more than one process is initialised at the time of the call
+(`PatchState.global_loss_world` says it: the group's size, or 0 for the local loss); elsewhere, and
+always with `global_loss=False`, each process's local loss. `print(handle)` says which is in force
+when it is printed.
 
 Undo
 ----
@@ -193,6 +202,23 @@ class PatchState:
     @property
     def keep_logits(self) -> bool:
         return self.handle.keep_logits
+
+    @property
+    def global_loss_world(self) -> int:
+        """The number of processes whose batches this call's loss covers, decided now (a process
+        group may be initialised or destroyed after the patch): the world size of the default
+        process group when the handle has global_loss=True and such a group of more than one process
+        is initialised; else 0 (each process's local loss)."""
+        world = _process_group_world() if self.handle.global_loss else 0
+        return world if world > 1 else 0
+
+
+def _process_group_world() -> int:
+    """The size of the default torch.distributed process group, 0 when none is initialised."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_world_size()
 
 
 class _InstanceForward:
@@ -326,11 +352,13 @@ class PatchHandle:
     `undo()` restores the model exactly; the handle is also a context manager.
     """
 
-    def __init__(self, model: nn.Module, *, attention: bool, losses: bool, keep_logits: bool, strict: bool):
+    def __init__(self, model: nn.Module, *, attention: bool, losses: bool, keep_logits: bool, strict: bool,
+                 global_loss: bool = False):
         self.model = model
         self.attention = attention
         self.losses = losses
         self.keep_logits = keep_logits
+        self.global_loss = global_loss
         self.strict = strict
         self.fallbacks: Counter = Counter()
         self._records: list[PatchRecord] = []
@@ -361,7 +389,19 @@ class PatchHandle:
 
     @property
     def options(self) -> dict:
-        return dict(attention=self.attention, losses=self.losses, keep_logits=self.keep_logits, strict=self.strict)
+        return dict(attention=self.attention, losses=self.losses, keep_logits=self.keep_logits,
+                    global_loss=self.global_loss, strict=self.strict)
+
+    def _loss_scope(self) -> str:
+        """Which loss the patched losses compute now, in words."""
+        if not self.global_loss:
+            return "local loss: each process's own batch (global_loss=False)"
+        world = _process_group_world()
+        if world > 1:
+            return f"global loss over the process group (world {world}): mmkernels.distributed, global_loss=True"
+        if world == 1:
+            return "local loss: global_loss=True, but the process group has one process"
+        return "local loss: global_loss=True, but no torch.distributed process group is initialised now"
 
     def undo(self) -> None:
         """Restore every attribute the patch changed (see the module docstring). Idempotent."""
@@ -391,6 +431,8 @@ class PatchHandle:
         title = type(self.model).__name__
         state = "active" if self._active else "undone"
         lines = [f"mmkernels.patch({title}): {len(self._records)} patched, {len(self._skipped)} left as they are ({state})"]
+        if any(r.kind == "loss" for r in self._records):
+            lines.append(f"losses: {self._loss_scope()}")
         if self._records:
             width = max(len(r.path or "(model)") for r in self._records)
             for r in self._records:
@@ -425,6 +467,10 @@ class PatchContext:
     @property
     def keep_logits(self) -> bool:
         return self.handle.keep_logits
+
+    @property
+    def global_loss(self) -> bool:
+        return self.handle.global_loss
 
     @property
     def strict(self) -> bool:
@@ -508,7 +554,7 @@ def _covered(kind: str, path: str, marked: dict, attention_like: set) -> bool:
 
 
 def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, keep_logits: bool = True,
-          strict: bool = False) -> PatchHandle:
+          global_loss: bool = False, strict: bool = False) -> PatchHandle:
     """Patch `model` in place (this instance only) to run mmkernels; returns its PatchHandle.
 
     attention: swap the attention of the supported families (nn.MultiheadAttention, transformers'
@@ -517,14 +563,20 @@ def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, keep
         info_nce_loss.
     keep_logits: patched losses still return the logits, computed without autograd; False returns
         None there and never builds the N x N matrix.
+    global_loss: under an initialised torch.distributed process group of more than one process, the
+        patched contrastive losses compute the loss of the global batch (the processes' local pairs
+        concatenated in rank order) with mmkernels.distributed, gradients scaled for DDP/FSDP's
+        averaging (grad_scaling="ddp"): DDP(model) then trains as one process on the global batch.
+        Without such a group, the local loss. Off by default: it changes what the model's loss means.
     strict: raise StrictPatchError if anything attention- or loss-like is left unpatched, or when a
         patched forward would fall back to the model's own code for a call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected model to be a torch.nn.Module, got {type(model).__name__}")
-    for name, value in (("attention", attention), ("losses", losses), ("keep_logits", keep_logits), ("strict", strict)):
+    options = dict(attention=attention, losses=losses, keep_logits=keep_logits, global_loss=global_loss,
+                   strict=strict)
+    for name, value in options.items():
         _check_flag(name, value)
-    options = dict(attention=attention, losses=losses, keep_logits=keep_logits, strict=strict)
     existing = model.__dict__.get(_HANDLE_ATTR)
     if isinstance(existing, PatchHandle) and existing.active:
         if existing.options != options:

@@ -1,9 +1,9 @@
 """The reference training loop: `python -m mmkernels.train` (see `--help`).
 
 Trains a vision-language model twice with the same seed, data and steps, once as the model's own
-code and once after `mmkernels.patch(model)`, and reports samples/s, peak memory, the loss curves
-and held-out retrieval side by side (refused, before training, when the patch swaps nothing, unless
---allow-unpatched). Files, one job each:
+code and once after `mmkernels.patch(model, global_loss=True)`, and reports samples/s, peak memory,
+the loss curves and held-out retrieval side by side (refused, before training, when the patch swaps
+nothing, unless --allow-unpatched). Files, one job each:
 
 - options.py: the command line and the resolved config;  cli.py: the run from options to report;
 - synthetic.py: the procedural scenes;  folder.py: --data DIR;  tokenizer.py;  examples.py;

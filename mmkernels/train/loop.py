@@ -2,11 +2,13 @@
 
     result = run_variant(cfg, ctx, data, spec, "mmkernels", run_dir)
 
-The mmkernels variant is exactly the baseline's model after `handle = mmkernels.patch(model)` (and,
-in the fusion task, mmkernels' region masking and losses; see tasks.py); the patch is undone at the
-end. Each step's time is recorded (a synchronised start to a synchronised end: forward, backward,
-optimizer; the batch is already on the device), but the variants train one after the other, so the
-throughput the report compares is measured apart, with the variants interleaved (timing.py).
+The mmkernels variant is exactly the baseline's model after
+`handle = mmkernels.patch(model, global_loss=True)` (under torchrun its contrastive loss is then that
+of the global batch; and, in the fusion task, mmkernels' region masking and losses; see tasks.py);
+the patch is undone at the end. Each step's time is recorded (a synchronised start to a
+synchronised end: forward, backward, optimizer; the batch is already on the device), but the
+variants train one after the other, so the throughput the report compares is measured apart, with
+the variants interleaved (timing.py).
 `patch_preview` tells, before anything is trained, what the patch would swap. Checkpoints (runs/<name>/<variant>/checkpoint.pt) hold the model, the
 optimizer, the scheduler, the gradient scaler, every RNG state of every rank, the step (the data
 position: batches are a function of the step) and the measurements so far, so a resumed run
@@ -35,6 +37,8 @@ from mmkernels.train.options import WEIGHT_DECAY
 from mmkernels.train.retrieval import recall_at_k
 from mmkernels.train.tasks import make_task
 
+# the mmkernels variant's patch: under torchrun the patched contrastive loss is the global batch's
+PATCH_OPTIONS = dict(global_loss=True)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 # what must match between a checkpoint and the run that resumes it
 FINGERPRINT = ("task", "loss", "model", "seed", "batch_size", "steps", "lr", "precision", "compile", "baseline",
@@ -78,7 +82,7 @@ def patch_preview(cfg, ctx, data, spec) -> tuple[int, list[str]]:
     model = build_model(spec, len(data.tokenizer), data.pad_id, data.end_id, cfg.seed,
                         region_dim=data.region_dim, num_region_classes=data.num_region_classes)
     model.to(ctx.device, dtype=torch.float64 if cfg.precision == "fp64" else None)
-    handle = mmkernels.patch(model)
+    handle = mmkernels.patch(model, **PATCH_OPTIONS)
     try:
         return len(handle.records), [f"{s.path or '(model)'} {s.kind}: {s.reason}" for s in handle.skipped]
     finally:
@@ -114,7 +118,7 @@ class _Trainer:
                             region_dim=data.region_dim, num_region_classes=data.num_region_classes)
         model.to(ctx.device, dtype=torch.float64 if cfg.precision == "fp64" else None)
         self.model = model
-        self.handle = mmkernels.patch(model) if variant == "mmkernels" else None
+        self.handle = mmkernels.patch(model, **PATCH_OPTIONS) if variant == "mmkernels" else None
         self.optimizer = torch.optim.AdamW(_param_groups(model, WEIGHT_DECAY), lr=cfg.lr, betas=(0.9, 0.98),
                                            eps=1e-6)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg.steps))

@@ -173,7 +173,7 @@ def markdown(report: dict) -> str:
         lines += ["", "Largest batch:"] + notes
     patched = [v["patched"] for v in variants.values() if v["patched"]]
     if patched:
-        lines += ["", "What `mmkernels.patch(model)` swapped:", "", "```", patched[0], "```"]
+        lines += ["", "What `mmkernels.patch(model, global_loss=True)` swapped:", "", "```", patched[0], "```"]
     if report["bad_data"]:
         lines += ["", f"Left out ({len(report['bad_data'])} bad pairs):", ""] + [f"- {p}" for p in report["bad_data"]]
     if report.get("curves"):

@@ -5,15 +5,16 @@
     scores = task.scores(model, batches)                 # (N images, N texts) for retrieval
 
 Variants: "baseline" is the model's own code; "mmkernels" is the same model after
-`mmkernels.patch(model)` (done by the loop), and in the fusion task also `mmkernels.region_mask` +
-`mmkernels.masked_region_loss` in place of the eager masking and losses.
+`mmkernels.patch(model, global_loss=True)` (done by the loop), and in the fusion task also
+`mmkernels.region_mask` + `mmkernels.masked_region_loss` in place of the eager masking and losses.
 
 Clip task. One process: `model(..., return_loss=True).loss`, the loss the model computes itself
 (after the patch, mmkernels' contrastive loss). Several processes: the loss of the global batch:
 the baseline gathers every rank's embeddings with gradient and evaluates the eager formula on the
-whole N x N logit matrix (open_clip's `gather_with_grad=True`); mmkernels uses
-`mmkernels.distributed.clip_loss` / `siglip_loss`. Both give the single-process loss and, after
-DDP averages the gradients, the single-process update.
+whole N x N logit matrix (open_clip's `gather_with_grad=True`); mmkernels takes the patched
+model's own `model(..., return_loss=True).loss`, which the patch's `global_loss=True` makes the
+global batch's (computed with `mmkernels.distributed`). Both give the single-process loss and,
+after DDP averages the gradients, the single-process update.
 
 Fusion task (per step, the randomness is a function of (seed, step, rank) alone): half the pairs
 get another row's caption (image-text matching, cross-entropy on the pooled output); about
@@ -84,18 +85,12 @@ class ClipTask:
                      pixel_values=pixel_values(batch, self.input_dtype), return_loss=return_loss)
 
     def loss(self, model, batch: dict, variant: str, step: int) -> torch.Tensor:
-        if not self.ctx.distributed:
+        if not self.ctx.distributed or variant == "mmkernels":
             return self.forward(model, batch, return_loss=True).loss
         out = self.forward(model, batch, return_loss=False)
         inner = unwrap(model)
         scale = inner.logit_scale.exp()
         image, text = out.image_embeds, out.text_embeds
-        if variant == "mmkernels":
-            import mmkernels.distributed as mmd
-
-            if self.cfg.loss == "siglip":
-                return mmd.siglip_loss(image, text, scale, inner.logit_bias)
-            return mmd.clip_loss(image, text, scale)
         sizes = rank_sizes(self.cfg.batch_size, self.ctx.world)
         image, text = _gather_rows(image, sizes), _gather_rows(text, sizes)
         if self.cfg.loss == "siglip":

@@ -1,5 +1,6 @@
 """`torchrun --nproc_per_node=2 -m mmkernels.train`: DDP over gloo on 127.0.0.1 gives the losses of one
-process training on the global batch (the exact global contrastive loss, the single-process update)."""
+process training on the global batch (the exact global contrastive loss, the single-process update);
+the mmkernels variant's loss is the patched model's own (`mmkernels.patch(model, global_loss=True)`)."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,8 @@ def test_two_gloo_processes_give_the_single_process_losses(loss, tmp_path, refer
     with open(tmp_path / "ddp" / "report.json") as f:
         ddp = json.load(f)
     assert ddp["machine"]["processes"] == 2
+    # the mmkernels variant's loss is the patched model's own, over the global batch
+    assert "losses: global loss over the process group (world 2)" in ddp["variants"]["mmkernels"]["patched"]
     single = run(args + ["--out", str(tmp_path / "single")])
     oracle = run(args + ["--no-compare", "--precision", "fp64", "--out", str(tmp_path / "fp64")])
     truth = torch.tensor(oracle["variants"]["mmkernels"]["losses"], dtype=torch.float64)

@@ -21,12 +21,21 @@ model returns, detached: backpropagate through `loss`, not through them); with `
 they are None and no N x N tensor is built (on the kernels path; the CPU reference path of the loss
 builds S). `return_dict=False` returns the same tuple as the model.
 
+With `patch(model, global_loss=True)` and a torch.distributed process group of more than one
+process initialised at the time of the call, each of these losses is the loss of the global batch
+(every process's local pairs concatenated in rank order), computed with `mmkernels.distributed`
+(`clip_loss`, `siglip_loss`, `info_nce_loss`; grad_scaling="ddp", so that DDP's averaging gives the
+single-process gradient), the same value on every process; FLAVA's global contrastive term likewise
+(its MIM, MLM, ITM and MMM terms stay each process's own). The logits stay the local ones (this
+process's rows against its own columns). Otherwise the local loss of the call's batch.
+
 Calls the patch does not cover run the model's own forward: `return_loss` not set (no loss asked
 for: the logits keep their autograd, nothing is counted); and, counted as fallbacks (StrictPatchError
-under strict=True), for FLAVA: `return_dict=False`, torch.distributed initialised (FLAVA gathers the
-embeddings of every process), `itm_labels` with both matching and non-matching pairs (FLAVA then
-takes the contrastive loss over the matching rows only, against every column, which is not a
-square contrastive loss; deciding this reads itm_labels on the host, one sync).
+under strict=True), for FLAVA: `return_dict=False`, torch.distributed initialised without
+`global_loss=True` (FLAVA then gathers the embeddings of every process itself), `itm_labels` with both
+matching and non-matching pairs (FLAVA then takes the contrastive loss over the matching rows only,
+against every column, which is not a square contrastive loss; deciding this reads itm_labels on the
+host, one sync).
 
 Not loss patches at all: BlipForImageTextRetrieval computes no loss (its `use_itm_head=False` output
 is the similarity matrix the caller asked for).
@@ -50,6 +59,7 @@ from transformers import (
 )
 from transformers.utils.generic import can_return_tuple
 
+import mmkernels.distributed as mmd
 from mmkernels.ops.contrastive import clip_loss, info_nce_loss, siglip_loss  # public: they check their inputs
 from mmkernels.integrations.patching import PatchContext, call_original, patch_state, register_patcher
 from mmkernels.integrations.transformers import compat
@@ -70,16 +80,35 @@ def _loss_dtype(text_embeds: torch.Tensor, scale: torch.Tensor, cross_entropy: b
     return torch.promote_types(text_embeds.dtype, scale.dtype)
 
 
+@torch.compiler.disable
+def _global(loss, *args):
+    """`loss` (a mmkernels.distributed loss) of the global batch from this process's rows, gradients
+    scaled for DDP's averaging. Runs eagerly under torch.compile: its collectives and the ranks'
+    check stay outside the graph."""
+    return loss(*args, grad_scaling="ddp")
+
+
+def _clip(model, image, text, scale):
+    """CLIP's loss of this call's pairs, or of the global batch where the global loss is in force."""
+    if patch_state(model).global_loss_world:
+        return _global(mmd.clip_loss, image, text, scale)
+    return clip_loss(image, text, scale)
+
+
 def _contrastive(model, image_embeds, text_embeds, bias=None):
     """(loss, logits_per_text, logits_per_image) for normalised (N, D) embeddings: the loss by
-    mmkernels, the logits without autograd (or None without keep_logits)."""
+    mmkernels (local or global, see the module docstring), the logits without autograd (or None
+    without keep_logits)."""
     scale = model.logit_scale.exp().to(text_embeds.device)
     image = image_embeds.to(device=text_embeds.device, dtype=text_embeds.dtype)
     if bias is None:
-        loss = clip_loss(image, text_embeds, scale)
+        loss = _clip(model, image, text_embeds, scale)
     else:
         bias = bias.to(text_embeds.device)
-        loss = siglip_loss(image, text_embeds, scale, bias)
+        if patch_state(model).global_loss_world:
+            loss = _global(mmd.siglip_loss, image, text_embeds, scale, bias)
+        else:
+            loss = siglip_loss(image, text_embeds, scale, bias)
     loss = loss.to(_loss_dtype(text_embeds, scale, cross_entropy=bias is None))
     if not patch_state(model).keep_logits:
         return loss, None, None
@@ -191,8 +220,13 @@ def _bridgetower_forward(self, input_ids=None, attention_mask=None, token_type_i
     cross_embeds = F.normalize(self.itc_cross_modal_head(outputs.pooler_output), dim=-1, p=2).to(
         device=text_embeds.device)
     scale = self.logit_scale.exp().to(device=text_embeds.device)
-    loss = (info_nce_loss(text_embeds, image_embeds, scale) + info_nce_loss(text_embeds, cross_embeds, scale)
-            + info_nce_loss(image_embeds, cross_embeds, scale)) / 3.0
+    if patch_state(self).global_loss_world:
+        terms = [_global(mmd.info_nce_loss, query, keys, scale) for query, keys in
+                 ((text_embeds, image_embeds), (text_embeds, cross_embeds), (image_embeds, cross_embeds))]
+    else:
+        terms = [info_nce_loss(text_embeds, image_embeds, scale), info_nce_loss(text_embeds, cross_embeds, scale),
+                 info_nce_loss(image_embeds, cross_embeds, scale)]
+    loss = (terms[0] + terms[1] + terms[2]) / 3.0
     loss = loss.to(_loss_dtype(text_embeds, scale, cross_entropy=True))
     logits = None
     if patch_state(self).keep_logits:
@@ -228,7 +262,7 @@ def _flava_forward(self, *args, **kwargs):
         clamp = sys.modules[type(self).__module__]
         self.flava.logit_scale.data.clamp_(clamp.LOGIT_SCALE_CLAMP_MIN, clamp.LOGIT_SCALE_CLAMP_MAX)
     temperature = self.flava.logit_scale.exp()
-    contrastive = clip_loss(image_embedding, text_embedding, temperature).to(
+    contrastive = _clip(self, image_embedding, text_embedding, temperature).to(
         _loss_dtype(text_embedding, temperature, cross_entropy=True)) * weight
     losses = dataclasses.replace(output.loss_info, global_contrastive=contrastive)
     total = sum(loss if loss is not None else 0 for loss in losses.values())
@@ -260,7 +294,8 @@ def _signature(cls) -> inspect.Signature:
 def _flava_unsupported(model, return_dict, itm_labels) -> str | None:
     if not return_dict:
         return "return_dict=False"
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and not patch_state(model).handle.global_loss:
         return "torch.distributed is initialized (FLAVA gathers the embeddings of every process)"
     if itm_labels is not None and model.itm_weight > 0:
         matching = itm_labels.ne(0)
@@ -299,6 +334,7 @@ _PIECES = {
     BridgeTowerForContrastiveLearning: "mmkernels.info_nce_loss for its three one-directional terms",
 }
 _FALLS_BACK = {FlavaForPreTraining: "return_dict=False, torch.distributed, itm_labels with non-matching pairs"}
+_FLAVA_FALLS_BACK_GLOBAL = "return_dict=False, itm_labels with non-matching pairs"
 # The upstream code each loss patch mirrors (compat): the forward it replaces, and the helpers that
 # define the loss it computes.
 _LOSS_HELPERS = {
@@ -326,6 +362,8 @@ def _patch_contrastive_loss(module, path: str, ctx: PatchContext) -> bool:
         ctx.skip(path, "loss", reason)
         return True
     keep = "logits without autograd" if ctx.keep_logits else "no logits, no N x N tensor"
-    ctx.replace_forward(module, path, "loss", f"{_PIECES[type(module)]} ({keep})", forward,
-                        falls_back=_FALLS_BACK.get(type(module), ""))
+    falls_back = _FALLS_BACK.get(type(module), "")
+    if ctx.global_loss and type(module) is FlavaForPreTraining:
+        falls_back = _FLAVA_FALLS_BACK_GLOBAL
+    ctx.replace_forward(module, path, "loss", f"{_PIECES[type(module)]} ({keep})", forward, falls_back=falls_back)
     return True
