@@ -545,37 +545,43 @@ def clip_loss(image_local, text_local, logit_scale, *, group=None, normalize: bo
 
 class _InfoNceLoss(_FinishedGradients):
     @staticmethod
-    def forward(ctx, query, keys, scale, plan: Plan, opts: _Options):
+    def forward(ctx, query, keys, extra, scale, ids, plan: Plan, opts: _Options):
         n, off = plan.n_total, plan.offset
         eps = opts.label_smoothing
         acc = _accumulation_dtype(query)
-        keys_all = _gather_rows(keys, plan)
+        keys_all = _gather_columns(keys, extra, plan)
+        groups = None if ids is None else _group_ids(ids, plan)
+        block = dict(groups=_block_groups(groups, plan, None), n_pair=n if plan.n_extra else None)
         # The rows' statistics only: InfoNCE's softmax runs over each row of S, and a block row holds
         # whole rows, so this rank's share of the loss is complete without any other rank's numbers.
         stats = contrastive.clip_block_stats_unchecked(query, keys_all, scale, off, opts.normalize,
-                                                        opts.workspace_bytes, columns=False)
-        share = contrastive.clip_loss_from_stats(n, eps, rows=stats, directions=1)
+                                                        opts.workspace_bytes, columns=False, **block)
+        share = contrastive.clip_loss_from_stats(n, eps, rows=stats, directions=1, **_clip_flags(plan))
         value = _gather_scalars(share.to(acc).reshape(1), plan).double().sum()
-        grads = (None, None, None)
+        grads = (None, None, None, None)
         if opts.runs_gradient_pass(plan):
             g_query, g_keys, g_scale = contrastive.clip_block_grads_unchecked(
                 query, keys_all, scale, stats.row_lse, None, off, n, eps, opts.normalize, opts.image_grad,
                 plan.text_grad, torch.ones((), dtype=torch.float32, device=query.device), opts.workspace_bytes,
-                directions=1,
+                directions=1, **block, **_clip_flags(plan),
             )
             factor = opts.scaling.factor(plan)
             del keys_all
-            g_keys = None if g_keys is None else _scatter_sum_rows(g_keys * factor, plan)
+            g_extra = None
+            if g_keys is not None:
+                g_keys, g_extra = _scatter_sum_columns(g_keys * factor, plan)
             (g_scale,) = _scalar_grads([g_scale], opts.scalar_grads, plan, opts.scaling, factor, acc)
-            grads = (None if g_query is None else g_query * factor, g_keys, g_scale)
+            grads = (None if g_query is None else g_query * factor, g_keys, None if extra is None else g_extra,
+                     g_scale)
         ctx.save_for_backward(*grads)
-        ctx.dtypes = (query.dtype, keys.dtype, scale.dtype)
-        ctx.fixed_inputs = 2
+        ctx.dtypes = (query.dtype, keys.dtype, None if extra is None else extra.dtype, scale.dtype)
+        ctx.fixed_inputs = 3
         return value.to(acc)
 
 
 def info_nce_loss(query_local, keys_local, logit_scale, *, group=None, normalize: bool = False,
-                  label_smoothing: float = 0.0, grad_scaling: str = "ddp", workspace_bytes: int | None = None):
+                  label_smoothing: float = 0.0, grad_scaling: str = "ddp", workspace_bytes: int | None = None,
+                  group_ids_local=None, extra_keys_local=None):
     """One-directional InfoNCE of the global batch, from each rank's local (query, key) pairs.
 
     Args:
@@ -586,22 +592,31 @@ def info_nce_loss(query_local, keys_local, logit_scale, *, group=None, normalize
         logit_scale: the multiplier, already exponentiated: a Python float or a 0-dim tensor on the
             embeddings' device.
         group, normalize, grad_scaling, workspace_bytes: as for `clip_loss`.
-        label_smoothing: as in `F.cross_entropy`, in [0, 1], over the N global classes.
+        label_smoothing: as in `F.cross_entropy`, in [0, 1], over the N global classes (N + K with
+            extra keys).
+        group_ids_local: None, or (M_r,) integer ids of this rank's pairs, globally meaningful, as
+            for `clip_loss`: the keys with a query's id are its positives, its target spread over
+            them (one all_gather of the N int64 ids).
+        extra_keys_local: None, or (K_r, D) extra keys of this rank, as clip_loss's
+            extra_text_local: every rank's are negatives of every rank's queries (gathered with
+            the keys); K_r may differ between ranks, be 0, or be None on some ranks.
 
     Returns:
         () float32 (float64 for float64 inputs), the same value on every rank: what one process
-        computes on the concatenated batch, `mmkernels.info_nce_loss(query, keys, logit_scale)`,
-        mean_i CE(S_i, i) with S = logit_scale · query @ keys.T (N × N).
+        computes on the concatenated batch, `mmkernels.info_nce_loss(query, keys, logit_scale,
+        group_ids=, extra_keys=)` with every rank's ids and extra keys in rank order,
+        mean_i CE(S_i, i) with S = logit_scale · query @ keys.T (N × N; N × (N + K) with extra keys).
 
-    Gradients, as for `clip_loss` ("ddp": W · dL/d(rows) for query_local and keys_local, W · rank
+    Gradients, as for `clip_loss` ("ddp": W · dL/d(rows) for query_local, keys_local and extra_keys_local, W · rank
     r's share (from its block row of S) for logit_scale; "none": the unscaled shares), finished in
     the forward (the backward runs no collective).
 
-    Each rank gathers every rank's keys (one all_gather of (max M_r, D)) and computes its block row of
-    S, rows only: 8·M_r·N·D matrix FLOPs with gradients (2·M_r·N·D for the row statistics, 6 for the
-    gradients; 2·M_r·N·D less per frozen side), no logit block in autograd. Communication beyond the
-    check and the keys: one all_gather of the ranks' loss shares (one fp32 each) and, when some rank
-    needs the keys' gradient, one reduce-scatter of the (N, D) fp32 partial key gradients.
+    Each rank gathers every rank's keys (one all_gather of (max M_r, D); of M_r + K_r rows with extra
+    keys) and computes its block row of S, rows only: 8·M_r·(N + K)·D matrix FLOPs with gradients
+    (2·M_r·(N + K)·D for the row statistics, 6 for the gradients; 2·M_r·(N + K)·D less per frozen
+    side), no logit block in autograd. Communication beyond the check and the keys: one all_gather
+    of the ranks' loss shares (one fp32 each) and, when some rank needs the keys' gradient, one
+    reduce-scatter of the (N + K, D) fp32 partial key gradients.
     """
     caller = "mmkernels.distributed.info_nce_loss"
     names = ("query_local", "keys_local")
@@ -611,16 +626,20 @@ def info_nce_loss(query_local, keys_local, logit_scale, *, group=None, normalize
     def local_checks():
         _public_scaling(grad_scaling)(group)
         embedding_checks(query_local, keys_local, names)
+        contrastive.check_extra("extra_keys_local", extra_keys_local, keys_local, "keys_local")
+        contrastive.check_group_ids(group_ids_local, query_local.shape[0], query_local, "group_ids_local")
         scale.append(scalar_tensor("logit_scale", logit_scale, query_local))
         contrastive.check_label_smoothing(label_smoothing)
 
-    query_grad, keys_grad, scale_grad = (_needs_grad(t) for t in (query_local, keys_local, logit_scale))
+    query_grad, keys_grad, extra_grad, scale_grad = (
+        _needs_grad(t) for t in (query_local, keys_local, extra_keys_local, logit_scale))
     plan = check(caller, "info_nce_loss", group, query_local, keys_local, local_checks, image_grad=query_grad,
-                 text_grad=keys_grad, scalar_grad=scale_grad, normalize=normalize, label_smoothing=label_smoothing,
-                 grad_scaling=grad_scaling, workspace_bytes=workspace_bytes, names=names)
+                 text_grad=keys_grad or extra_grad, scalar_grad=scale_grad, normalize=normalize,
+                 label_smoothing=label_smoothing, grad_scaling=grad_scaling, workspace_bytes=workspace_bytes,
+                 names=names, extra=extra_keys_local, group_ids=group_ids_local)
     opts = _Options(bool(normalize), float(label_smoothing), plan.workspace_bytes, SCALINGS[grad_scaling], query_grad,
                     (scale_grad,))
-    return _InfoNceLoss.apply(query_local, keys_local, scale[0], plan, opts)
+    return _InfoNceLoss.apply(query_local, keys_local, extra_keys_local, scale[0], group_ids_local, plan, opts)
 
 
 # --------------------------------------------------------------------------- SigLIP
