@@ -8,11 +8,14 @@ N pairs (its M = N / 8 local pairs against all N), the communication aside. Prov
 - mmkernels: the block-row API as mmkernels.distributed calls it. CLIP: clip_block_stats, the
   column statistics of 8 blocks merged (merge_column_stats), clip_block_grads (image rows and the
   partial text gradient). SigLIP: siglip_block with both gradients. No M × N block is stored.
-- mmkernels_ring (SigLIP): what one rank computes in siglip_loss(mode="ring"): 8 siglip_block calls
+- mmkernels_ring: what one rank computes in mode="ring". SigLIP (siglip_loss): 8 siglip_block calls
   of M × M (its own texts with their positives, 7 others' without), the image gradient summed and
-  each block's text gradient scaled, as the ring does between its messages. The messages are not
-  there: a single GPU cannot show the ring's overlap of communication with compute, only what
-  computing in 8 blocks of M columns costs against one block of N = 8·M columns.
+  each block's text gradient scaled, as the ring does between its messages. CLIP (clip_loss): its
+  two passes, 8 statistics blocks of M × M (the rows' statistics folded by log-add-exp, each
+  block's column statistics merged with another's, as the ring does on the way home), then 8
+  gradient blocks against each block's column log-sum-exps, the image gradient summed. The messages
+  are not there: a single GPU cannot show the ring's overlap of communication with compute, only
+  what computing in 8 blocks of M columns costs against one block of N = 8·M columns.
 - open_clip: open_clip's per-rank loss with local_loss=True on features already gathered (CLIP:
   the local images against all N texts and the local texts against all N images; SigLIP: the
   local images against all N texts), autograd through the M × N logit blocks, the gradients of
@@ -65,6 +68,26 @@ def mmkernels_siglip_ring(image, text_all, scale, bias, rank):
     return image_grad
 
 
+def mmkernels_clip_ring(image, text_all, scale, rank):
+    m, n = image.shape[0], text_all.shape[0]
+    workspace = blocks.resolve_workspace_bytes(None)
+    order = [(rank - step) % RANKS for step in range(RANKS)]  # the ring's: own texts first, then rank - 1, ...
+    row_lse, col_lse = None, {}
+    for q in order:
+        stats = blocks.clip_block_stats_unchecked(image, text_all[q * m: (q + 1) * m], scale, 0 if q == rank else None,
+                                                  False, workspace)
+        row_lse = stats.row_lse if row_lse is None else torch.logaddexp(row_lse, stats.row_lse)
+        # The ring merges each block's column statistics with those arriving; here with themselves.
+        col_lse[q] = blocks.merge_column_stats(torch.stack([stats.col_max] * 2), torch.stack([stats.col_sumexp] * 2))
+    image_grad, one = None, torch.ones((), device=image.device)
+    for q in order:
+        part = blocks.clip_block_grads_unchecked(image, text_all[q * m: (q + 1) * m], scale, row_lse, col_lse[q],
+                                                 0 if q == rank else None, n, 0.0, False, True, True, one, workspace)
+        image_grad = part.image_grad if image_grad is None else image_grad.add_(part.image_grad)
+        part.text_grad.mul_(RANKS)
+    return image_grad
+
+
 def open_clip_clip(image, text, image_all, text_all, scale, offset):
     labels = torch.arange(image.shape[0], device=image.device) + offset
     per_image = scale * image @ text_all.T
@@ -88,8 +111,6 @@ def open_clip_siglip(image, text_all, scale, bias, offset):
 def test_one_rank_of_eight_fwd_bwd(benchmark, loss_name, provider, n, d):
     if provider == "compile" and not CUDA:
         pytest.skip("torch.compile is benchmarked on CUDA only")
-    if provider == "mmkernels_ring" and loss_name == "clip":
-        pytest.skip("CLIP has no ring mode")
     m = n // RANKS
     offset = 3 * m  # rank 3 of 8
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -106,7 +127,8 @@ def test_one_rank_of_eight_fwd_bwd(benchmark, loss_name, provider, n, d):
         step = ((lambda: mmkernels_clip(image, text_all, scale, offset)) if loss_name == "clip"
                 else (lambda: mmkernels_siglip(image, text_all, scale, bias, offset)))
     elif provider == "mmkernels_ring":
-        step = functools.partial(mmkernels_siglip_ring, image, text_all, scale, bias, offset // m)
+        step = (functools.partial(mmkernels_clip_ring, image, text_all, scale, offset // m) if loss_name == "clip"
+                else functools.partial(mmkernels_siglip_ring, image, text_all, scale, bias, offset // m))
     else:
         fn = open_clip_clip if loss_name == "clip" else open_clip_siglip
         fn = torch.compile(fn) if provider == "compile" else fn

@@ -64,7 +64,7 @@ _OPS = ("clip_loss", "siglip_loss", "info_nce_loss")
 MODES = ("gather", "ring")
 # The check's fields, one int64 each, per rank.
 _FIELDS = ("op", "rejected", "M", "D", "dtype", "device", "image_grad", "text_grad", "scalar_grad", "normalize",
-           "label_smoothing", "grad_scaling", "workspace", "mode")
+           "label_smoothing", "grad_scaling", "workspace", "mode", "K", "group_ids")
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,20 @@ class Plan:
     world_size: int
     rank: int
     sizes: tuple
-    text_grad: bool     # some rank needs the text gradient: every rank computes its partials
+    text_grad: bool     # some rank needs the text (or extra text) gradient: every rank computes its partials
     scalar_grad: bool   # some rank needs a scalar's gradient
     workspace_bytes: int  # this rank's kernel workspace, resolved (argument, environment or default)
+    extra_sizes: tuple  # K_r: each rank's extra text rows (CLIP's extra negatives; 0 without)
+    groups: bool        # the ranks passed group ids
+
+    @property
+    def n_extra(self) -> int:
+        return sum(self.extra_sizes)
+
+    @property
+    def block_sizes(self) -> tuple:
+        """Each rank's text block: its M_r text rows followed by its K_r extra rows."""
+        return tuple(m + k for m, k in zip(self.sizes, self.extra_sizes))
 
     @property
     def n_total(self) -> int:
@@ -160,12 +171,15 @@ def _describe(values, fmt=str) -> str:
 
 def check(caller: str, op: str, group, image, text, local_checks, *, image_grad: bool, text_grad: bool,
            scalar_grad: bool, normalize, label_smoothing, grad_scaling: str, workspace_bytes,
-           mode: str = "gather", names: tuple = ("image_local", "text_local")) -> Plan:
+           mode: str = "gather", names: tuple = ("image_local", "text_local"), extra=None,
+           group_ids=None) -> Plan:
     """Run this rank's input checks, then one small all_gather of what every rank passed, and
     raise the same kind of error on every rank if any rank's inputs are invalid, the ranks
-    disagree (embedding width, dtype, device type, options, mode, the loss called) or a rank's
-    kernel workspace cannot hold one block of its rows against the N columns (mode "ring": against
-    max M_r columns). Returns the plan.
+    disagree (embedding width, dtype, device type, options, mode, whether group ids were passed,
+    the loss called) or a rank's kernel workspace cannot hold one block of its rows against the
+    N + K columns (mode "ring": against the widest block, max M_r + K_r columns). `extra`: this
+    rank's extra text rows (K_r, D) or None (K_r = 0: the ranks may differ in K_r); `group_ids`:
+    this rank's ids or None, checked by `local_checks`. Returns the plan.
 
     A rank whose own inputs fail still joins the all_gather before raising its own error, so that
     no other rank is left waiting in a collective. `names`: the caller's names of image and text,
@@ -182,6 +196,7 @@ def check(caller: str, op: str, group, image, text, local_checks, *, image_grad:
             _DEVICE_TYPES.index(image.device.type) if image.device.type in _DEVICE_TYPES else len(_DEVICE_TYPES),
             int(image_grad), int(text_grad), int(scalar_grad), int(bool(normalize)), _float_bits(label_smoothing),
             _SCALING_CODES[grad_scaling], resolve_workspace_bytes(workspace_bytes), MODES.index(mode),
+            0 if extra is None else extra.shape[0], int(group_ids is not None),
         ]
     except Exception as err:  # re-raised below, after the other ranks have heard of it
         local_error = err
@@ -227,6 +242,7 @@ def check(caller: str, op: str, group, image, text, local_checks, *, image_grad:
         ("label_smoothing", lambda v: f"label_smoothing={struct.unpack('<d', struct.pack('<q', v))[0]}"),
         ("grad_scaling", lambda v: f"{list(SCALINGS)[v]!r} gradient scaling"),
         ("mode", lambda v: f"mode={MODES[v]!r}"),
+        ("group_ids", lambda v: "group ids" if v else "group_ids=None"),
     ):
         if len(set(col[name])) > 1:
             raise ValueError(f"expected the same {name} on every rank, got " + _describe(col[name], fmt))
@@ -235,6 +251,7 @@ def check(caller: str, op: str, group, image, text, local_checks, *, image_grad:
     plan = Plan(
         group=group, world_size=world_size, rank=rank, sizes=tuple(col["M"]),
         text_grad=any(col["text_grad"]), scalar_grad=any(col["scalar_grad"]), workspace_bytes=col["workspace"][rank],
+        extra_sizes=tuple(col["K"]), groups=bool(col["group_ids"][rank]),
     )
     if uses_kernels(op, image):
         check_workspaces(caller, op, plan, col, image, SCALINGS[grad_scaling], mode)
@@ -245,8 +262,8 @@ def check_workspaces(caller: str, op: str, plan: Plan, col: dict, image, scaling
     """Every rank evaluates, for every rank's rows, the workspace checks the block functions make
     before their launches (plain arithmetic on shapes), so a workspace too small for one rank's
     block raises on all ranks here, before any heavy collective, instead of on that rank alone.
-    The ring's blocks are a rank's rows against one rank's columns at a time (at most max M_r)."""
-    n, d = (plan.max_size if mode == "ring" else plan.n_total), image.shape[1]
+    The ring's blocks are a rank's rows against one rank's columns at a time (at most max M_r + K_r)."""
+    n, d = (max(plan.block_sizes) if mode == "ring" else plan.n_total + plan.n_extra), image.shape[1]
     for r, m in enumerate(plan.sizes):
         image_grad, scalar_grad, workspace = bool(col["image_grad"][r]), bool(col["scalar_grad"][r]), col["workspace"][r]
         runs = runs_gradient_pass(image_grad, scalar_grad, plan, scaling)
@@ -258,7 +275,8 @@ def check_workspaces(caller: str, op: str, plan: Plan, col: dict, image, scaling
                 check_call_workspace(m, n, d, image.dtype, image.device, workspace,
                                      panel=(runs and image_grad, runs and plan.text_grad, torch.float32))
         except ValueError as err:
-            columns = f"{n} columns (the widest ring block)" if mode == "ring" else f"N = {n} columns"
+            columns = (f"{n} columns (the widest ring block)" if mode == "ring"
+                       else f"N + K = {n} columns" if plan.n_extra else f"N = {n} columns")
             raise ValueError(f"{caller}: rank {r} (M = {m} rows against {columns}): {err}") from None
 
 

@@ -1,9 +1,11 @@
-"""The point-to-point ring of `mmkernels.distributed.siglip_loss(mode="ring")`.
+"""The point-to-point ring of `mmkernels.distributed`'s mode="ring" (siglip_loss: one pass;
+clip_loss: two passes, the column statistics and then the gradients).
 
-Every rank's rows (its text embeddings) pass once around the ring of the group's ranks; each rank
-computes on each block of rows while the next block travels, and what it computes for a block's
-rows (their gradient contributions) travels on around the ring to the block's owner, summed on
-the way. All sends go to the next rank, r + 1, all receives come from the previous one, r - 1.
+Every rank's block (its text embeddings, and whatever travels with them) passes once around the
+ring of the group's ranks; each rank computes on each block while the next block travels, and what
+it computes for a block (its gradient contributions, or its partial column statistics) travels on
+around the ring to the block's owner, folded on the way (summed; CLIP's statistics merged). All
+sends go to the next rank, r + 1, all receives come from the previous one, r - 1.
 
 The schedule of rank r among W, blocks named by their owner q (q_k = r - k mod W):
 - step k = 0 .. W-1 computes on block q_k: its own rows first, then r-1's, r-2's, ...
@@ -86,39 +88,62 @@ def ring_schedule(rank: int, sizes: tuple, gradients: bool) -> list:
     return steps
 
 
-def ring_pass(rows: torch.Tensor, sizes: tuple, group, compute: Callable, *, gradients: bool):
-    """Run `compute(q, rows_q)` on every rank's rows (q's rows (sizes[q], D), own rows first) as
-    they pass around the ring of `group`, the exchange of the next block overlapping each compute.
+def ring_pass(block, sizes: tuple, group, compute: Callable, *, gradients: bool, shapes: Callable | None = None,
+              carry_shape: Callable | None = None, carry_dtype: torch.dtype | None = None,
+              merge: Callable | None = None):
+    """Run `compute(q, block_q)` on every rank's block (q's, own block first) as the blocks pass
+    around the ring of `group`, the exchange of the next block overlapping each compute.
 
-    rows: (sizes[rank], D) this rank's rows. compute returns the (sizes[q], D) contribution to the
-    gradient of q's rows (gradients=True), in the accumulation dtype: fp32, float64 for float64
-    rows (what the block functions return); or anything (gradients=False; ignored).
-    Returns the (sizes[rank], D) sum over all ranks of the contributions to this rank's rows, in
-    that dtype (gradients=True), else None. Every rank of the group must call it with the same
-    sizes and gradients flag.
+    block: this rank's block, a tensor (sizes[rank], D) or a tuple of tensors that travel together
+        (e.g. text rows and their column log-sum-exps); compute receives block q in the same form.
+        sizes[q] says whether block q holds anything (0: it is neither sent nor computed on).
+    shapes: q -> the shapes of block q's tensors (default: (sizes[q], *trailing dims of the local
+        tensor) for each); every rank must derive the same shapes. Tensors with no element are not
+        sent (each side makes its own empty one).
+    gradients: whether compute's results travel on to the block's owner, folded on the way:
+        compute returns block q's contribution, shaped carry_shape(q) (default (sizes[q], D) of the
+        first tensor), in carry_dtype (default the accumulation dtype: fp32, float64 for a float64
+        first tensor, what the block functions return). merge(sum, contribution) -> sum folds two
+        of them (default: the in-place sum, for gradient contributions; CLIP's column statistics
+        merge by max and rescaled sums). Without gradients compute may return anything (ignored).
+    Returns the fold over all ranks of the contributions to this rank's block, carry_shape(rank)
+    in that dtype (gradients=True), else None. Every rank of the group must call it with the same
+    sizes, shapes and gradients flag.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    # The gradient blocks received must have the dtype of those sent, or gloo aborts on the size.
-    grad_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    single = isinstance(block, torch.Tensor)
+    local = tuple(t.contiguous() for t in ((block,) if single else block))
+    if shapes is None:
+        shapes = lambda q: tuple((sizes[q], *t.shape[1:]) for t in local)  # noqa: E731
+    if carry_shape is None:
+        carry_shape = lambda q: (sizes[q], local[0].shape[1])  # noqa: E731
+    if merge is None:
+        merge = torch.Tensor.add_
+    # The carried blocks received must have the dtype of those sent, or gloo aborts on the size.
+    if carry_dtype is None:
+        carry_dtype = torch.float64 if local[0].dtype == torch.float64 else torch.float32
     nxt, prv = (dist.get_global_rank(group, (rank + d) % world) for d in (1, -1))
-    width = rows.shape[1]
-    current = rows.contiguous()
+    current = local
     own = outgoing = None
     for step in ring_schedule(rank, sizes, gradients):
-        ops, incoming_rows, incoming_grad = [], None, None
+        ops, incoming, incoming_sum = [], None, None
         for msg in step.messages:
             if msg.kind == "rows" and msg.send:
-                ops.append(dist.P2POp(dist.isend, current, nxt, group, ROWS_TAG))
+                ops += [dist.P2POp(dist.isend, t, nxt, group, ROWS_TAG + 2 * i)
+                        for i, t in enumerate(current) if t.numel()]
             elif msg.kind == "rows":
-                incoming_rows = rows.new_empty((sizes[msg.block], width))
-                ops.append(dist.P2POp(dist.irecv, incoming_rows, prv, group, ROWS_TAG))
+                incoming = tuple(t.new_empty(shape) for t, shape in zip(local, shapes(msg.block)))
+                ops += [dist.P2POp(dist.irecv, t, prv, group, ROWS_TAG + 2 * i)
+                        for i, t in enumerate(incoming) if t.numel()]
             elif msg.send:
-                ops.append(dist.P2POp(dist.isend, outgoing, nxt, group, GRAD_TAG))
+                if outgoing.numel():
+                    ops.append(dist.P2POp(dist.isend, outgoing, nxt, group, GRAD_TAG))
             else:
-                incoming_grad = rows.new_empty((sizes[msg.block], width), dtype=grad_dtype)
-                ops.append(dist.P2POp(dist.irecv, incoming_grad, prv, group, GRAD_TAG))
+                incoming_sum = local[0].new_empty(carry_shape(msg.block), dtype=carry_dtype)
+                if incoming_sum.numel():
+                    ops.append(dist.P2POp(dist.irecv, incoming_sum, prv, group, GRAD_TAG))
         works = dist.batch_isend_irecv(ops) if ops else []
-        contribution = None if step.block is None else compute(step.block, current)
+        contribution = None if step.block is None else compute(step.block, current[0] if single else current)
         for work in works:
             work.wait()
         if step.fold == "own":
@@ -126,12 +151,12 @@ def ring_pass(rows: torch.Tensor, sizes: tuple, group, compute: Callable, *, gra
         elif step.fold == "start":
             outgoing = contribution
         elif step.fold == "add":
-            outgoing = incoming_grad.add_(contribution)
+            outgoing = merge(incoming_sum, contribution)
         elif step.fold == "home":
-            own = own.add_(incoming_grad)
+            own = merge(own, incoming_sum)
         else:
             outgoing = None
-        current = incoming_rows
+        current = incoming
     if gradients and own is None:  # this rank holds no rows
-        own = rows.new_zeros((0, width), dtype=grad_dtype)
+        own = local[0].new_zeros(carry_shape(rank), dtype=carry_dtype)
     return own

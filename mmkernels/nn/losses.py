@@ -28,6 +28,7 @@ _SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 # holds a block at a time), "reduce" and "gather" collect all of them. The same function either way:
 # the neighbour schemes take mmkernels.distributed's ring, the others its all_gather.
 _SIGLIP_MODES = {"bidir": "ring", "shift": "ring", "reduce": "gather", "gather": "gather"}
+_CLIP_MODES = ("gather", "ring")
 
 
 def _check_rank_args(rank, world_size, use_horovod, cls: str) -> None:
@@ -71,11 +72,20 @@ class ClipLoss(nn.Module):
     """CLIP's symmetric InfoNCE loss with open_clip's `ClipLoss` constructor and forward.
 
     ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
-             use_horovod=False, *, normalize=False, label_smoothing=0.0, workspace_bytes=None, group=None)
+             use_horovod=False, *, normalize=False, label_smoothing=0.0, workspace_bytes=None, group=None,
+             mode=None)
 
-    forward(image_features (M, D), text_features (M, D), logit_scale, logit_bias=None, output_dict=False)
+    forward(image_features (M, D), text_features (M, D), logit_scale, logit_bias=None, output_dict=False,
+            group_ids=None, extra_text=None)
     -> () float32 loss, or {"contrastive_loss": loss} with output_dict. logit_scale is already
-    exponentiated (open_clip passes `model.logit_scale.exp()`).
+    exponentiated (open_clip passes `model.logit_scale.exp()`). Not open_clip's, as in
+    `mmkernels.clip_loss`: group_ids (M,) int: pairs with the same id are positives of each other,
+    each row's and column's target spread over its positives; extra_text (K, D): more text columns
+    (hard negatives, NegCLIP), negatives of every image row in the image→text direction only. With
+    world_size > 1 they are global, as in `mmkernels.distributed.clip_loss`: equal ids on two ranks
+    are one group (every rank passes ids or none does), every rank's extra rows are negatives of
+    every rank's images (K may differ between ranks); local_loss=True refuses both (open_clip's
+    local loss has the diagonal's targets).
 
     world_size == 1: (CE(rows of S) + CE(columns of S)) / 2 with S = logit_scale · image @ text.T.
     world_size > 1 (a torch.distributed process group of that size, `group` or the world): each
@@ -94,6 +104,14 @@ class ClipLoss(nn.Module):
       copies of the other ranks' features, an approximation mmkernels does not compute; pass
       gather_with_grad=True (the same loss values, exact gradients).
     The ranks may hold different M except with local_loss=True (open_clip needs equal M throughout).
+    How the texts travel (world_size > 1; the same values and gradients either way): `mode` "gather"
+    (`mmkernels.distributed.clip_loss`'s all_gather: (N, D) texts per rank) or "ring" (its
+    point-to-point ring: O(M·D) per rank); None (the default) picks by open_clip's flags: the ring
+    for gather_with_grad=True, open_clip's setting for large global batches (with local_loss=True,
+    the flags open_clip documents for memory linear in the batch; without it, the global loss), where
+    open_clip keeps every rank's gathered features in autograd and the ring keeps one block at a time;
+    the all_gather for gather_with_grad=False (open_clip's default, for small global batches, where
+    its two collectives beat the ring's 2·(W-1) steps).
     `rank` and `world_size` must be the process group's; `cache_labels` has no effect (no labels
     tensor is built); `use_horovod=True` raises. `logit_bias` (open_clip adds it to every logit)
     leaves the value unchanged and gets a zero gradient. `normalize` and `label_smoothing` (not
@@ -103,9 +121,12 @@ class ClipLoss(nn.Module):
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, normalize: bool = False,
-                 label_smoothing: float = 0.0, workspace_bytes: int | None = None, group=None):
+                 label_smoothing: float = 0.0, workspace_bytes: int | None = None, group=None,
+                 mode: str | None = None):
         super().__init__()
         _check_rank_args(rank, world_size, use_horovod, "ClipLoss")
+        if mode is not None and mode not in _CLIP_MODES:
+            raise ValueError(f"expected mode to be one of {_CLIP_MODES} or None, got {mode!r}")
         if world_size > 1 and local_loss and not gather_with_grad:
             raise ValueError(
                 "ClipLoss(local_loss=True, gather_with_grad=False): open_clip differentiates this rank's local "
@@ -127,6 +148,7 @@ class ClipLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.workspace_bytes = workspace_bytes
         self.group = group
+        self.mode = mode or ("ring" if gather_with_grad else "gather")
 
     def _scaling(self) -> str:
         if self.local_loss:
@@ -134,15 +156,17 @@ class ClipLoss(nn.Module):
         return "open_clip_gather_with_grad" if self.gather_with_grad else "open_clip_detached"
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None,
-                output_dict: bool = False):
+                output_dict: bool = False, group_ids=None, extra_text=None):
         if self.world_size == 1:
             loss = clip_loss(image_features, text_features, logit_scale, normalize=self.normalize,
-                             label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes)
+                             label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes,
+                             group_ids=group_ids, extra_text=extra_text)
         else:
             loss = clip_loss_scaled(
                 image_features, text_features, logit_scale, group=self.group, normalize=self.normalize,
                 label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes,
-                scaling=self._scaling(), caller="mmkernels.nn.ClipLoss",
+                scaling=self._scaling(), mode=self.mode, group_ids_local=group_ids, extra_text_local=extra_text,
+                caller="mmkernels.nn.ClipLoss",
                 extra_checks=_group_matches(self.rank, self.world_size),
             )
         loss = _with_zero_bias_grad(loss, logit_bias)
@@ -150,7 +174,8 @@ class ClipLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, rank={self.rank}, "
-                f"world_size={self.world_size}, normalize={self.normalize}, label_smoothing={self.label_smoothing}")
+                f"world_size={self.world_size}, normalize={self.normalize}, label_smoothing={self.label_smoothing}, "
+                f"mode={self.mode!r}")
 
 
 class SigLipLoss(nn.Module):
@@ -159,8 +184,10 @@ class SigLipLoss(nn.Module):
     SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None, chunk_size=0, *, bidir=None,
                use_horovod=False, normalize=False, workspace_bytes=None, group=None)
 
-    forward(image_features (M, D), text_features (M, D), logit_scale, logit_bias, output_dict=False)
-    -> () float32 loss, or {"contrastive_loss": loss}; logit_bias None means 0.
+    forward(image_features (M, D), text_features (M, D), logit_scale, logit_bias, output_dict=False, group_ids=None)
+    -> () float32 loss, or {"contrastive_loss": loss}; logit_bias None means 0. group_ids (M,) int
+    (not open_clip's): label +1 for every pair with the same id (`mmkernels.siglip_loss(group_ids=)`);
+    with world_size > 1 the ids are global, and every rank passes them or none does.
 
     world_size == 1: -Σ_ij log σ(label_ij · S_ij) / M with S = logit_scale · image @ text.T + logit_bias.
     world_size > 1: open_clip's value on every rank, its local rows against every rank's texts,
@@ -207,17 +234,18 @@ class SigLipLoss(nn.Module):
         self.group = group
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias,
-                output_dict: bool = False):
+                output_dict: bool = False, group_ids=None):
         if logit_bias is None:
             logit_bias = 0.0
         if self.world_size == 1:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, normalize=self.normalize,
-                               workspace_bytes=self.workspace_bytes)
+                               workspace_bytes=self.workspace_bytes, group_ids=group_ids)
         else:
             loss = siglip_loss_scaled(
                 image_features, text_features, logit_scale, logit_bias, group=self.group, normalize=self.normalize,
                 workspace_bytes=self.workspace_bytes, scaling="open_clip_siglip", mode=_SIGLIP_MODES[self.dist_impl],
-                caller="mmkernels.nn.SigLipLoss", extra_checks=_group_matches(self.rank, self.world_size),
+                group_ids_local=group_ids, caller="mmkernels.nn.SigLipLoss",
+                extra_checks=_group_matches(self.rank, self.world_size),
             )
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -231,8 +259,11 @@ class InfoNCELoss(nn.Module):
 
     InfoNCELoss(*, normalize=False, label_smoothing=0.0, workspace_bytes=None)
 
-    forward(query (N, D), keys (N, D), logit_scale) -> () float32: mean_i CE(S_i, i) with
-    S = logit_scale · query @ keys.T (key i is query i's positive); logit_scale already exponentiated.
+    forward(query (N, D), keys (N, D), logit_scale, group_ids=None, extra_keys=None) -> () float32:
+    mean_i CE(S_i, i) with S = logit_scale · query @ keys.T (key i is query i's positive); logit_scale
+    already exponentiated. group_ids (N,) int: the keys with the query's id are its positives, its
+    target spread over them; extra_keys (K, D): more keys, negatives of every query
+    (`mmkernels.info_nce_loss(group_ids=, extra_keys=)`).
     """
 
     def __init__(self, *, normalize: bool = False, label_smoothing: float = 0.0, workspace_bytes: int | None = None):
@@ -241,9 +272,11 @@ class InfoNCELoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.workspace_bytes = workspace_bytes
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, logit_scale) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, logit_scale, group_ids=None,
+                extra_keys=None) -> torch.Tensor:
         return info_nce_loss(query, keys, logit_scale, normalize=self.normalize,
-                             label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes)
+                             label_smoothing=self.label_smoothing, workspace_bytes=self.workspace_bytes,
+                             group_ids=group_ids, extra_keys=extra_keys)
 
     def extra_repr(self) -> str:
         return f"normalize={self.normalize}, label_smoothing={self.label_smoothing}"

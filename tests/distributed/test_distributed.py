@@ -1,7 +1,8 @@
 """mmkernels.distributed over gloo: every rank's loss and gradients against the loss one process
 computes on the concatenated batch (the numerics rule (docs/design.md)), on the reference path and with the Triton
-kernels under the interpreter, SigLIP in both modes (all_gather, and the point-to-point ring); the
-work and memory of each rank; errors raised on every rank.
+kernels under the interpreter, both losses in both modes (all_gather, and the point-to-point ring),
+with group ids and (CLIP) extra text rows; the work and memory of each rank; errors raised on every
+rank.
 
 One spawned job per world size runs every check on one process group (spawning is the slow part);
 each check's outcome is then its own test. Local batch sizes differ between ranks.
@@ -46,39 +47,70 @@ def siglip_from_logits(logits):
     return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
 
 
-def single_process(kind, A, B, scale, bias, rows: slice, *, normalize=False, eps=0.0, dtype=None):
+def grouped_clip(logits, n, ids, eps):
+    """CLIP with group targets and extra columns, the float64 N × (N + K) formula: row i's target
+    (1-eps)·[g_i = g_j]/c_i (0 on the K extra columns) + eps/(N + K), over all N + K columns; column
+    j's (1-eps)·[g_i = g_j]/c_j + eps/N over the N paired columns only. Returns (loss, the rows'
+    targets (N, N + K), the columns' targets (N, N))."""
+    k = logits.shape[1] - n
+    same = (ids[:, None] == ids[None, :] if ids is not None else torch.eye(n, dtype=torch.bool, device=logits.device))
+    same = same.to(logits.dtype)
+    count = same.sum(1)
+    row_targets = F.pad((1 - eps) * same / count[:, None], (0, k)) + eps / (n + k)
+    col_targets = (1 - eps) * same / count[None, :] + eps / n
+    rows = -(row_targets * torch.log_softmax(logits, 1)).sum(1).mean()
+    cols = -(col_targets * torch.log_softmax(logits[:, :n], 0)).sum(0).mean()
+    return (rows + cols) / 2, row_targets, col_targets
+
+
+def single_process(kind, A, B, scale, bias, rows: slice, *, normalize=False, eps=0.0, dtype=None, ids=None, E=None,
+                   extra_rows: slice | None = None):
     """What one process computes on the global batch (A, B) (N, D), in `dtype` (float64: the oracle;
     the inputs' dtype: the eager formula): the loss, dL/dA and dL/dB for `rows`, and the shares of
     dL/dscale and dL/dbias that come from those rows of S, each gradient with the size of its
-    summands (the floor of the numerics rule (docs/design.md) scales with it)."""
+    summands (the floor of the numerics rule (docs/design.md) scales with it). With group ids `ids`
+    (N,) and (CLIP) extra text rows E (K, D): their targets, and dL/dE for `extra_rows`."""
     dtype = dtype or A.dtype
+    n = A.shape[0]
     A, B = (t.detach().to(dtype).requires_grad_() for t in (A, B))
+    E = None if E is None else E.detach().to(dtype).requires_grad_()
     scale, bias = (torch.as_tensor(t, dtype=dtype).detach().requires_grad_() for t in (scale, bias))
-    a, b = (F.normalize(A, dim=-1), F.normalize(B, dim=-1)) if normalize else (A, B)
+    columns = B if E is None else torch.cat([B, E])
+    a, b = (F.normalize(A, dim=-1), F.normalize(columns, dim=-1)) if normalize else (A, columns)
     products = a @ b.T
     logits = scale * products + (bias if kind == "siglip" else 0)
     logits.retain_grad()
-    loss = clip_from_logits(logits, eps) if kind == "clip" else siglip_from_logits(logits)
+    if kind == "clip":
+        grouped = ids is not None or E is not None
+        loss = grouped_clip(logits, n, ids, eps)[0] if grouped else clip_from_logits(logits, eps)
+    elif ids is None:
+        loss = siglip_from_logits(logits)
+    else:
+        labels = torch.where(ids[:, None] == ids[None, :], 1.0, -1.0).to(dtype)
+        loss = -F.logsigmoid(labels * logits).sum() / n
     loss.backward()
     g = logits.grad[rows]
     with torch.no_grad():
         # Every gradient is a sum over logits of dL/dS_ij times something, and CLIP's
         # dL/dS_ij = (P^row_ij - t_ij + P^col_ij - t_ij) / (2N) itself cancels where a positive
         # dominates its row or column: the rule's floor scales with the terms' size, not the result's.
-        n = logits.shape[0]
         if kind == "clip":
-            targets = (1 - eps) * torch.eye(n, dtype=dtype, device=logits.device) + eps / n
-            terms = (torch.softmax(logits, 1) + torch.softmax(logits, 0) + 2 * targets) / (2 * n)
+            _, row_targets, col_targets = grouped_clip(logits, n, ids, eps)
+            terms = (torch.softmax(logits, 1) + F.pad(torch.softmax(logits[:, :n], 0) + col_targets,
+                                                      (0, logits.shape[1] - n)) + row_targets) / (2 * n)
         else:
             terms = logits.grad.abs()
         image_terms, text_terms = scale * terms @ b.abs(), scale * terms.T @ a.abs()
         if normalize:  # the normalisation's Jacobian divides by the row's norm
             image_terms = image_terms / A.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            text_terms = text_terms / B.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return dict(loss=loss.detach(), image=A.grad[rows], text=B.grad[rows],
-                scale=(g * products[rows]).sum().detach(), bias=g.sum(),
-                image_size=image_terms[rows].norm().item(), text_size=text_terms[rows].norm().item(),
-                scale_size=(terms[rows] * products[rows].abs()).sum().item(), bias_size=terms[rows].sum().item())
+            text_terms = text_terms / columns.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    out = dict(loss=loss.detach(), image=A.grad[rows], text=B.grad[rows],
+               scale=(g * products[rows]).sum().detach(), bias=g.sum(),
+               image_size=image_terms[rows].norm().item(), text_size=text_terms[rows].norm().item(),
+               scale_size=(terms[rows] * products[rows].abs()).sum().item(), bias_size=terms[rows].sum().item())
+    if E is not None and extra_rows is not None:
+        out.update(extra=E.grad[extra_rows], extra_size=text_terms[n:][extra_rows].norm().item())
+    return out
 
 
 # --------------------------------------------------------------------------- one rank's view
@@ -101,14 +133,32 @@ class Rank:
         bias = float(torch.empty(()).uniform_(-3.0, 0.0, generator=self.gen))
         return A, B, scale, bias
 
+    def group_ids(self, groups: int):
+        """(N,) ids drawn from `groups` values (same on every rank; groups span ranks), int32."""
+        return torch.randint(0, groups, (sum(self.sizes),), generator=self.gen, dtype=torch.int32) * 7 - 5
+
+    def extras(self, extra_sizes, dtype=torch.float32, d=D):
+        """(E (K, D) every rank's extra text rows in rank order, this rank's slice of them)."""
+        E = torch.randn(sum(extra_sizes), d, generator=self.gen, dtype=torch.float64).to(dtype)
+        return E, slice(sum(extra_sizes[: self.rank]), sum(extra_sizes[: self.rank + 1]))
+
 
 def run_loss(kind, A, B, scale, bias, rows, *, image_grad=True, text_grad=True, scale_grad=True, bias_grad=True,
-             **kw):
-    """This rank's loss and the gradients of the inputs that require them ({name: grad})."""
+             ids=None, E=None, extra_rows=None, extra_grad=True, **kw):
+    """This rank's loss and the gradients of the inputs that require them ({name: grad}); `ids`,
+    the global group ids, and (CLIP) E[extra_rows], this rank's extra text rows (None when the
+    slice is empty and extra_grad is False: a rank without extras may pass None)."""
     leaves = {"image": A[rows].clone().requires_grad_(image_grad), "text": B[rows].clone().requires_grad_(text_grad)}
     s = torch.tensor(scale, requires_grad=True) if scale_grad else scale
     if scale_grad:
         leaves["scale"] = s
+    if ids is not None:
+        kw["group_ids_local"] = ids[rows]
+    if E is not None:
+        extra = E[extra_rows].clone().requires_grad_(extra_grad)
+        if extra_grad:
+            leaves["extra"] = extra
+        kw["extra_text_local"] = extra if extra_grad or extra.shape[0] else None
     if kind == "clip":
         loss = mmd.clip_loss(leaves["image"], leaves["text"], s, **kw)
     else:
@@ -119,11 +169,12 @@ def run_loss(kind, A, B, scale, bias, rows, *, image_grad=True, text_grad=True, 
     return loss.detach(), grads
 
 
-def assert_matches_single_process(env, kind, loss, grads, batch, *, factor, dtype, normalize=False, eps=0.0):
+def assert_matches_single_process(env, kind, loss, grads, batch, *, factor, dtype, normalize=False, eps=0.0,
+                                  ids=None, E=None, extra_rows=None):
     """Rank env.rank's loss is the global one; its gradients / factor are the single-process
     gradients of its rows, its scalars' gradients / factor the shares of its block row of S."""
     A, B, scale, bias = batch
-    kw = dict(normalize=normalize, eps=eps)
+    kw = dict(normalize=normalize, eps=eps, ids=ids, E=E, extra_rows=extra_rows)
     oracle = single_process(kind, A, B, scale, bias, env.rows, dtype=torch.float64, **kw)
     eager = single_process(kind, A, B, scale, bias, env.rows, dtype=dtype, **kw)
     whole = single_process(kind, A, B, scale, bias, slice(None), dtype=torch.float64, **kw)
@@ -139,38 +190,74 @@ def assert_matches_single_process(env, kind, loss, grads, batch, *, factor, dtyp
 # --------------------------------------------------------------------------- the checks
 
 
-def check_clip(env):
+def check_clip(env, mode="gather"):
     batch = env.batch()
-    loss, grads = run_loss("clip", *batch, env.rows)
+    loss, grads = run_loss("clip", *batch, env.rows, mode=mode)
     assert set(grads) == {"image", "text", "scale"}
     assert_matches_single_process(env, "clip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
 
 
-def check_clip_normalize_smoothing_unscaled(env):
+def check_clip_normalize_smoothing_unscaled(env, mode="gather"):
     batch = env.batch()
-    loss, grads = run_loss("clip", *batch, env.rows, normalize=True, label_smoothing=0.1, grad_scaling="none")
+    loss, grads = run_loss("clip", *batch, env.rows, normalize=True, label_smoothing=0.1, grad_scaling="none",
+                           mode=mode)
     assert_matches_single_process(env, "clip", loss, grads, batch, factor=1, dtype=torch.float32,
                                   normalize=True, eps=0.1)
 
 
-def check_clip_frozen_towers(env):
+def check_clip_frozen_towers(env, mode="gather"):
     # Image tower frozen everywhere; the text needs its gradient on rank 0 only, so the other ranks
     # must still send their partial text gradients; logit_scale a Python float.
     batch = env.batch()
-    loss, grads = run_loss("clip", *batch, env.rows, image_grad=False, text_grad=env.rank == 0, scale_grad=False)
+    loss, grads = run_loss("clip", *batch, env.rows, image_grad=False, text_grad=env.rank == 0, scale_grad=False,
+                           mode=mode)
     assert set(grads) == ({"text"} if env.rank == 0 else set())
     assert_matches_single_process(env, "clip", loss, grads, batch, factor=env.world_size, dtype=torch.float32)
-    loss, grads = run_loss("clip", *batch, env.rows, text_grad=False, label_smoothing=0.2)
+    loss, grads = run_loss("clip", *batch, env.rows, text_grad=False, label_smoothing=0.2, mode=mode)
     assert set(grads) == {"image", "scale"}
     assert_matches_single_process(env, "clip", loss, grads, batch, factor=env.world_size, dtype=torch.float32,
                                   eps=0.2)
 
 
-def check_clip_fp16(env):
+def check_clip_fp16(env, mode="gather"):
     batch = env.batch(torch.float16)
-    loss, grads = run_loss("clip", *batch, env.rows, normalize=True)
+    loss, grads = run_loss("clip", *batch, env.rows, normalize=True, mode=mode)
     assert_matches_single_process(env, "clip", loss, grads, batch, factor=env.world_size, dtype=torch.float16,
                                   normalize=True)
+
+
+EXTRA_SIZES = {2: (3, 0), 3: (2, 1, 0)}  # K_r per rank: unequal, a rank with none, the empty rank with one
+
+
+def check_clip_groups_and_extras(env, mode="gather"):
+    """Group ids whose groups span ranks, and extra text rows (every rank's are negatives of every
+    rank's rows, the image→text direction only): the single-process loss on the concatenated batch
+    with extra_text = the ranks' extras in rank order, and every gradient, the extras' included.
+    A rank without extras passes a (0, D) tensor, or None when they are frozen."""
+    batch = env.batch()
+    ids = env.group_ids(3)
+    E, extra_rows = env.extras(EXTRA_SIZES[env.world_size])
+    extras = dict(E=E, extra_rows=extra_rows)
+    for kw, oracle_kw, factor in (
+        (dict(ids=ids), dict(ids=ids), env.world_size),
+        (dict(extras, label_smoothing=0.1, grad_scaling="none"), dict(extras, eps=0.1), 1),
+        (dict(extras, ids=ids, normalize=True), dict(extras, ids=ids, normalize=True), env.world_size),
+        (dict(extras, ids=ids, extra_grad=False, text_grad=False), dict(extras, ids=ids), env.world_size),
+    ):
+        loss, grads = run_loss("clip", *batch, env.rows, mode=mode, **kw)
+        expected = {"image", "scale"} | ({"text", "extra"} if kw.get("extra_grad", True) else set())
+        assert set(grads) == expected - ({"extra"} if "E" not in kw else set()), (kw, set(grads))
+        assert_matches_single_process(env, "clip", loss, grads, batch, factor=factor, dtype=torch.float32,
+                                      **oracle_kw)
+
+
+def check_siglip_groups(env, mode="gather"):
+    """Group ids whose groups span ranks: label +1 for every same-id pair of the global batch."""
+    batch = env.batch()
+    ids = env.group_ids(3)
+    loss, grads = run_loss("siglip", *batch, env.rows, mode=mode, ids=ids)
+    assert_matches_single_process(env, "siglip", loss, grads, batch, factor=env.world_size, dtype=torch.float32,
+                                  ids=ids)
 
 
 def check_siglip(env, mode="gather"):
@@ -217,7 +304,7 @@ def check_float64_is_exact(env, kind, mode="gather"):
     leaves = {"image": A[env.rows].clone().requires_grad_(), "text": B[env.rows].clone().requires_grad_(),
               "scale": torch.tensor(scale, dtype=torch.float64, requires_grad=True)}
     if kind == "clip":
-        loss = mmd.clip_loss(leaves["image"], leaves["text"], leaves["scale"], label_smoothing=0.1)
+        loss = mmd.clip_loss(leaves["image"], leaves["text"], leaves["scale"], label_smoothing=0.1, mode=mode)
     else:
         leaves["bias"] = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
         loss = mmd.siglip_loss(*leaves.values(), mode=mode)
@@ -240,7 +327,7 @@ def check_autocast_changes_nothing(env):
     """Under torch.autocast (bf16) the losses compute as their contract says (the block functions
     they are built from turn it off): the same fp32 loss and gradients as without it, bit for bit."""
     batch = env.batch()
-    for kind, kw in (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"})):
+    for kind, kw in (("clip", {}), ("clip", {"mode": "ring"}), ("siglip", {}), ("siglip", {"mode": "ring"})):
         loss, grads = run_loss(kind, *batch, env.rows, **kw)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got_loss, got_grads = run_loss(kind, *batch, env.rows, **kw)
@@ -251,7 +338,7 @@ def check_autocast_changes_nothing(env):
 
 def check_non_finite(env):
     # A NaN in the last rank's image rows, an Inf in the first rank's text rows: NaN on every rank.
-    runs = (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"}))
+    runs = (("clip", {}), ("clip", {"mode": "ring"}), ("siglip", {}), ("siglip", {"mode": "ring"}))
     A, B, scale, bias = env.batch()
     A[sum(env.sizes[:-1]), 0] = float("nan")
     losses = [run_loss(kind, A, B, scale, bias, env.rows, **kw)[0] for kind, kw in runs]
@@ -269,16 +356,16 @@ WORK = {  # (loss, what needs a gradient): the block row's matrix products (2·M
     ("clip", "all"): 4, ("clip", "text frozen"): 3, ("clip", "image frozen"): 3, ("clip", "none"): 1,
     ("siglip", "all"): 3, ("siglip", "text frozen"): 2, ("siglip", "image frozen"): 2, ("siglip", "none"): 1,
 }
-MODES = {"clip": ("gather",), "siglip": ("gather", "ring")}  # the ring: W blocks of 2·M_r·M_q·D, the same sum
+MODES = {"clip": ("gather", "ring"), "siglip": ("gather", "ring")}  # the ring: W blocks of 2·M_r·M_q·D, the same sum
 NEEDS = {"all": {}, "text frozen": {"text_grad": False}, "image frozen": {"image_grad": False},
          "none": {"image_grad": False, "text_grad": False, "scale_grad": False, "bias_grad": False}}
 
 
 def check_work_per_rank(env):
     """Each rank's matrix work is its block row's: CLIP 8·M_r·N·D (2 for the statistics, 6 for the
-    gradients), SigLIP 6·M_r·N·D in either mode (the ring's W blocks of M_r × M_q add up to it),
+    gradients), SigLIP 6·M_r·N·D, in either mode (the ring's W blocks of M_r × M_q add up to it),
     2·M_r·N·D less per frozen tower (the reference path computes both sides whatever is frozen),
-    2·M_r·N·D without gradients."""
+    2·M_r·N·D without gradients; with K extra text rows CLIP's 8·M_r·(N + K)·D."""
     env = Rank(env.rank, env.world_size, WORK_SIZES[env.world_size], env.seed)
     d = 64
     A, B, scale, bias = env.batch(d=d)
@@ -289,9 +376,19 @@ def check_work_per_rank(env):
             continue
         for mode in MODES[kind]:
             with OpTrace() as trace:
-                run_loss(kind, A, B, scale, bias, env.rows, **NEEDS[needs], **({"mode": mode} if kind == "siglip" else {}))
+                run_loss(kind, A, B, scale, bias, env.rows, **NEEDS[needs], mode=mode)
             if trace.matmul_flops != products * unit:
                 wrong.append(f"{kind} ({mode}), {needs}: {trace.matmul_flops / unit} products, expected {products}")
+    # Extra text rows (64 on rank 0, whole tiles in either mode) and group ids: CLIP's 4 products of
+    # 2·M_r·(N + K)·D, the extra columns' own work and no more.
+    E, extra_rows = env.extras((64,) + (0,) * (env.world_size - 1), d=d)
+    wide = 2 * env.sizes[env.rank] * (sum(env.sizes) + E.shape[0]) * d
+    for mode in MODES["clip"]:
+        with OpTrace() as trace:
+            run_loss("clip", A, B, scale, bias, env.rows, mode=mode, ids=env.group_ids(9), E=E, extra_rows=extra_rows)
+        if trace.matmul_flops != 4 * wide:
+            wrong.append(f"clip ({mode}) with extra rows and group ids: {trace.matmul_flops / wide} products, "
+                         "expected 4")
     assert not wrong, f"rank {env.rank} (M = {env.sizes[env.rank]}): " + "; ".join(wrong)
 
 
@@ -317,44 +414,65 @@ def check_memory_per_rank(env):
 
 
 RING_MEMORY_SIZES = {2: (128, 64), 3: (64, 0, 128)}
-RING_BLOCKS_ALIVE = 10  # blocks of max M_r rows alive at once, at most (see check_ring_memory_per_rank)
+# Blocks of the widest ring block alive at once, at most (see check_ring_memory_per_rank).
+RING_BLOCKS_ALIVE = 10
 
 
 def check_ring_memory_per_rank(env):
     """mode="ring" holds nothing of the text's size N·D: every allocation but the kernels' workspace
-    is at most one block of max_r M_r rows, the workspace is sized against max M_r columns, and all
-    of it alive at once stays under the workspace + 10 blocks (the inputs' two copies, the current
-    and the incoming text block, the image gradient's sum and one block's share, the text gradient
-    blocks in flight: own, received or sent, fresh, scaled: at most 10, whatever W). The
-    interpreter's launches free their buffers at once (collect_cycles), as a GPU's do. Negative
-    control: mode="gather" allocates the (N, D) gathered text, and that workspace is too small for
-    its blocks."""
+    is at most one block (the widest, max_r M_r + K_r rows), no (N, D) tensor exists, the workspace
+    is sized against the widest block's columns, and all of it alive at once stays under the
+    workspace + 10 blocks (SigLIP: the inputs' two copies, the current and the incoming text block,
+    the image gradient's sum and one block's share, the text gradient blocks in flight: own,
+    received or sent, fresh, scaled; CLIP, with group ids and extra text rows, in its second pass
+    the same, its first pass less: two blocks and O(M) statistics), whatever W. With group ids,
+    the ids and their counts are O(N) int64 (W·max M_r for the padded all_gather, 3 of those alive
+    at most). The interpreter's launches free
+    their buffers at once (collect_cycles), as a GPU's do. Negative control: mode="gather" allocates
+    the (N, D) gathered text, and that workspace is too small for its blocks."""
     env = Rank(env.rank, env.world_size, RING_MEMORY_SIZES[env.world_size], env.seed)
     d = 4
     A, B, scale, bias = env.batch(d=d)
-    n, widest = A.shape[0], max(env.sizes)
-    workspace = plan.panel_bytes(64, widest, d, torch.float32, A.device, True, True, torch.float32)
-    block = widest * d * 4
-    with OpTrace(collect_cycles=True) as trace:
-        loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, mode="ring", workspace_bytes=workspace)
-    assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
-                                  dtype=torch.float32)
-    too_big = [a for a in trace.allocations if a.nbytes > (workspace if a.dtype == torch.uint8 else block)]
-    assert not too_big, f"rank {env.rank}: allocations over one block of {block} bytes: {too_big}"
-    assert trace.peak_bytes <= workspace + RING_BLOCKS_ALIVE * block, (trace.peak_bytes, workspace, block)
-    with OpTrace() as trace:
-        run_loss("siglip", A, B, scale, bias, env.rows)
-    assert any(a.shape == (n, d) for a in trace.allocations), "the gather mode's (N, D) text was not seen"
-    err = _raised(lambda: run_loss("siglip", A, B, scale, bias, env.rows, workspace_bytes=workspace))
-    assert isinstance(err, ValueError) and "expected workspace_bytes >=" in str(err), repr(err)
+    ids = env.group_ids(5)
+    E, extra_rows = env.extras(EXTRA_SIZES[env.world_size], d=d)
+    n = A.shape[0]
+    for kind, kw in (("siglip", {}), ("clip", dict(ids=ids, E=E, extra_rows=extra_rows))):
+        extra_sizes = EXTRA_SIZES[env.world_size] if "E" in kw else (0,) * env.world_size
+        widest = max(m + k for m, k in zip(env.sizes, extra_sizes))
+        workspace = max(plan.panel_bytes(64, widest, d, torch.float32, A.device, True, True, torch.float32),
+                        plan.stats_panel_bytes(64, widest, d, torch.float32, A.device))
+        block = widest * d * 4
+        with OpTrace(collect_cycles=True) as trace:
+            loss, grads = run_loss(kind, A, B, scale, bias, env.rows, mode="ring", workspace_bytes=workspace, **kw)
+        oracle_kw = {k: v for k, v in kw.items() if k in ("ids", "E", "extra_rows")}
+        assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=env.world_size,
+                                      dtype=torch.float32, **oracle_kw)
+        ids_bytes = env.world_size * max(env.sizes) * 8  # the ids' all_gather (padded when the M_r differ)
+        too_big = [a for a in trace.allocations if a.nbytes > (
+            workspace if a.dtype == torch.uint8 else ids_bytes if (a.dtype, len(a.shape)) == (torch.int64, 1)
+            else block)]
+        assert not too_big, f"{kind}, rank {env.rank}: allocations over one block of {block} bytes: {too_big}"
+        assert not [a for a in trace.allocations if a.shape[:1] == (n,) and len(a.shape) == 2], kind
+        ids_alive = 3 * ids_bytes if "ids" in kw else 0  # the padded all_gather, the ids, their counts
+        assert trace.peak_bytes <= workspace + RING_BLOCKS_ALIVE * block + ids_alive, \
+            (kind, trace.peak_bytes, workspace, block, ids_alive)
+        with OpTrace() as trace:
+            run_loss(kind, A, B, scale, bias, env.rows, **kw)
+        assert any(a.shape[0] >= n and a.shape[1:] == (d,) for a in trace.allocations), \
+            f"{kind}: the gather mode's (N, D) text was not seen"
+        err = _raised(lambda: run_loss(kind, A, B, scale, bias, env.rows, workspace_bytes=workspace, **kw))
+        assert isinstance(err, ValueError) and "expected workspace_bytes >=" in str(err), repr(err)
 
 
-def check_ring_overlaps_exchange_with_compute(env):
+def check_ring_overlaps_exchange_with_compute(env, kind="siglip"):
     """Each step of the ring posts its messages (the next block's rows among them) before it
-    computes on the current block and waits for them after: the exchange runs during the compute.
-    Seen by wrapping batch_isend_irecv, the works' wait and the block function."""
+    computes on the current block and waits for them after: the exchange runs during the compute
+    (CLIP: in both passes, the statistics' and the gradients'). Seen by wrapping
+    batch_isend_irecv, the works' wait and the block functions."""
     A, B, scale, bias = env.batch()
-    events, real_batch, real_block = [], dist.batch_isend_irecv, contrastive.siglip_block_unchecked
+    names = {"siglip": ("siglip_block_unchecked",),
+             "clip": ("clip_block_stats_unchecked", "clip_block_grads_unchecked")}[kind]
+    events, real_batch, real_blocks = [], dist.batch_isend_irecv, {name: getattr(contrastive, name) for name in names}
 
     class Work:
         def __init__(self, work):
@@ -369,20 +487,27 @@ def check_ring_overlaps_exchange_with_compute(env):
         events.append(("post", kinds))
         return [Work(w) for w in real_batch(ops)]
 
-    def block(*args, **kwargs):
-        events.append("compute")
-        return real_block(*args, **kwargs)
+    def counted(real):
+        def block(*args, **kwargs):
+            events.append("compute")
+            return real(*args, **kwargs)
+        return block
 
-    dist.batch_isend_irecv, contrastive.siglip_block_unchecked = batch, block
+    dist.batch_isend_irecv = batch
+    for name, real in real_blocks.items():
+        setattr(contrastive, name, counted(real))
     try:
-        loss, grads = run_loss("siglip", A, B, scale, bias, env.rows, mode="ring")
+        loss, grads = run_loss(kind, A, B, scale, bias, env.rows, mode="ring")
     finally:
-        dist.batch_isend_irecv, contrastive.siglip_block_unchecked = real_batch, real_block
-    assert_matches_single_process(env, "siglip", loss, grads, (A, B, scale, bias), factor=env.world_size,
+        dist.batch_isend_irecv = real_batch
+        for name, real in real_blocks.items():
+            setattr(contrastive, name, real)
+    assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=env.world_size,
                                   dtype=torch.float32)
     w, r = env.world_size, env.rank
     computes = [i for i, e in enumerate(events) if e == "compute"]
-    steps = [k for k in range(w) if env.sizes[(r - k) % w]]  # the steps that compute: nonempty blocks
+    # The steps that compute: nonempty blocks, in each pass.
+    steps = [k for k in range(w) if env.sizes[(r - k) % w]] * len(names)
     assert len(computes) == len(steps), events
     for k, i in zip(steps, computes):
         post = events[i - 1] if i and isinstance(events[i - 1], tuple) else ("post", [])
@@ -403,7 +528,7 @@ def _raised(fn):
 def check_errors_raise_on_every_rank(env):
     """Each mismatch raises on every rank (no rank left in a collective), and the group still works."""
     A, B, scale, bias = env.batch()
-    a, b = A[env.rows], B[env.rows]
+    a, b, ids = A[env.rows], B[env.rows], env.group_ids(3)[env.rows]
     first, last = env.rank == 0, env.rank == env.world_size - 1
     cases = {
         "D": (lambda: mmd.clip_loss(a[:, : 4 if first else D], b[:, : 4 if first else D], scale),
@@ -426,7 +551,19 @@ def check_errors_raise_on_every_rank(env):
                  "same mode on every rank, got mode='gather' on rank"),
         "mode value": (lambda: mmd.siglip_loss(a, b, scale, bias, mode="bidir"), ValueError,
                        "expected mode to be one of ('gather', 'ring'), got 'bidir'"),
-        "clip ring": (lambda: mmd.clip_loss(a, b, scale, mode="ring"), TypeError, "mode"),  # not a parameter
+        "clip mode": (lambda: mmd.clip_loss(a, b, scale, mode="ring" if first else "gather"), ValueError,
+                      "same mode on every rank, got mode='ring' on rank 0"),
+        "group ids on one rank": (lambda: mmd.clip_loss(a, b, scale, group_ids_local=ids if first else None),
+                                  ValueError, "same group_ids on every rank, got group ids on rank 0, "
+                                  "group_ids=None on rank"),
+        "group ids dtype": (lambda: mmd.siglip_loss(a, b, scale, bias, group_ids_local=ids.float() if last else ids),
+                            TypeError if last else ValueError,
+                            "group_ids_local to be an integer tensor" if last else "rejected"),
+        "group ids shape": (lambda: mmd.clip_loss(a, b, scale, group_ids_local=ids[:0] if len(ids) else ids[None],
+                                                  mode="ring"),
+                            ValueError, "expected group_ids_local of shape"),
+        "extra dtype": (lambda: mmd.clip_loss(a, b, scale, extra_text_local=b[:1].double() if first else None),
+                        TypeError if first else ValueError, "dtype" if first else "rejected"),
         "scale shape": (lambda: mmd.clip_loss(a, b, torch.ones(2) if first else scale),
                         ValueError, "logit_scale to be a scalar" if first else "rejected"),
     }
@@ -436,7 +573,7 @@ def check_errors_raise_on_every_rank(env):
         if not isinstance(err, exc) or match not in str(err):
             failures.append(f"{name}: expected {exc.__name__} matching {match!r}, got {err!r}")
     # The ranks stayed in step: valid calls after all of that are right.
-    for kind, kw in (("clip", {}), ("siglip", {"mode": "ring"})):
+    for kind, kw in (("clip", {}), ("clip", {"mode": "ring"}), ("siglip", {"mode": "ring"})):
         loss, grads = run_loss(kind, A, B, scale, bias, env.rows, **kw)
         assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=env.world_size,
                                       dtype=torch.float32)
@@ -479,6 +616,16 @@ CHECKS = {
     "clip_normalize_smoothing_unscaled": (check_clip_normalize_smoothing_unscaled, ("reference", "triton")),
     "clip_frozen_towers": (check_clip_frozen_towers, ("reference", "triton")),
     "clip_fp16": (check_clip_fp16, ("triton",)),
+    "clip_ring": (functools.partial(check_clip, mode="ring"), ("reference", "triton")),
+    "clip_ring_normalize_smoothing_unscaled": (functools.partial(check_clip_normalize_smoothing_unscaled, mode="ring"),
+                                               ("reference", "triton")),
+    "clip_ring_frozen_towers": (functools.partial(check_clip_frozen_towers, mode="ring"), ("reference",)),
+    "clip_ring_fp16": (functools.partial(check_clip_fp16, mode="ring"), ("triton",)),
+    "clip_groups_and_extras": (check_clip_groups_and_extras, ("reference", "triton")),
+    "clip_ring_groups_and_extras": (functools.partial(check_clip_groups_and_extras, mode="ring"),
+                                    ("reference", "triton")),
+    "siglip_groups": (check_siglip_groups, ("reference", "triton")),
+    "siglip_ring_groups": (functools.partial(check_siglip_groups, mode="ring"), ("reference", "triton")),
     "siglip": (check_siglip, ("reference", "triton")),
     "siglip_normalize_unscaled": (check_siglip_normalize_unscaled, ("reference", "triton")),
     "siglip_frozen_towers": (check_siglip_frozen_towers, ("reference", "triton")),
@@ -489,6 +636,7 @@ CHECKS = {
     "siglip_ring_frozen_towers": (functools.partial(check_siglip_frozen_towers, mode="ring"), ("reference", "triton")),
     "siglip_ring_fp16": (functools.partial(check_siglip_fp16, mode="ring"), ("triton",)),
     "clip_float64": (functools.partial(check_float64_is_exact, kind="clip"), ("reference",)),
+    "clip_ring_float64": (functools.partial(check_float64_is_exact, kind="clip", mode="ring"), ("reference",)),
     "siglip_float64": (functools.partial(check_float64_is_exact, kind="siglip"), ("reference",)),
     "siglip_ring_float64": (functools.partial(check_float64_is_exact, kind="siglip", mode="ring"), ("reference",)),
     "autocast_changes_nothing": (check_autocast_changes_nothing, ("reference", "triton")),
@@ -497,6 +645,8 @@ CHECKS = {
     "memory_per_rank": (check_memory_per_rank, ("triton",)),
     "ring_memory_per_rank": (check_ring_memory_per_rank, ("triton",)),
     "ring_overlaps_exchange_with_compute": (check_ring_overlaps_exchange_with_compute, ("reference",)),
+    "clip_ring_overlaps_exchange_with_compute": (functools.partial(check_ring_overlaps_exchange_with_compute,
+                                                                   kind="clip"), ("reference",)),
     "errors_raise_on_every_rank": (check_errors_raise_on_every_rank, ("reference",)),
     "small_workspace_raises_on_every_rank": (check_small_workspace_raises_on_every_rank, ("triton",)),
 }
@@ -650,9 +800,9 @@ def test_ring_schedule_pairs_every_message_and_brings_every_gradient_home():
 
 
 def gpu_job(rank, world_size, seed):
-    """On each GPU of an NCCL group: both losses in fp32 and bf16 (SigLIP in both modes), sizes off
-    the tiles, a small workspace (several panels), against the single-process loss of the
-    concatenated batch."""
+    """On each GPU of an NCCL group: both losses in fp32 and bf16 in both modes (the ring also with
+    group ids, and CLIP's with extra text rows), sizes off the tiles, a small workspace (several
+    panels), against the single-process loss of the concatenated batch."""
     failures = []
     for index, (n_per_rank, d, dtype, workspace) in enumerate([
         (1000, 256, torch.float32, None), (1031, 768, torch.bfloat16, None), (4096, 512, torch.bfloat16, 2**22),
@@ -661,15 +811,20 @@ def gpu_job(rank, world_size, seed):
         env = Rank(rank, world_size, sizes, seed + index)
         A, B, scale, bias = env.batch(dtype, d=d)
         A, B = A.cuda(), B.cuda()
-        for kind, kw in (("clip", {}), ("siglip", {}), ("siglip", {"mode": "ring"})):
+        ids = env.group_ids(sum(sizes) // 2).cuda()
+        E, extra_rows = env.extras(tuple(5 + r for r in range(world_size)), dtype, d)
+        grouped = dict(ids=ids, E=E.cuda(), extra_rows=extra_rows)
+        for kind, kw in (("clip", {}), ("clip", {"mode": "ring"}), ("clip", dict(grouped, mode="ring")),
+                         ("siglip", {}), ("siglip", {"mode": "ring"}), ("siglip", {"mode": "ring", "ids": ids})):
             try:
                 loss, grads = run_loss(kind, A, B, scale, bias, env.rows, normalize=True, workspace_bytes=workspace,
                                        **kw)
                 assert loss.is_cuda and all(g.is_cuda for g in grads.values())
+                oracle_kw = {k: v for k, v in kw.items() if k in ("ids", "E", "extra_rows")}
                 assert_matches_single_process(env, kind, loss, grads, (A, B, scale, bias), factor=world_size,
-                                              dtype=dtype, normalize=True)
+                                              dtype=dtype, normalize=True, **oracle_kw)
             except Exception:
-                failures.append(f"{kind} {kw} N/rank={n_per_rank} D={d} {dtype}:\n{traceback.format_exc()}")
+                failures.append(f"{kind} {sorted(kw)} N/rank={n_per_rank} D={d} {dtype}:\n{traceback.format_exc()}")
     return failures
 
 

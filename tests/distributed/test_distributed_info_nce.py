@@ -105,6 +105,63 @@ def check_fp16(rank, seed):
     run_case(rank, (5, 2), seed, dtype=torch.float16, normalize=True)
 
 
+def grouped_single_process(Q, K, E, ids, scale, rows, extra_rows, *, eps, dtype):
+    """With group ids (N,) and extra keys E (K, D): the loss, dL/dQ, dL/dK of `rows`, dL/dE of
+    `extra_rows` and the share of dL/dscale from `rows`, with their summands' sizes; in float64
+    mmkernels.info_nce_loss(group_ids=, extra_keys=) (the oracle), else the eager formula (targets
+    (1-eps)·[g_i = g_j]/c_i on the paired keys, 0 on the extra ones, + eps/(N + K))."""
+    Q, K, E = (t.detach().to(dtype).requires_grad_() for t in (Q, K, E))
+    s = torch.tensor(scale, dtype=dtype, requires_grad=True)
+    columns = torch.cat([K, E])
+    products = Q @ columns.T
+    logits = s * products
+    n, k = Q.shape[0], E.shape[0]
+    same = (ids[:, None] == ids[None, :]).to(dtype)
+    targets = F.pad((1 - eps) * same / same.sum(1, keepdim=True), (0, k)) + eps / (n + k)
+    formula = -(targets * torch.log_softmax(logits, 1)).sum(1).mean()
+    logits_grad = torch.autograd.grad(formula, logits, retain_graph=True)[0]
+    loss = (mmkernels.info_nce_loss(Q, K, s, label_smoothing=eps, group_ids=ids, extra_keys=E)
+            if dtype == torch.float64 else formula)
+    loss.backward()
+    with torch.no_grad():
+        terms = (torch.softmax(logits, 1) + targets) / n
+        query_terms, keys_terms = scale * terms @ columns.abs(), scale * terms.T @ Q.abs()
+    return dict(loss=loss.detach(), query=Q.grad[rows], keys=K.grad[rows], extra=E.grad[extra_rows],
+                scale=(logits_grad[rows] * products[rows]).sum().detach(),
+                query_size=query_terms[rows].norm().item(), keys_size=keys_terms[:n][rows].norm().item(),
+                extra_size=keys_terms[n:][extra_rows].norm().item(),
+                scale_size=(terms[rows] * products[rows].abs()).sum().item(),
+                loss_size=max(abs(loss.item()), scale * (terms * products.abs()).sum().item()))
+
+
+def check_group_ids_and_extra_keys(rank, seed):
+    """Group ids spanning the ranks and extra keys (3 on rank 0, none on rank 1: a (0, D) tensor,
+    or None when frozen): every rank's extra keys are negatives of every rank's queries."""
+    sizes, extra_sizes = (5, 2), (3, 0)
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    Q, K, E = (torch.randn(m, D, generator=gen, dtype=torch.float64).float() for m in (n, n, sum(extra_sizes)))
+    ids = torch.randint(0, 3, (n,), generator=gen)
+    scale = float(torch.empty(()).uniform_(1.0, 4.0, generator=gen))
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    extra_rows = slice(sum(extra_sizes[:rank]), sum(extra_sizes[: rank + 1]))
+    for eps, extra_grad in ((0.0, True), (0.1, False)):
+        leaves = {"query": Q[rows].clone().requires_grad_(), "keys": K[rows].clone().requires_grad_(),
+                  "extra": E[extra_rows].clone().requires_grad_(extra_grad),
+                  "scale": torch.tensor(scale, requires_grad=True)}
+        extra = leaves["extra"] if extra_grad or rank == 0 else None
+        loss = mmd.info_nce_loss(leaves["query"], leaves["keys"], leaves["scale"], label_smoothing=eps,
+                                 group_ids_local=ids[rows], extra_keys_local=extra)
+        needed = {k: v for k, v in leaves.items() if v.requires_grad}
+        grads = dict(zip(needed, torch.autograd.grad(loss, list(needed.values()))))
+        oracle, eager = (grouped_single_process(Q, K, E, ids, scale, rows, extra_rows, eps=eps, dtype=dtype)
+                         for dtype in (torch.float64, torch.float32))
+        assert_within_rule("loss", loss, eager["loss"], oracle["loss"], torch.float32, size=oracle["loss_size"])
+        for name, grad in grads.items():
+            assert_within_rule(f"d {name} (rank {rank}, eps {eps})", grad.double() / 2, eager[name], oracle[name],
+                               torch.float32, size=oracle[f"{name}_size"])
+
+
 def check_errors_name_the_arguments_on_every_rank(rank, seed):
     query, keys = torch.randn(3, D), torch.randn(3, D if rank == 0 else D + 1)
     with pytest.raises(ValueError, match="keys_local" if rank == 1 else r"rank\(s\) \[1\] were rejected"):
@@ -122,6 +179,7 @@ CHECKS = {
     "frozen_sides": (check_frozen_sides, ("reference", "triton")),
     "empty_rank": (check_empty_rank, ("reference", "triton")),
     "fp16": (check_fp16, ("triton",)),
+    "group_ids_and_extra_keys": (check_group_ids_and_extra_keys, ("reference", "triton")),
     "errors_name_the_arguments_on_every_rank": (check_errors_name_the_arguments_on_every_rank, ("reference",)),
 }
 CASES = [(name, path) for name, (_, paths) in CHECKS.items() for path in paths]

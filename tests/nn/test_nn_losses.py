@@ -6,6 +6,7 @@ its SigLIP exchange), value and gradients on every rank; the flags it refuses, a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import traceback
 
 import pytest
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 import mmkernels
 from mmkernels.distributed import ring as distributed_ring
-from test_distributed import Rank, on_path, single_process
+from test_distributed import Rank, assert_matches_single_process, on_path, single_process
 from toolkit import assert_within_rule, fresh_seed, run_ranks
 
 # --------------------------------------------------------------------------- open_clip's formulas
@@ -76,15 +77,17 @@ def open_clip_siglip_loss(image, text, scale, bias, *, rank, world_size):
     return loss
 
 
-def local_siglip_loss_unequal(A, B, scale, bias, sizes, rank):
+def local_siglip_loss_unequal(A, B, scale, bias, sizes, rank, ids=None):
     """open_clip's SigLIP formula where the local batch sizes differ (open_clip itself needs them
     equal): rank r's value Σ_{i local, all j} -log σ(label_ij · S_ij) / M_r, and the gradients of
     Σ_r value_r (what open_clip's exchanges of text features with gradients add up to). Computed in
-    one process on the global batch: (value of `rank`, d/dA, d/dB, d value_rank/dscale, .../dbias)."""
+    one process on the global batch: (value of `rank`, d/dA, d/dB, d value_rank/dscale, .../dbias).
+    With group ids (N,), label +1 for every same-id pair."""
     A, B = A.detach().requires_grad_(), B.detach().requires_grad_()
     scale, bias = (torch.as_tensor(t, dtype=A.dtype).requires_grad_() for t in (scale, bias))
     logits = scale * A @ B.T + bias
-    signs = 2 * torch.eye(A.shape[0], dtype=A.dtype) - 1
+    same = torch.eye(A.shape[0], dtype=torch.bool) if ids is None else ids[:, None] == ids[None, :]
+    signs = same.to(A.dtype) * 2 - 1
     per_row = -F.logsigmoid(signs * logits).sum(1)
     starts = [sum(sizes[:r]) for r in range(len(sizes))]
     values = [per_row[s: s + m].sum() / m for s, m in zip(starts, sizes)]
@@ -129,13 +132,21 @@ def floors(kind, A, B, scale, bias, rows, factor):
 
 
 def check_clip_loss_flags(env):
+    """Each flag combination in both modes: the ring (mmkernels.distributed's two ring passes, the
+    statistics' and the gradients') by default with gather_with_grad=True, the all_gather without."""
     A, B, scale, bias = env.batch()
     sizes = floors("clip", A, B, scale, bias, env.rows, env.world_size)
-    for local_loss, gather_with_grad in ((False, False), (False, True), (True, True)):
+    for (local_loss, gather_with_grad), mode in itertools.product(((False, False), (False, True), (True, True)),
+                                                                  (None, "gather", "ring")):
         flags = dict(local_loss=local_loss, gather_with_grad=gather_with_grad)
-        criterion = mmkernels.nn.ClipLoss(**flags, cache_labels=True, rank=env.rank, world_size=env.world_size)
+        criterion = mmkernels.nn.ClipLoss(**flags, cache_labels=True, rank=env.rank, world_size=env.world_size,
+                                          mode=mode)
+        ring = mode == "ring" or (mode is None and gather_with_grad)
+        assert criterion.mode == ("ring" if ring else "gather"), (flags, mode, criterion.mode)
         leaves = _leaves(A, B, scale, bias, env.rows, torch.float32)
-        loss = criterion(*leaves)
+        with _counting_ring_passes() as passes:
+            loss = criterion(*leaves)
+        assert passes == [1, 1] * ring, f"{flags}, mode={mode}: {len(passes)} ring passes, expected {2 * ring}"
         got = [loss.detach()] + list(torch.autograd.grad(loss, leaves))
         kw = dict(flags, rank=env.rank, world_size=env.world_size)
         oracle = _open_clip_values(open_clip_clip_loss, A, B, scale, bias, env.rows, torch.float64, **kw)
@@ -146,7 +157,8 @@ def check_clip_loss_flags(env):
             # The ranks split dL/dlogit_scale by rows of S, open_clip by rows and columns: the sums agree.
             got[3], oracle[3], eager[3] = (_sum_over_ranks(x[3]) for x in (got, oracle, eager))
         for name, g, o, e in list(zip(NAMES, got, oracle, eager))[:4]:
-            assert_within_rule(f"{flags} {name} (rank {env.rank})", g, e, o, torch.float32, size=sizes[name])
+            assert_within_rule(f"{flags} mode={mode} {name} (rank {env.rank})", g, e, o, torch.float32,
+                               size=sizes[name])
 
 
 @contextlib.contextmanager
@@ -219,6 +231,37 @@ def check_ranks_needing_different_gradients(env):
         assert_within_rule(f"{flags} {NAMES[k]}", grad, eager[k], oracle[k], torch.float32, size=sizes[NAMES[k]])
 
 
+def check_group_ids(env):
+    """forward(..., group_ids=) with ids whose groups span the ranks (and ClipLoss's extra_text=,
+    unequal per rank): ClipLoss (global loss, both modes) gives the single-process loss with those
+    ids and extra rows and its gradients (W · dL/d(rows), dL/ds); SigLipLoss open_clip's per-rank
+    value with every same-id pair labelled +1, and its gradients; ClipLoss(local_loss=True) refuses
+    them on every rank."""
+    A, B, scale, bias = env.batch()
+    ids = env.group_ids(3)
+    E, extra_rows = env.extras((2, 3))
+    for mode in ("gather", "ring"):
+        criterion = mmkernels.nn.ClipLoss(gather_with_grad=True, rank=env.rank, world_size=env.world_size, mode=mode)
+        image, text, extra = (t.clone().requires_grad_() for t in (A[env.rows], B[env.rows], E[extra_rows]))
+        loss = criterion(image, text, scale, group_ids=ids[env.rows], extra_text=extra)
+        grads = dict(zip(("image", "text", "extra"), torch.autograd.grad(loss, (image, text, extra))))
+        assert_matches_single_process(env, "clip", loss.detach(), grads, (A, B, scale, bias), factor=env.world_size,
+                                      dtype=torch.float32, ids=ids, E=E, extra_rows=extra_rows)
+    criterion = mmkernels.nn.SigLipLoss(rank=env.rank, world_size=env.world_size)
+    leaves = _leaves(A, B, scale, bias, env.rows, torch.float32)
+    loss = criterion(*leaves, group_ids=ids[env.rows])
+    got = [loss.detach()] + list(torch.autograd.grad(loss, leaves))
+    oracle = local_siglip_loss_unequal(A.double(), B.double(), scale, bias, env.sizes, env.rank, ids)
+    eager = local_siglip_loss_unequal(A, B, scale, bias, env.sizes, env.rank, ids)
+    sizes = floors("siglip", A, B, scale, bias, env.rows, env.world_size)
+    for k, (name, g, o, e) in enumerate(zip(NAMES, got, oracle, eager)):
+        if k in (1, 2):
+            o, e = o[env.rows], e[env.rows]
+        assert_within_rule(f"siglip {name} (rank {env.rank})", g, e, o, torch.float32, size=sizes[name])
+    local = mmkernels.nn.ClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank, world_size=env.world_size)
+    _expect(lambda: local(A[env.rows], B[env.rows], scale, group_ids=ids[env.rows]), "diagonal targets")
+
+
 def _expect(call, match):
     try:
         call()
@@ -249,6 +292,7 @@ CHECKS = {
     "siglip_loss_unequal_batches": check_siglip_loss_unequal_batches,
     "refusals_raise_on_every_rank": check_refusals_raise_on_every_rank,
     "ranks_needing_different_gradients": check_ranks_needing_different_gradients,
+    "group_ids": check_group_ids,
 }
 
 
@@ -306,6 +350,17 @@ def test_single_process_matches_the_functions_and_open_clip():
         got = mmkernels.nn.ClipLoss(normalize=True, label_smoothing=0.1)(a, b, scale)
         assert torch.equal(got, mmkernels.clip_loss(a, b, scale, normalize=True, label_smoothing=0.1))
         assert torch.equal(mmkernels.nn.ClipLoss(True, True, True, 0, 1)(a, b, scale), mmkernels.clip_loss(a, b, scale))
+        # group_ids, ClipLoss's extra_text and InfoNCELoss's extra_keys reach the functions.
+        ids, extra = torch.tensor([3, 1, 3, 0, 1, 3]), torch.randn(2, 8, dtype=torch.float64)
+        assert torch.equal(mmkernels.nn.ClipLoss()(a, b, scale, group_ids=ids),
+                           mmkernels.clip_loss(a, b, scale, group_ids=ids))
+        assert torch.equal(mmkernels.nn.SigLipLoss()(a, b, scale, bias, group_ids=ids),
+                           mmkernels.siglip_loss(a, b, scale, bias, group_ids=ids))
+        assert torch.equal(mmkernels.nn.InfoNCELoss(label_smoothing=0.1)(a, b, scale, group_ids=ids, extra_keys=extra),
+                           mmkernels.info_nce_loss(a, b, scale, label_smoothing=0.1, group_ids=ids, extra_keys=extra))
+        assert torch.equal(mmkernels.nn.ClipLoss(label_smoothing=0.1)(a, b, scale, group_ids=ids, extra_text=extra),
+                           mmkernels.clip_loss(a, b, scale, label_smoothing=0.1, group_ids=ids, extra_text=extra))
+        assert not torch.equal(mmkernels.nn.ClipLoss()(a, b, scale, group_ids=ids), mmkernels.clip_loss(a, b, scale))
 
 
 @pytest.mark.parametrize("make,exc,match", [
@@ -318,6 +373,8 @@ def test_single_process_matches_the_functions_and_open_clip():
     (lambda: mmkernels.nn.ClipLoss(world_size=0), ValueError, "world_size >= 1"),
     (lambda: mmkernels.nn.ClipLoss(rank=0.5), TypeError, "rank to be an int"),
     (lambda: mmkernels.nn.SigLipLoss(dist_impl="ring"), ValueError, "dist_impl"),
+    (lambda: mmkernels.nn.ClipLoss(mode="bidir"), ValueError,
+     "expected mode to be one of .*gather.*ring.* or None, got 'bidir'"),
     (lambda: mmkernels.nn.SigLipLoss(dist_impl="gather", bidir=True), ValueError, "pass one"),
     (lambda: mmkernels.nn.SigLipLoss(chunk_size=-1), ValueError, "chunk_size"),
 ])
