@@ -421,8 +421,8 @@ def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int | 
     The global loss is siglip_loss over all n_total pairs: the sum of every block's loss; its
     gradients are the sums of every block's shares (image rows: complete per block).
 
-    A block may also be a sub-block of columns: rows against some other rows' texts (the ring of
-    mmkernels.distributed.siglip_loss(mode="ring") passes each rank's texts to every rank). Such a
+    A block may also be a sub-block of columns: rows against some other rows' texts (the ring
+    modes of mmkernels.distributed pass each rank's texts to every rank). Such a
     block holds no positive: offset=None gives it, every label -1, loss Σ_ij softplus(S_ij) / n_total
     (= Σ_ij -log σ(-S_ij) / n_total), at the same cost as a block with positives.
 
