@@ -1,13 +1,7 @@
 """Multi-GPU contrastive losses over torch.distributed: the exact loss of the global batch, each rank
 doing 1/world_size of the work.
 
-    import mmkernels.distributed as mmd
-    loss = mmd.clip_loss(image_local, text_local, logit_scale)                  # same value on every rank
-    loss = mmd.clip_loss(image_local, text_local, logit_scale, mode="ring")     # O(M·D) memory
-    loss = mmd.siglip_loss(image_local, text_local, logit_scale, logit_bias)
-    loss = mmd.siglip_loss(image_local, text_local, logit_scale, logit_bias, mode="ring")  # O(M·D) memory
-    loss = mmd.info_nce_loss(query_local, keys_local, logit_scale)          # one-directional
-    loss.backward()     # DDP / FSDP then average the gradients: the single-process update
+The usage is in the package's docstring (mmkernels/distributed/__init__.py).
 
 Rank r holds M_r pairs (M_r may differ between ranks). The global batch is their concatenation in
 rank order: N = Σ_r M_r pairs, rank r's rows start at offset_r = Σ_{q<r} M_q, and pair i's positive is
@@ -208,6 +202,14 @@ def _public_scaling(grad_scaling):
         if grad_scaling not in GRAD_SCALINGS:
             raise ValueError(f"expected grad_scaling to be one of {GRAD_SCALINGS}, got {grad_scaling!r}")
     return check
+
+
+def _check_scaling_and_mode(scaling, mode) -> None:
+    """ValueError unless `scaling` is one of SCALINGS and `mode` one of MODES."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"expected scaling to be one of {tuple(SCALINGS)}, got {scaling!r}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"expected mode to be one of {MODES}, got {mode!r}")
 
 
 def _needs_grad(t) -> bool:
@@ -425,10 +427,7 @@ def clip_loss_scaled(image_local, text_local, logit_scale, *, group, normalize, 
         contrastive.check_group_ids(group_ids_local, image_local.shape[0], image_local, "group_ids_local")
         scale.append(scalar_tensor("logit_scale", logit_scale, image_local))
         contrastive.check_label_smoothing(label_smoothing)
-        if scaling not in SCALINGS:
-            raise ValueError(f"expected scaling to be one of {tuple(SCALINGS)}, got {scaling!r}")
-        if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"expected mode to be one of {MODES}, got {mode!r}")
+        _check_scaling_and_mode(scaling, mode)
 
     image_grad, text_grad, extra_grad, scale_grad = (
         _needs_grad(t) for t in (image_local, text_local, extra_text_local, logit_scale))
@@ -731,10 +730,7 @@ def siglip_loss_scaled(image_local, text_local, logit_scale, logit_bias, *, grou
         contrastive.check_group_ids(group_ids_local, image_local.shape[0], image_local, "group_ids_local")
         scalars.append(scalar_tensor("logit_scale", logit_scale, image_local))
         scalars.append(scalar_tensor("logit_bias", logit_bias, image_local))
-        if scaling not in SCALINGS:
-            raise ValueError(f"expected scaling to be one of {tuple(SCALINGS)}, got {scaling!r}")
-        if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"expected mode to be one of {MODES}, got {mode!r}")
+        _check_scaling_and_mode(scaling, mode)
 
     image_grad, text_grad, scale_grad, bias_grad = (
         _needs_grad(t) for t in (image_local, text_local, logit_scale, logit_bias))

@@ -80,6 +80,10 @@ def _loss_dtype(text_embeds: torch.Tensor, scale: torch.Tensor, cross_entropy: b
     return torch.promote_types(text_embeds.dtype, scale.dtype)
 
 
+# mmkernels' single-process losses and their global-batch versions
+_GLOBAL = {clip_loss: mmd.clip_loss, siglip_loss: mmd.siglip_loss, info_nce_loss: mmd.info_nce_loss}
+
+
 @torch.compiler.disable
 def _global(loss, *args):
     """`loss` (a mmkernels.distributed loss) of the global batch from this process's rows, gradients
@@ -88,11 +92,12 @@ def _global(loss, *args):
     return loss(*args, grad_scaling="ddp")
 
 
-def _clip(model, image, text, scale):
-    """CLIP's loss of this call's pairs, or of the global batch where the global loss is in force."""
+def _loss(model, local, *args):
+    """`local` (clip_loss, siglip_loss or info_nce_loss) of this call's pairs, or its
+    mmkernels.distributed version of the global batch where the global loss is in force."""
     if patch_state(model).global_loss_world:
-        return _global(mmd.clip_loss, image, text, scale)
-    return clip_loss(image, text, scale)
+        return _global(_GLOBAL[local], *args)
+    return local(*args)
 
 
 def _contrastive(model, image_embeds, text_embeds, bias=None):
@@ -102,13 +107,10 @@ def _contrastive(model, image_embeds, text_embeds, bias=None):
     scale = model.logit_scale.exp().to(text_embeds.device)
     image = image_embeds.to(device=text_embeds.device, dtype=text_embeds.dtype)
     if bias is None:
-        loss = _clip(model, image, text_embeds, scale)
+        loss = _loss(model, clip_loss, image, text_embeds, scale)
     else:
         bias = bias.to(text_embeds.device)
-        if patch_state(model).global_loss_world:
-            loss = _global(mmd.siglip_loss, image, text_embeds, scale, bias)
-        else:
-            loss = siglip_loss(image, text_embeds, scale, bias)
+        loss = _loss(model, siglip_loss, image, text_embeds, scale, bias)
     loss = loss.to(_loss_dtype(text_embeds, scale, cross_entropy=bias is None))
     if not patch_state(model).keep_logits:
         return loss, None, None
@@ -220,12 +222,8 @@ def _bridgetower_forward(self, input_ids=None, attention_mask=None, token_type_i
     cross_embeds = F.normalize(self.itc_cross_modal_head(outputs.pooler_output), dim=-1, p=2).to(
         device=text_embeds.device)
     scale = self.logit_scale.exp().to(device=text_embeds.device)
-    if patch_state(self).global_loss_world:
-        terms = [_global(mmd.info_nce_loss, query, keys, scale) for query, keys in
-                 ((text_embeds, image_embeds), (text_embeds, cross_embeds), (image_embeds, cross_embeds))]
-    else:
-        terms = [info_nce_loss(text_embeds, image_embeds, scale), info_nce_loss(text_embeds, cross_embeds, scale),
-                 info_nce_loss(image_embeds, cross_embeds, scale)]
+    terms = [_loss(self, info_nce_loss, query, keys, scale) for query, keys in
+             ((text_embeds, image_embeds), (text_embeds, cross_embeds), (image_embeds, cross_embeds))]
     loss = (terms[0] + terms[1] + terms[2]) / 3.0
     loss = loss.to(_loss_dtype(text_embeds, scale, cross_entropy=True))
     logits = None
@@ -262,7 +260,7 @@ def _flava_forward(self, *args, **kwargs):
         clamp = sys.modules[type(self).__module__]
         self.flava.logit_scale.data.clamp_(clamp.LOGIT_SCALE_CLAMP_MIN, clamp.LOGIT_SCALE_CLAMP_MAX)
     temperature = self.flava.logit_scale.exp()
-    contrastive = _clip(self, image_embedding, text_embedding, temperature).to(
+    contrastive = _loss(self, clip_loss, image_embedding, text_embedding, temperature).to(
         _loss_dtype(text_embedding, temperature, cross_entropy=True)) * weight
     losses = dataclasses.replace(output.loss_info, global_contrastive=contrastive)
     total = sum(loss if loss is not None else 0 for loss in losses.values())

@@ -455,22 +455,32 @@ def siglip_block(image_emb, text_emb, logit_scale, logit_bias, *, offset: int | 
 # to the embeddings and to the scale (and bias) tensors.
 
 
+def _cross_entropy_kernels(rows, cols, scale, normalize: bool, label_smoothing: float, workspace_bytes: int,
+                           group_ids, extra, *, columns: bool) -> torch.Tensor:
+    """The kernels' CLIP loss (columns=True, torch.ops.mmkernels.clip_loss_fwd) or one-directional
+    InfoNCE (columns=False, info_nce_fwd) of rows (N, D) against cols (N, D) and extra (K, D) or None,
+    after checking that the workspace holds every pass the call runs."""
+    with autocast_off(rows):
+        n, d = rows.shape
+        k = 0 if extra is None else extra.shape[0]
+        row_grad, col_grad, scale_grad = _grad_flags(rows, cols, scale)
+        extra_grad = extra is not None and _grad_flags(extra)[0]
+        grads = row_grad or col_grad or scale_grad or (k > 0 and extra_grad)
+        col_grad = col_grad or extra_grad  # the extras' gradient comes out of the columns' pass
+        plan.check_call_workspace(n, n + k, d, rows.dtype, rows.device, workspace_bytes, stats=True, columns=columns,
+                                  panel=(row_grad, col_grad, rows.dtype) if grads else None)
+        op = torch.ops.mmkernels.clip_loss_fwd if columns else torch.ops.mmkernels.info_nce_fwd
+        return op(rows, cols, scale, normalize, label_smoothing, workspace_bytes, group_ids, extra)[0]
+
+
 def clip_loss_unchecked(image_emb, text_emb, scale, normalize: bool, label_smoothing: float,
                         workspace_bytes: int, group_ids=None, extra_text=None) -> torch.Tensor:
     """clip_loss on checked arguments (group_ids: None or int64 (N,); extra_text: None or (K, D))."""
     if not uses_kernels("clip_loss", image_emb):
         return without_autocast(reference.clip_loss, image_emb, text_emb, scale, normalize, label_smoothing,
                                 group_ids, extra_text)
-    with autocast_off(image_emb):
-        n, d = image_emb.shape
-        k = 0 if extra_text is None else extra_text.shape[0]
-        image_grad, text_grad, scale_grad, extra_grad = _grad_flags(
-            image_emb, text_emb, scale, image_emb if extra_text is None else extra_text)
-        grads = image_grad or text_grad or scale_grad or (k > 0 and extra_grad)
-        plan.check_call_workspace(n, n + k, d, image_emb.dtype, image_emb.device, workspace_bytes, stats=True,
-                                  panel=(image_grad, text_grad or extra_grad, image_emb.dtype) if grads else None)
-        return torch.ops.mmkernels.clip_loss_fwd(image_emb, text_emb, scale, normalize, label_smoothing,
-                                                 workspace_bytes, group_ids, extra_text)[0]
+    return _cross_entropy_kernels(image_emb, text_emb, scale, normalize, label_smoothing, workspace_bytes,
+                                  group_ids, extra_text, columns=True)
 
 
 def siglip_loss_unchecked(image_emb, text_emb, scale, bias, normalize: bool, workspace_bytes: int,
@@ -496,16 +506,8 @@ def info_nce_loss_unchecked(query, keys, scale, normalize: bool, label_smoothing
     if not uses_kernels("info_nce_loss", query):
         return without_autocast(reference.info_nce_loss, query, keys, scale, normalize, label_smoothing,
                                 group_ids, extra_keys)
-    with autocast_off(query):
-        n, d = query.shape
-        k = 0 if extra_keys is None else extra_keys.shape[0]
-        query_grad, keys_grad, scale_grad, extra_grad = _grad_flags(
-            query, keys, scale, query if extra_keys is None else extra_keys)
-        grads = query_grad or keys_grad or scale_grad or (k > 0 and extra_grad)
-        plan.check_call_workspace(n, n + k, d, query.dtype, query.device, workspace_bytes, stats=True, columns=False,
-                                  panel=(query_grad, keys_grad or extra_grad, query.dtype) if grads else None)
-        return torch.ops.mmkernels.info_nce_fwd(query, keys, scale, normalize, label_smoothing, workspace_bytes,
-                                                group_ids, extra_keys)[0]
+    return _cross_entropy_kernels(query, keys, scale, normalize, label_smoothing, workspace_bytes, group_ids,
+                                  extra_keys, columns=False)
 
 
 def clip_loss(image_emb, text_emb, logit_scale, *, normalize: bool = False, label_smoothing: float = 0.0,
